@@ -1,0 +1,135 @@
+"""EViT: attentive-token keeping with inattentive-token fusion (Liang et al., ICLR 2022),
+as in youweiliang/evit (``evit.py``).
+
+Inside the blocks at ``loc`` (default 4/7/10, i.e. indices 3, 6, 9), after the
+attention residual and before the MLP:
+
+* importance = the CLS query's post-softmax attention to every non-prefix
+  token, averaged over heads (computed from the CLS query alone, so the fused
+  SDPA kernel still serves the block's attention);
+* keep ``ceil(keep * (N - prefix))`` tokens: top-k by importance, in
+  descending-score order (not spatial), as the official ``torch.topk(sorted=True)``;
+* ``fuse=true``: the remaining tokens are fused into one extra token, their sum
+  weighted by the *raw* (not renormalised) CLS attention, appended last; in
+  later stages it is an ordinary token;
+* CLS (and any other prefix token) is always kept.  With a distillation token
+  the score is still the CLS row (the official code does not support
+  distillation tokens; EViT#15).
+
+Training: the official keep-rate schedule (``adjust_keep_rate``) holds keep=1
+for ``shrink_start`` epochs, then decays it by cosine over ``shrink_epochs``
+epochs to the target, per iteration; the fine-tuning recipe sets both to 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState, keep_count
+
+
+def complement_idx(idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Indices in [0, dim) that are not in ``idx`` (B, k) -> (B, dim - k), ascending."""
+    a = torch.arange(dim, device=idx.device).expand(idx.shape[0], -1)
+    mask = torch.ones_like(a, dtype=torch.bool).scatter_(1, idx, False)
+    return a[mask].reshape(idx.shape[0], dim - idx.shape[1])
+
+
+def keep_rate_at(epoch: float, target: float, shrink_start: float, shrink_epochs: float) -> float:
+    """EViT's ``adjust_keep_rate``: 1 before shrink_start, cosine to target over shrink_epochs."""
+    if epoch < shrink_start:
+        return 1.0
+    if shrink_epochs <= 0 or epoch >= shrink_start + shrink_epochs:
+        return target
+    t = (epoch - shrink_start) / shrink_epochs
+    return target + (1.0 - target) * (math.cos(math.pi * t) + 1) / 2
+
+
+class EViT(Reducer):
+    name = "evit"
+    summary = "EViT: keep top-k tokens by CLS attention at blocks 4/7/10, fuse the rest (Liang et al. 2022)"
+    options = {
+        "keep": Option("float", 0.7, "fraction of non-prefix tokens kept at each reduction block"),
+        "loc": Option("intlist", [3, 6, 9], "0-based indices of the reduction blocks"),
+        "fuse": Option("bool", True, "fuse inattentive tokens into one extra token"),
+        "shrink_start": Option("float", 0.0, "training: epochs at keep=1 before shrinking (official 300-ep recipe: 10)"),
+        "shrink_epochs": Option("float", 0.0, "training: epochs of cosine decay 1 -> keep (official 300-ep recipe: 100)"),
+    }
+
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        self.current_keep = self.cfg["keep"]
+
+    def validate_options(self):
+        k = self.cfg["keep"]
+        if not (0.0 < k <= 1.0):
+            raise ConfigError(f"evit: keep must be in (0, 1], got {k}")
+        if any(l < 0 for l in self.cfg["loc"]):
+            raise ConfigError(f"evit: negative block index in loc={self.cfg['loc']}")
+        if len(set(self.cfg["loc"])) != len(self.cfg["loc"]):
+            raise ConfigError(f"evit: duplicate block index in loc={self.cfg['loc']}")
+
+    def check(self, info: ModelInfo):
+        bad = [l for l in self.cfg["loc"] if l >= info.depth]
+        if bad:
+            raise ConfigError(f"evit: block index {bad} past the model depth {info.depth} (valid 0..{info.depth - 1})")
+        if not info.has_cls:
+            raise ConfigError("evit: needs a CLS token (its attention row is the importance score)")
+
+    # -- training schedule ------------------------------------------------------------------
+    def on_step(self, model, epoch: float, num_epochs: int):
+        self.current_keep = keep_rate_at(epoch, self.cfg["keep"], self.cfg["shrink_start"], self.cfg["shrink_epochs"])
+
+    def on_epoch(self, model, epoch: int, num_epochs: int):
+        self.on_step(model, float(epoch), num_epochs)
+
+    def _keep(self, training: bool) -> float:
+        return self.current_keep if training else self.cfg["keep"]
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def attn_request(self, i, block, x, state: TokenState) -> AttnRequest:
+        if i in self.cfg["loc"] and self._keep(block.training) < 1.0:
+            return AttnRequest(cls_attn=True)
+        return AttnRequest()
+
+    def post_attn(self, i, block, x, extras, state: TokenState):
+        if "cls_attn" not in extras:
+            return x
+        p = state.n_prefix
+        B, N, C = x.shape
+        n = N - p
+        left = keep_count(self._keep(block.training), n)
+        if left >= n:
+            return x
+        cls_attn = extras["cls_attn"][:, p:]
+        _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
+        rest = x[:, p:]
+        kept = torch.gather(rest, 1, idx.unsqueeze(-1).expand(-1, -1, C))
+        parts = [x[:, :p], kept]
+        if self.cfg["fuse"]:
+            compl = complement_idx(idx, n)
+            others = torch.gather(rest, 1, compl.unsqueeze(-1).expand(-1, -1, C))
+            w = torch.gather(cls_attn, 1, compl)
+            parts.append((others * w.unsqueeze(-1)).sum(dim=1, keepdim=True))
+        if state.track:
+            old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
+            old_to_new[:, :p] = torch.arange(p, device=x.device)
+            old_to_new.scatter_(1, idx + p, (p + torch.arange(left, device=x.device)).expand(B, -1))
+            state.remap(x, old_to_new)
+        return torch.cat(parts, dim=1)
+
+    # -- declarations -----------------------------------------------------------------------
+    def token_schedule(self, info: ModelInfo) -> list[BlockTokens]:
+        out, n = [], info.n_tokens
+        keep = self.cfg["keep"]
+        for i in range(info.depth):
+            n_mlp = n
+            if i in self.cfg["loc"] and keep < 1.0:
+                m = n - info.n_prefix
+                left = keep_count(keep, m)
+                if left < m:
+                    n_mlp = info.n_prefix + left + (1 if self.cfg["fuse"] else 0)
+            out.append(BlockTokens(n, n_mlp))
+            n = n_mlp
+        return out

@@ -1,0 +1,189 @@
+"""ToMe: Token Merging (Bolya et al., ICLR 2023), as in facebookresearch/ToMe.
+
+Per block, after the attention residual and before the MLP:
+
+1. the metric is the attention keys averaged over heads;
+2. bipartite soft matching: tokens are split alternately into A (even
+   indices) and B (odd), cosine similarities A·Bᵀ, each A token's best B
+   partner; the r A tokens with the highest best-similarity are merged into
+   their partners;  CLS is never a source, a distillation token never a
+   destination; r is capped at (T - protected) // 2;
+3. merged features are size-weighted averages, sizes add up;
+4. proportional attention (on by default for supervised models): log(size) is
+   added to the attention logits; here it is passed to the fused SDPA kernel
+   as an additive mask, which is exactly ToMe's bias.
+
+Token order after a merge follows the official code: [unmerged A (in index
+order when there is a CLS token), B]; with a distillation token CLS and dist
+stay at 0 and 1.  The r schedule follows ``tome.utils.parse_r``: one value =
+constant r, a list = per-layer r (padded with zeros), ``inflect`` = the
+official (r, inflection) linear schedule (the paper's "decreasing" schedule is
+``inflect=-1``).  Source tracking is the shared grid tracking of
+``bench.reducer.TokenState`` (each original token maps to exactly one current
+token), used to unmerge for dense prediction.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
+
+
+def parse_r(num_layers: int, r: list[int], inflect: Optional[float]) -> list[int]:
+    """Per-layer r exactly as ``tome.utils.parse_r``: int, list, or (r, inflect)."""
+    if len(r) > 1:
+        return list(r) + [0] * (num_layers - len(r))
+    r0 = r[0]
+    infl = 0.0 if inflect is None else inflect
+    min_val = int(r0 * (1.0 - infl))
+    max_val = 2 * r0 - min_val
+    step = (max_val - min_val) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [int(min_val + step * i) for i in range(num_layers)]
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool):
+    """ToMe's matching (pure function).
+
+    Returns ``(merge, old_to_new)`` where ``merge(x, mode)`` merges a (B, T, C)
+    tensor and ``old_to_new`` (B, T) gives each old token's new index, or
+    ``(None, None)`` when nothing can be merged.
+    """
+    protected = int(class_token) + int(distill_token)
+    T = metric.shape[1]
+    r = min(r, (T - protected) // 2)
+    if r <= 0:
+        return None, None
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        if class_token:
+            scores[..., 0, :] = -math.inf
+        if distill_token:
+            scores[..., :, 0] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[..., r:, :]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if class_token:
+            unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    # old index -> new index (for source tracking / unmerging)
+    B = metric.shape[0]
+    t1 = (T + 1) // 2
+    t2 = T // 2
+    n_unm = t1 - r
+    dev = metric.device
+    a_new = torch.empty(B, t1, dtype=torch.long, device=dev)
+    a_new.scatter_(1, unm_idx[..., 0], torch.arange(n_unm, device=dev).expand(B, -1))
+    a_new.scatter_(1, src_idx[..., 0], n_unm + dst_idx[..., 0])
+    b_new = (n_unm + torch.arange(t2, device=dev)).expand(B, -1)
+    old_to_new = torch.empty(B, T, dtype=torch.long, device=dev)
+    old_to_new[:, ::2] = a_new
+    old_to_new[:, 1::2] = b_new
+    if distill_token:
+        # standard order [unm..., dst...] -> [unm0, dst0, unm1.., dst1..]
+        n_new = n_unm + t2
+        perm = torch.empty(n_new, dtype=torch.long, device=dev)
+        perm[0] = 0
+        perm[n_unm] = 1
+        perm[1:n_unm] = torch.arange(2, n_unm + 1, device=dev)
+        perm[n_unm + 1:] = torch.arange(n_unm + 1, n_new, device=dev)
+        old_to_new = perm[old_to_new]
+    return merge, old_to_new
+
+
+def merge_wavg(merge, x: torch.Tensor, size: torch.Tensor):
+    """Size-weighted average merge; returns merged x and merged sizes."""
+    x = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")
+    return x / size, size
+
+
+class ToMe(Reducer):
+    name = "tome"
+    summary = "Token Merging: bipartite soft matching on keys, r merges per block (Bolya et al. 2023)"
+    options = {
+        "r": Option("intlist", [13], "tokens merged per block: one value (constant) or a per-layer list"),
+        "inflect": Option("float", None, "official (r, inflect) schedule; -1 = the paper's decreasing schedule",
+                          optional=True),
+        "prop_attn": Option("bool", True, "proportional attention (log size bias); off for MAE models"),
+    }
+
+    def validate_options(self):
+        r = self.cfg["r"]
+        if not r or any(v < 0 for v in r):
+            raise ConfigError(f"tome: r must be >= 0, got {r}")
+        if len(r) > 1 and self.cfg["inflect"] is not None:
+            raise ConfigError("tome: inflect applies to a single r, not a per-layer list")
+
+    def format_option(self, key, value) -> str:
+        if key == "r" and len(value) == 1:
+            return str(value[0])
+        return super().format_option(key, value)
+
+    def check(self, info: ModelInfo):
+        if info.n_prefix > 2 or (info.n_prefix == 2 and not info.has_dist):
+            raise ConfigError("tome: only CLS and distillation prefix tokens are supported (no register tokens)")
+        if len(self.cfg["r"]) > info.depth:
+            raise ConfigError(f"tome: {len(self.cfg['r'])} per-layer r values for a {info.depth}-block model")
+        rs = parse_r(info.depth, self.cfg["r"], self.cfg["inflect"])
+        limit = (info.n_tokens - info.n_prefix) // 2
+        if max(rs) > limit:
+            raise ConfigError(
+                f"tome: r={max(rs)} exceeds what one block can merge ({limit} = half of the "
+                f"{info.n_tokens - info.n_prefix} non-prefix tokens); choose r <= {limit}"
+            )
+        if min(rs) < 0:
+            raise ConfigError(f"tome: the schedule gives negative r: {rs}")
+
+    def schedule(self, depth: int) -> list[int]:
+        return parse_r(depth, self.cfg["r"], self.cfg["inflect"])
+
+    # -- hooks -------------------------------------------------------------------------
+    def begin(self, model, x, state: TokenState):
+        state.scratch["r"] = self.schedule(len(model.blocks))
+        state.scratch["cls"] = getattr(model, "cls_token", None) is not None
+        state.scratch["dist"] = getattr(model, "dist_token", None) is not None
+
+    def attn_request(self, i, block, x, state: TokenState) -> AttnRequest:
+        bias = None
+        if self.cfg["prop_attn"] and state.size is not None:
+            bias = state.size.log()[:, None, None, :, 0]
+        return AttnRequest(bias=bias, keys=state.scratch["r"][i] > 0)
+
+    def post_attn(self, i, block, x, extras, state: TokenState):
+        r = state.scratch["r"][i]
+        if r <= 0:
+            return x
+        merge, old_to_new = bipartite_soft_matching(
+            extras["keys"], r, state.scratch["cls"], state.scratch["dist"]
+        )
+        if merge is None:
+            return x
+        state.remap(x, old_to_new)
+        x_new, state.size = merge_wavg(merge, x, state.ensure_size(x))
+        return x_new
+
+    # -- declarations --------------------------------------------------------------------
+    def token_schedule(self, info: ModelInfo) -> list[BlockTokens]:
+        out, n = [], info.n_tokens
+        for r in self.schedule(info.depth):
+            r_eff = max(0, min(r, (n - info.n_prefix) // 2))
+            out.append(BlockTokens(n, n - r_eff))
+            n -= r_eff
+        return out

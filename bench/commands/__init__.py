@@ -1,0 +1,1 @@
+"""Sub-commands of the ``pmbench`` CLI (one module each)."""

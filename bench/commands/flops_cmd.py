@@ -1,0 +1,58 @@
+"""``pmbench flops``: GMACs (the field's "GFLOPs") from per-block token counts."""
+from __future__ import annotations
+
+from .. import flops, models, patch, registry
+from ..cli import emit
+from ..reducer import ModelInfo
+from .common import add_model_args, img_size_of
+
+
+def add_parser(sub):
+    p = sub.add_parser("flops", help="analytic GMACs of a model + reducer, with a per-block breakdown")
+    add_model_args(p)
+    p.add_argument("--measure", action="store_true",
+                   help="also count with torch FlopCounterMode on a real forward (cross-check)")
+    p.add_argument("--checkpoint", default=None, help="reducer checkpoint (methods whose structure is learned)")
+    p.set_defaults(func=run)
+
+
+def build(args):
+    kw = {}
+    if args.img_size:
+        kw["img_size"] = args.img_size
+    model = models.create(args.model, num_classes=args.num_classes, **kw)
+    red = registry.build(args.reducer)
+    if args.checkpoint and hasattr(red, "load_structure"):
+        red.load_structure(args.checkpoint)
+    img = img_size_of(args, model)
+    patch.apply(model, red, img_size=img)
+    return model, red, img
+
+
+def run(args):
+    model, red, img = build(args)
+    info = ModelInfo.from_model(model, img)
+    rep = flops.analytic(info, red, args.model)
+    out = rep.to_dict()
+    extra = getattr(red, "flops_report", None)
+    if callable(extra):
+        out["method_conventions"] = extra(info)
+    if args.measure:
+        out["measured_macs"] = flops.measured_macs(model, img)
+        out["measured_gmacs"] = round(out["measured_macs"] / 1e9, 4)
+    lines = [
+        f"model {args.model}  reducer {red.spec()}  input {img[0]}x{img[1]}",
+        f"GMACs: {rep.gmacs:.3f}   (multiply-accumulates; papers call these GFLOPs)",
+        f"  patch embed {rep.patch_embed / 1e9:.4f}  head {rep.head / 1e9:.4f}  reducer modules {rep.reducer_extra / 1e9:.4f}",
+        "  block  attn_tokens  mlp_tokens  attn_GMACs  mlp_GMACs",
+    ]
+    for b in rep.blocks:
+        lines.append(f"  {b['block']:5d}  {b['attn_tokens']:11d}  {b['mlp_tokens']:10d}  "
+                     f"{b['attn_macs'] / 1e9:10.4f}  {b['mlp_macs'] / 1e9:9.4f}")
+    if args.measure:
+        lines.append(f"measured (FlopCounterMode): {out['measured_gmacs']:.3f} GMACs")
+    if "method_conventions" in out:
+        for k, v in out["method_conventions"].items():
+            lines.append(f"{k}: {v}")
+    emit(out, args.json, "\n".join(lines))
+    return 0

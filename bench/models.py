@@ -1,0 +1,32 @@
+"""Models by name (timm registry), with the reducer applied by spec."""
+from __future__ import annotations
+
+from typing import Optional
+
+import timm
+import torch
+
+from . import patch, registry
+from .reducer import ConfigError
+
+
+def create(name: str, *, pretrained: bool = False, num_classes: Optional[int] = None, img_size=None, **kwargs):
+    """A timm model by name (random weights unless ``pretrained``)."""
+    kw = dict(kwargs)
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    if img_size is not None:
+        kw["img_size"] = img_size
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kw)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"unknown model '{name}': {e}") from None
+        raise
+
+
+def with_reducer(model, spec, img_size=None):
+    """Patch ``model`` with the reducer described by ``spec``; returns (model, reducer)."""
+    red = registry.build(spec)
+    patch.apply(model, red, img_size=img_size)
+    return model, red
