@@ -259,6 +259,7 @@ class Reducer:
     options: ClassVar[dict[str, Option]] = {}
     # Flags the harness reads
     needs_training: ClassVar[bool] = False  # off-the-shelf numbers are meaningless without it
+    needs_teacher: ClassVar[bool] = False  # extra_losses wants the unreduced teacher's outputs
     changes_token_count: ClassVar[bool] = True
 
     def __init__(self, **opts: Any):
@@ -343,7 +344,16 @@ class Reducer:
 
     # -- training --------------------------------------------------------------------------
     def extra_losses(self, model, outputs, targets, state: Optional[TokenState], teacher_out=None) -> dict:
-        """Extra training losses (already weighted), e.g. DynamicViT's ratio loss."""
+        """Extra training losses (already weighted), e.g. DynamicViT's ratio loss.
+
+        ``state`` is the student's last TokenState; ``teacher_out`` (when the
+        trainer runs a teacher) is a dict with ``logits`` and ``features`` (the
+        teacher's normed tokens from ``forward_features``)."""
+        return {}
+
+    def recipe(self, info: ModelInfo) -> dict:
+        """The method's fine-tuning defaults as ``bench.train.TrainConfig`` field overrides
+        (e.g. distillation weights, learning rate, epochs scaled to the profile)."""
         return {}
 
     def on_epoch(self, model, epoch: int, num_epochs: int) -> None:
