@@ -313,6 +313,16 @@ class Reducer:
     def on_unpatch(self, model) -> None:
         """Called before the class swap is undone."""
 
+    # -- checkpointing -------------------------------------------------------------------
+    def export_state(self) -> dict:
+        """Non-parameter structure a checkpoint must hold to rebuild the patched model
+        (e.g. PM's per-layer token counts and masks).  Tensors allowed; saved by
+        ``bench.checkpoint`` next to the model state_dict and the spec."""
+        return {}
+
+    def import_state(self, state: dict) -> None:
+        """Restore what :meth:`export_state` returned; called *before* :func:`bench.patch.apply`."""
+
     # -- per-forward hooks (called by the shared block) ---------------------------------
     def begin(self, model, x: torch.Tensor, state: TokenState) -> None:
         """Start of a forward pass, after patch embedding and position embedding."""
