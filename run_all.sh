@@ -3,6 +3,7 @@
 #   ./run_all.sh                 regenerate every table (default profile: embedded proxy, CPU)
 #   ./run_all.sh --profile P ... regenerate for profile P (smoke | default | paper), see README
 #   ./run_all.sh test [pytest args]   run the test suite and the CI regression gate
+#   ./run_all.sh accept          re-measure the smoke profile and rewrite the gate's expectations
 # Both create/refresh .venv on first use; a current .venv is reused at once.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -69,6 +70,13 @@ case "$cmd" in
         ;;
     setup)
         bootstrap
+        ;;
+    accept)
+        # Re-measure the smoke profile and rewrite the CI gate's expectations (review the diff!).
+        bootstrap
+        cd "$ROOT"
+        "$PY" -m bench.orchestrate --profile smoke --force --out "$ROOT/.cache/reports/smoke"
+        exec "$PY" -m bench.gate "$ROOT/.cache/reports/smoke" --accept
         ;;
     *)
         bootstrap

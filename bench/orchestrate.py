@@ -1,0 +1,174 @@
+"""``./run_all.sh [--profile P]``: regenerate every table of a profile.
+
+Flow (each stage lives in ``bench/stages/``):
+
+1. ``cost``      GMACs of every configuration at the real DeiT sizes (analytic, per block)
+2. ``speed``     throughput, every configuration of a model interleaved with its baseline
+3. ``accuracy``  the proxy (or ImageNet) top-1: off-the-shelf and fine-tuned rows
+4. ``seg``       Segmenter mIoU, GMACs, FPS
+5. ``ablations`` PM ablations
+6. reports      tables (md/csv/json) + published-vs-reproduced + plots + README
+
+Every measurement is a job whose full description keys the result cache
+(``.cache/results/<profile>/``): a re-run skips what is done unless
+``--force``; files are written atomically, so Ctrl-C loses nothing measured.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import env, profiles
+from .reducer import ConfigError
+from .results import ResultCache
+
+ROOT = env.ROOT
+STAGES = ["cost", "speed", "accuracy", "seg", "ablations"]
+
+
+class Progress:
+    """Job counter with elapsed time and an ETA from per-job estimates corrected by measured pace."""
+
+    def __init__(self, stream=sys.stderr):
+        self.t0 = time.time()
+        self.stream = stream
+        self.total_est = 0.0
+        self.done_est = 0.0
+        self.done_real = 0.0
+        self.n_total = 0
+        self.n_done = 0
+
+    def plan(self, n: int, est_seconds: float) -> None:
+        self.n_total += n
+        self.total_est += est_seconds
+
+    def finished(self, label: str, est: float, real: float, cached: bool) -> None:
+        self.n_done += 1
+        self.done_est += est
+        if not cached:
+            self.done_real += real
+        pace = (self.done_real / self.done_est) if self.done_est and self.done_real else 1.0
+        remaining = max(0.0, (self.total_est - self.done_est) * pace)
+        el = time.time() - self.t0
+        tag = "cached" if cached else f"{real:.1f}s"
+        self.stream.write(
+            f"[{self.n_done}/{self.n_total}] {label} ({tag})  elapsed {_hms(el)}  ETA {_hms(remaining)}\n"
+        )
+        self.stream.flush()
+
+    def note(self, msg: str) -> None:
+        self.stream.write(f"[run_all] {msg}\n")
+        self.stream.flush()
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class RunContext:
+    """What every stage gets: the profile, the cache, the output folder, progress and the tables."""
+
+    def __init__(self, profile: dict, args, out_dir: Path, cache_dir: Path):
+        self.profile = profile
+        self.args = args
+        self.out_dir = out_dir
+        self.cache = ResultCache(cache_dir, force=args.force)
+        self.work_dir = cache_dir.parent.parent / "runs" / profile["name"]
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = Progress()
+        self.tables: dict[str, dict] = {}  # name -> {"title", "rows", "meta", "columns"}
+        self.device = args.device or env.default_device()
+        self.versions = env.versions()
+        self.failures: list[str] = []
+
+    def job(self, desc: dict, fn, label: str, est: float = 1.0) -> dict:
+        """Run ``fn`` unless the cache holds ``desc``; returns the result dict."""
+        desc = {**desc, "profile": self.profile["name"], "versions": self.versions}
+        t = time.time()
+        rec, cached = self.cache.get_or_run(desc, fn)
+        self.progress.finished(label, est, time.time() - t, cached)
+        return rec["result"]
+
+    def meta(self, **kw) -> dict:
+        st = env.stamp(self.device)
+        m = {
+            "profile": self.profile["name"],
+            "data_source": self.profile["data_source"],
+            "device": st["device"],
+            "torch": st["torch"],
+            "timm": st["timm"],
+            "mmseg": st["mmseg"],
+            "commit": st["commit"],
+            "date": st["date"],
+            "command": "./run_all.sh --profile " + self.profile["name"],
+        }
+        m.update(kw)
+        return m
+
+    def add_table(self, name: str, title: str, rows: list, meta: dict, columns=None) -> None:
+        self.tables[name] = {"title": title, "rows": rows, "meta": meta, "columns": columns}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="run_all.sh", description="Regenerate every PM-Bench table of a profile.")
+    p.add_argument("--profile", default="default", choices=sorted(profiles.PROFILES))
+    p.add_argument("--force", action="store_true", help="re-measure everything (ignore the result cache)")
+    p.add_argument("--only", default=None, help=f"comma list of stages to run ({','.join(STAGES)})")
+    p.add_argument("--out", default=None, help="report folder (default reports/<profile>)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--imagenet", default=None, help="paper profile: ImageNet root (train/ and val/ class folders)")
+    p.add_argument("--ade20k", default=None, help="paper profile: ADEChallengeData2016 root")
+    p.add_argument("--weights", default=None,
+                   help="paper profile: folder of local weight files named <timm model name>.pth/.safetensors")
+    p.add_argument("--nproc", type=int, default=None, help="paper profile: processes for torchrun (default: GPUs present)")
+    p.add_argument("--fixture", action="store_true",
+                   help="paper profile on small fixture data with tiny models (tests the real path)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        prof = profiles.get(args.profile)
+        if args.profile == "paper" and not args.fixture and not (args.imagenet or args.ade20k):
+            raise ConfigError(
+                "the paper profile needs real data: --imagenet PATH (train/ val/ class folders) and/or "
+                "--ade20k PATH (ADEChallengeData2016), plus pretrained weights (--weights DIR or a reachable hub); "
+                "the embedded proxy runs with --profile default"
+            )
+        out_dir = Path(args.out) if args.out else ROOT / "reports" / args.profile
+        cache_dir = Path(os.environ.get("PMBENCH_CACHE", ROOT / ".cache")) / "results" / args.profile
+        ctx = RunContext(prof, args, out_dir, cache_dir)
+        stages = args.only.split(",") if args.only else STAGES
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"unknown stage(s) {bad}; available: {', '.join(STAGES)}")
+        t0 = time.time()
+        ctx.progress.note(f"profile {args.profile} on {env.device_name(ctx.device)}; stages {', '.join(stages)}")
+        for name in stages:
+            mod = importlib.import_module(f"bench.stages.{name}")
+            ctx.progress.note(f"stage {name}")
+            mod.run(ctx)
+        from . import reports_writer
+
+        reports_writer.write_all(ctx, wall_s=time.time() - t0)
+        ctx.progress.note(f"done in {_hms(time.time() - t0)}; reports in {out_dir}")
+        if ctx.failures:
+            ctx.progress.note("FAILURES:\n  " + "\n  ".join(ctx.failures))
+            return 1
+        return 0
+    except ConfigError as e:
+        print(f"run_all: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nrun_all: interrupted; every finished measurement is cached, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Profiles of ``run_all.sh`` as plain data.
+
+* ``smoke``   every method and every table type at the smallest sizes (part of
+              ``./run_all.sh test``; feeds the CI regression gate)
+* ``default`` the embedded proxy end to end, plus FLOPs and CPU throughput at the
+              real DeiT-T/S/B sizes with random weights
+* ``paper``   real ImageNet / ADE20K with pretrained weights on GPUs
+
+A "config" is a reducer spec; ``PAPER_CONFIGS`` lists the configurations of
+the papers each table covers.
+"""
+from __future__ import annotations
+
+import copy
+
+TOME = ["tome:r=8", "tome:r=13", "tome:r=16"]
+EVIT = [f"evit:keep={k}" for k in (0.9, 0.8, 0.7, 0.6, 0.5)]
+DYNAMICVIT = [f"dynamicvit:rho={k}" for k in (0.9, 0.8, 0.7)]
+MSTM = ["mstm:keep=0.7"] + [f"mstm:keep={k}" for k in (0.9, 0.8, 0.6, 0.5)]
+PM = ["pm:keep=0.7", "pm:keep=0.6"]
+
+# Every configuration of the classification tables (accuracy, FLOPs, throughput).
+PAPER_CONFIGS = ["none"] + PM + TOME + EVIT + DYNAMICVIT + MSTM
+
+# Fine-tuned rows (each method's own recipe, via the shared trainer).
+FINETUNE_CONFIGS = ["pm:keep=0.7", "pm:keep=0.6", "tome:r=13", "evit:keep=0.7", *DYNAMICVIT, "mstm:keep=0.7"]
+
+# Methods whose off-the-shelf numbers are meaningless (untrained predictors).
+NO_OFF_THE_SHELF = ("dynamicvit",)
+
+# Segmentation: keep rates 0.8 / 0.7 / 0.5 (ToMe: r giving a similar token budget).
+SEG_CONFIGS = ["none", "pm:keep=0.8", "pm:keep=0.7", "pm:keep=0.5",
+               "tome:r=8", "tome:r=13", "tome:r=16",
+               "evit:keep=0.8", "evit:keep=0.7", "evit:keep=0.5",
+               "dynamicvit:rho=0.8", "dynamicvit:rho=0.7", "dynamicvit:rho=0.5",
+               "mstm:keep=0.8", "mstm:keep=0.7", "mstm:keep=0.5"]
+
+# PM ablations (table 3), all at keep 0.6 on the proxy.
+PM_ABLATIONS = [
+    ("gradient-weighted score (official)", "pm:keep=0.6"),
+    ("CLS-attention score", "pm:keep=0.6,score=cls_attn"),
+    ("random score", "pm:keep=0.6,score=random"),
+    ("prune only (no merge)", "pm:keep=0.6,merge=false"),
+    ("frozen matrices", "pm:keep=0.6,trainable=false"),
+    ("no shortcut", "pm:keep=0.6,shortcut=false"),
+    ("per-layer structure", "pm:keep=0.6,structure=local"),
+    ("2-D nearest-centre assignment", "pm:keep=0.6,assign=grid2d"),
+]
+
+COST_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+
+PROFILES = {
+    "smoke": {
+        "data_source": "proxy",
+        "cost_models": ["deit_tiny_patch16_224"],
+        "cost_configs": ["none", "pm:keep=0.6", "tome:r=13", "evit:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"],
+        "speed": {"batch_size": 8, "precision": "fp32", "warmup": 1, "iters": 2, "repeats": 3,
+                  "models": ["deit_tiny_patch16_224"]},
+        "accuracy_configs": ["none", "pm:keep=0.6", "tome:r=13", "evit:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"],
+        "finetune_configs": ["pm:keep=0.6", "tome:r=13", "evit:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"],
+        "finetune_epochs": 1,
+        "seg_configs": ["none", "tome:r=13", "evit:keep=0.7", "pm:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"],
+        "ablations": PM_ABLATIONS[:3],
+        "proxy_size": "smoke",
+    },
+    "default": {
+        "data_source": "proxy",
+        "cost_models": COST_MODELS,
+        "cost_configs": PAPER_CONFIGS,
+        "speed": {"batch_size": 16, "precision": "fp32", "warmup": 1, "iters": 2, "repeats": 3,
+                  "models": COST_MODELS,
+                  # DeiT-B on 2 CPU cores: the paper configurations only, smaller batch
+                  "per_model": {"deit_base_patch16_224": {"batch_size": 8, "repeats": 3, "iters": 1,
+                                                          "configs": ["none", "pm:keep=0.6", "tome:r=13",
+                                                                      "evit:keep=0.7", "dynamicvit:rho=0.7",
+                                                                      "mstm:keep=0.7"]}}},
+        "accuracy_configs": PAPER_CONFIGS,
+        "finetune_configs": FINETUNE_CONFIGS,
+        "finetune_epochs": 1,
+        "seg_configs": SEG_CONFIGS,
+        "ablations": PM_ABLATIONS,
+        "proxy_size": "default",
+    },
+    "paper": {
+        "data_source": "real",
+        "cost_models": COST_MODELS + ["vit_base_patch16_224"],
+        "cost_configs": PAPER_CONFIGS,
+        "speed": {"batch_size": 256, "precision": "amp", "warmup": 50, "iters": 100, "repeats": 5,
+                  "models": COST_MODELS, "also_precisions": ["fp32"]},
+        "accuracy_configs": PAPER_CONFIGS,
+        "finetune_configs": FINETUNE_CONFIGS,
+        "finetune_epochs": 30,
+        "seg_configs": SEG_CONFIGS,
+        "ablations": PM_ABLATIONS,
+    },
+}
+
+
+def get(name: str) -> dict:
+    if name not in PROFILES:
+        from .reducer import ConfigError
+
+        raise ConfigError(f"unknown profile '{name}'; available: {', '.join(PROFILES)}")
+    p = copy.deepcopy(PROFILES[name])
+    p["name"] = name
+    return p

@@ -1,0 +1,124 @@
+"""Published numbers (``paper_numbers.csv``), mapped onto the suite's model names and reducer specs.
+
+The CSV lives in the project's shared reference folder; a copy ships in
+``bench/data_files/paper_numbers.csv`` so a clone without that folder still
+builds the published-vs-reproduced table.  Only rows whose model and
+configuration the suite can express are mapped; the rest are kept with the
+reason they are not comparable.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+CSV_PATHS = [HERE / "data_files" / "paper_numbers.csv", HERE.parent.parent / "shared" / "reference" / "paper_numbers.csv"]
+
+MODEL_MAP = {
+    "DeiT-T": "deit_tiny_patch16_224",
+    "DeiT-Ti/16": "deit_tiny_patch16_224",
+    "DeiT-S": "deit_small_patch16_224",
+    "DeiT-S/16": "deit_small_patch16_224",
+    "DeiT-B": "deit_base_patch16_224",
+    "ViT-B/16 (README name PM-ViT-MAE-base)": "vit_base_patch16_224",
+}
+
+METHOD_MAP = {"none": "none", "ToMe": "tome", "EViT": "evit", "DynamicViT": "dynamicvit", "PM": "pm", "MSTM": "mstm"}
+
+
+def load_rows(path: Optional[Path] = None) -> list[dict]:
+    paths = [Path(path)] if path else CSV_PATHS
+    for p in paths:
+        if p.exists():
+            with open(p, newline="") as f:
+                return list(csv.DictReader(f))
+    raise FileNotFoundError(f"paper_numbers.csv not found (looked in {', '.join(map(str, paths))})")
+
+
+def _num(s: str) -> Optional[float]:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
+def spec_for(method: str, config: str) -> Optional[str]:
+    """Map a CSV (method, config) to a reducer spec, or None if not expressible."""
+    name = METHOD_MAP.get(method)
+    if name is None:
+        return None
+    if name == "none":
+        return "none"
+    kv = {}
+    for part in filter(None, (config or "").split(";")):
+        if "=" not in part:
+            return None  # e.g. resolution/protocol tags we do not model
+        k, v = part.split("=", 1)
+        kv[k.strip()] = v.strip()
+    if name == "tome":
+        if set(kv) - {"r"} or "r" not in kv:
+            return None
+        return f"tome:r={int(kv['r'])}"
+    if name == "evit":
+        if set(kv) - {"keep", "fuse"} or "keep" not in kv:
+            return None
+        fuse = kv.get("fuse", "yes") in ("yes", "true")
+        return f"evit:keep={kv['keep']}" + ("" if fuse else ",fuse=false")
+    if name == "dynamicvit":
+        if set(kv) - {"rho"} or "rho" not in kv:
+            return None
+        return f"dynamicvit:rho={kv['rho']}"
+    if name == "pm":
+        if set(kv) - {"keep"} or "keep" not in kv:
+            return None
+        return f"pm:keep={kv['keep']}"
+    if name == "mstm":
+        return "mstm" if not kv else None
+    return None
+
+
+def comparable_rows(task: str = "imagenet") -> list[dict]:
+    """Rows with a model and spec the suite can express, with numeric fields parsed."""
+    out = []
+    for r in load_rows():
+        if r["task"] != task:
+            continue
+        model = MODEL_MAP.get(r["model"])
+        spec = spec_for(r["method"], r["config"])
+        if model is None or spec is None:
+            continue
+        out.append({
+            **r,
+            "timm_model": model,
+            "spec": spec,
+            "top1_f": _num(r["top1"]),
+            "gmacs_f": _num(r["gmacs"]),
+            "img_s_f": _num(r["throughput_img_s"]),
+        })
+    return out
+
+
+def published_speedups(rows: list[dict]) -> dict:
+    """Speed-ups a source implies: reduced img/s over the same source's baseline img/s (same hardware)."""
+    base = {}
+    for r in rows:
+        if r["spec"] == "none" and r["img_s_f"]:
+            base[(r["source"], r["timm_model"])] = r["img_s_f"]
+    out = {}
+    for r in rows:
+        b = base.get((r["source"], r["timm_model"]))
+        if r["spec"] != "none" and r["img_s_f"] and b:
+            out[(r["source"], r["timm_model"], r["spec"])] = r["img_s_f"] / b
+    return out
+
+
+def normalise_spec(spec: str) -> str:
+    """Canonical spec via the registry, so 'evit:keep=0.70' and 'evit:keep=0.7' compare equal."""
+    from . import registry
+
+    try:
+        return registry.build(spec).spec()
+    except Exception:
+        return re.sub(r"\s+", "", spec)

@@ -1,0 +1,81 @@
+"""Tables: markdown + CSV + JSON, each carrying its provenance header.
+
+Every table states the profile, data source (proxy or real), device,
+precision, batch size, torch/timm/mmseg versions, git commit and date.  Rows
+are only ever built from measured records (the result cache); published
+numbers appear only in the published-vs-reproduced table, beside ours, with
+their source.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from .results import atomic_write_json, atomic_write_text
+
+PROXY_WARNING = (
+    "**Proxy data.** Accuracy / mIoU columns are measured on the suite's synthetic proxy dataset with the "
+    "proxy backbone; they are NOT ImageNet or ADE20K numbers and must not be compared with published accuracies."
+)
+
+
+def header_lines(title: str, meta: dict) -> list[str]:
+    keys = [
+        ("profile", "profile"),
+        ("data source", "data_source"),
+        ("device", "device"),
+        ("precision", "precision"),
+        ("batch size", "batch_size"),
+        ("torch", "torch"),
+        ("timm", "timm"),
+        ("mmseg", "mmseg"),
+        ("commit", "commit"),
+        ("date", "date"),
+        ("command", "command"),
+    ]
+    lines = [f"## {title}", ""]
+    for label, k in keys:
+        if k in meta and meta[k] not in (None, ""):
+            lines.append(f"- {label}: {meta[k]}")
+    for note in meta.get("notes", []):
+        lines.append(f"- {note}")
+    if meta.get("data_source") == "proxy":
+        lines += ["", PROXY_WARNING]
+    lines.append("")
+    return lines
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return ""
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
+    return "" if v is None else v
+
+
+def write_table(out_dir: Path, name: str, title: str, rows: list[dict], meta: dict,
+                columns: Optional[list[str]] = None) -> pd.DataFrame:
+    """Write ``name``.md/.csv/.json under ``out_dir``; returns the DataFrame."""
+    out_dir = Path(out_dir)
+    df = pd.DataFrame(rows)
+    if columns:
+        cols = [c for c in columns if c in df.columns]
+        df = df[cols]
+    md = header_lines(title, meta)
+    if df.empty:
+        md.append("_no rows (nothing measured for this table in this profile)_")
+    else:
+        md.append(df.map(_fmt).to_markdown(index=False))
+    md.append("")
+    atomic_write_text(out_dir / f"{name}.md", "\n".join(md))
+    stamp_cols = {k: meta.get(k) for k in ("profile", "data_source", "device", "commit")}
+    csv_df = df.copy()
+    for k, v in stamp_cols.items():
+        if k not in csv_df.columns:
+            csv_df[k] = v
+    atomic_write_text(out_dir / f"{name}.csv", csv_df.to_csv(index=False))
+    atomic_write_json(out_dir / f"{name}.json", {"meta": meta, "title": title, "rows": json.loads(df.to_json(orient="records"))})
+    return df
