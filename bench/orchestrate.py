@@ -2,9 +2,10 @@
 
 Flow (each stage lives in ``bench/stages/``):
 
-1. ``cost``      GMACs of every configuration at the real DeiT sizes (analytic, per block)
-2. ``speed``     throughput, every configuration of a model interleaved with its baseline
-3. ``accuracy``  the proxy (or ImageNet) top-1: off-the-shelf and fine-tuned rows
+1. ``accuracy``  the proxy (or ImageNet) top-1: off-the-shelf and fine-tuned rows; PM's
+                 structure is calibrated here and reused by the cost and speed stages
+2. ``cost``      GMACs of every configuration at the real DeiT sizes (analytic, per block)
+3. ``speed``     throughput, every configuration of a model interleaved with its baseline
 4. ``seg``       Segmenter mIoU, GMACs, FPS
 5. ``ablations`` PM ablations
 6. reports      tables (md/csv/json) + published-vs-reproduced + plots + README
@@ -27,7 +28,7 @@ from .reducer import ConfigError
 from .results import ResultCache
 
 ROOT = env.ROOT
-STAGES = ["cost", "speed", "accuracy", "seg", "ablations"]
+STAGES = ["accuracy", "cost", "speed", "seg", "ablations"]
 
 
 class Progress:
@@ -86,6 +87,35 @@ class RunContext:
         self.versions = env.versions()
         self.failures: list[str] = []
 
+    # -- learned structures (PM) shared between stages -------------------------------------------
+    def _structure_path(self, spec: str):
+        from . import registry
+
+        structs = getattr(self, "pm_structures", {}) or {}
+        want = registry.build(spec).spec()
+        for s, path in structs.items():
+            if registry.build(s).spec() == want:
+                return path
+        return None
+
+    def structure_for(self, red) -> None:
+        """Give a reducer with a learned structure the one calibrated in this run (same 196-token
+        geometry as DeiT), so cost and speed at the real sizes use the searched per-layer counts."""
+        if hasattr(red, "load_structure"):
+            path = self._structure_path(red.spec())
+            if path is not None:
+                red.load_structure(path)
+
+    def structure_key(self, spec: str):
+        if not spec.startswith("pm"):
+            return None
+        path = self._structure_path(spec)
+        if path is None:
+            return "default-structure"
+        from .results import file_hash
+
+        return file_hash(path)
+
     def job(self, desc: dict, fn, label: str, est: float = 1.0) -> dict:
         """Run ``fn`` unless the cache holds ``desc``; returns the result dict."""
         desc = {**desc, "profile": self.profile["name"], "versions": self.versions}
@@ -141,8 +171,13 @@ def main(argv=None) -> int:
                 "--ade20k PATH (ADEChallengeData2016), plus pretrained weights (--weights DIR or a reachable hub); "
                 "the embedded proxy runs with --profile default"
             )
-        out_dir = Path(args.out) if args.out else ROOT / "reports" / args.profile
-        cache_dir = Path(os.environ.get("PMBENCH_CACHE", ROOT / ".cache")) / "results" / args.profile
+        if args.fixture:
+            if args.profile != "paper":
+                raise ConfigError("--fixture applies to the paper profile")
+            prof = profiles.fixture_variant(prof)
+        out_dir = Path(args.out) if args.out else ROOT / "reports" / (args.profile + ("-fixture" if args.fixture else ""))
+        cache_dir = Path(os.environ.get("PMBENCH_CACHE", ROOT / ".cache")) / "results" / (
+            args.profile + ("-fixture" if args.fixture else ""))
         ctx = RunContext(prof, args, out_dir, cache_dir)
         stages = args.only.split(",") if args.only else STAGES
         bad = [s for s in stages if s not in STAGES]

@@ -59,6 +59,7 @@ PROFILES = {
         "accuracy_configs": ["none", "pm:keep=0.6", "tome:r=13", "evit:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"],
         "finetune_configs": ["pm:keep=0.6", "tome:r=13", "evit:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"],
         "finetune_epochs": 1,
+        "finetune_max_steps": 3,
         "seg_configs": ["none", "tome:r=13", "evit:keep=0.7", "pm:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"],
         "ablations": PM_ABLATIONS[:3],
         "proxy_size": "smoke",
@@ -87,6 +88,7 @@ PROFILES = {
         "cost_configs": PAPER_CONFIGS,
         "speed": {"batch_size": 256, "precision": "amp", "warmup": 50, "iters": 100, "repeats": 5,
                   "models": COST_MODELS, "also_precisions": ["fp32"]},
+        "accuracy_models": COST_MODELS,
         "accuracy_configs": PAPER_CONFIGS,
         "finetune_configs": FINETUNE_CONFIGS,
         "finetune_epochs": 30,
@@ -103,4 +105,22 @@ def get(name: str) -> dict:
         raise ConfigError(f"unknown profile '{name}'; available: {', '.join(PROFILES)}")
     p = copy.deepcopy(PROFILES[name])
     p["name"] = name
+    return p
+
+
+def fixture_variant(p: dict) -> dict:
+    """The paper profile on small fixtures in the real formats with a tiny model (``--fixture``):
+    same code path (real loaders, local weight files, calibration, fine-tuning), tiny sizes."""
+    from .fixtures import TINY_MODEL
+
+    p = copy.deepcopy(p)
+    p["fixture"] = True
+    p["cost_models"] = [TINY_MODEL]
+    p["accuracy_models"] = [TINY_MODEL]
+    p["speed"] = {"batch_size": 2, "precision": "fp32", "warmup": 1, "iters": 1, "repeats": 2,
+                  "models": [TINY_MODEL], "also_precisions": ["bf16"]}
+    p["finetune_epochs"] = 1
+    p["finetune_configs"] = ["pm:keep=0.6", "tome:r=13", "evit:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"]
+    p["ablations"] = PM_ABLATIONS[:2]
+    p["seg_configs"] = ["none", "tome:r=13", "evit:keep=0.7"]
     return p

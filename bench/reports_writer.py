@@ -61,9 +61,26 @@ def _published_table(ctx) -> None:
 ORDER = ["accuracy", "flops", "throughput", "segmentation", "pm_ablations", "pm_structure", "published_vs_reproduced"]
 
 
+def _join_speedups(ctx) -> None:
+    """Accuracy rows get the speed-up measured for the same config at the DeiT-S size (or the first
+    measured model): the proxy shares DeiT's 196-token geometry."""
+    acc = ctx.tables.get("accuracy", {}).get("rows", [])
+    sp_rows = ctx.tables.get("throughput", {}).get("rows", [])
+    if not acc or not sp_rows:
+        return
+    models = [r["model"] for r in sp_rows]
+    ref = "DeiT-S" if "DeiT-S" in models else models[0]
+    sp = {r["config"]: r["speedup"] for r in sp_rows if r["model"] == ref}
+    for r in acc:
+        r["speedup"] = sp.get(r["config"])
+    ctx.tables["accuracy"]["meta"].setdefault("notes", []).append(
+        f"speedup column: measured at the {ref} size in this run (same 196-token geometry)")
+
+
 def write_all(ctx, wall_s: float) -> None:
     out: Path = ctx.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    _join_speedups(ctx)
     try:
         _published_table(ctx)
     except Exception as e:

@@ -1,0 +1,64 @@
+"""Stage ``ablations``: Prune and Merge ablations (table 3).
+
+Each variant is a PM spec (score type, merge vs prune-only, trainable vs frozen
+matrices, shortcut, global vs per-layer structure, raster vs 2-D assignment):
+calibrated on the same data as the main rows, evaluated as calibrated, then
+fine-tuned with PM's recipe for the profile's ablation epochs and evaluated.
+"""
+from __future__ import annotations
+
+from .. import flops
+from ..reducer import ModelInfo
+from ..results import file_hash
+from .sources import Source
+
+
+def run(ctx) -> None:
+    prof = ctx.profile
+    src = Source.for_profile(ctx)[0]
+    bb = src.ensure_backbone()
+    epochs = prof.get("ablation_epochs", prof["finetune_epochs"])
+    abl = prof["ablations"]
+    ctx.progress.plan(len(abl), 50.0 * len(abl))
+    rows = []
+    for label, spec in abl:
+        try:
+            ck = src.pm_calibrate(spec, ctx)
+        except Exception as e:
+            ctx.failures.append(f"ablation {label} ({spec}) calibration: {e}")
+            continue
+        desc = {"kind": "pm-ablation", "spec": spec, "backbone": file_hash(bb), "ckpt": file_hash(ck),
+                "epochs": epochs, "data": src.data_desc}
+
+        def measure(spec=spec, ck=ck, label=label):
+            model, red = src.load_checkpoint(ck)
+            info = ModelInfo.from_model(model, src.img_size)
+            before = src.evaluate(model)["top1"]
+            ft, hist = src.finetune(spec, ck, epochs, ctx)
+            model, red = src.load_checkpoint(ft)
+            after = src.evaluate(model)["top1"]
+            return {"ablation": label, "config": spec, "top1_calibrated": round(before, 2),
+                    "top1_finetuned": round(after, 2), "gmacs": round(flops.analytic(info, red).gmacs, 4),
+                    "epochs": epochs, "finetune_s": round(hist.get("wall_s", 0.0), 1)}
+
+        try:
+            rows.append(ctx.job(desc, measure, f"ablation {label}", 50.0))
+        except Exception as e:
+            ctx.failures.append(f"ablation {label} ({spec}): {e}")
+    ctx.add_table("pm_ablations", f"Prune and Merge ablations on {src.data_label}", rows,
+                  ctx.meta(data_source=prof["data_source"], precision="fp32", batch_size=src.eval_batch,
+                           notes=[f"model: {src.model_name}; every variant calibrated on the same images, "
+                                  f"fine-tuned {epochs} epoch(s) with PM's self-distillation recipe"]),
+                  ["ablation", "config", "top1_calibrated", "top1_finetuned", "gmacs", "epochs", "finetune_s"])
+    layers = getattr(ctx, "pm_layers", {})
+    srows = []
+    for spec, per in layers.items():
+        if not per:
+            continue
+        srows.append({"config": spec, **{f"L{r['layer']}": r["tokens"] for r in per},
+                      "sum": sum(r["tokens"] for r in per)})
+    if srows:
+        ctx.add_table("pm_structure", "Prune and Merge: searched tokens per block (calibrated in this run)", srows,
+                      ctx.meta(data_source=prof["data_source"],
+                               notes=["tokens = centres + CLS processed by each block; "
+                                      "global rule: sum = L*int(196*keep) + L (up to ties)"]))

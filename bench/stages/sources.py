@@ -1,0 +1,223 @@
+"""Where the accuracy stage gets its backbone, data and training: the proxy or the real thing.
+
+``ProxySource``: the suite's synthetic dataset and proxy backbone (trained here, cached).
+``RealSource``: ImageNet + pretrained weights (paper profile), or the same path on small
+fixture data with a tiny model (``--fixture``, what the tests run).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from .. import patch, registry
+from ..reducer import ModelInfo
+from ..results import file_hash
+from .common import method_of
+
+
+class Source:
+    model_name: str
+    data: str
+    data_label: str
+    data_desc: dict
+    img_size: tuple
+    eval_batch: int = 128
+    train_batch: int = 64
+    calib_iters: int = 8
+    calib_batch: int = 32
+
+    @staticmethod
+    def for_profile(ctx) -> list:
+        p = ctx.profile
+        if p["data_source"] == "proxy":
+            return [ProxySource(ctx, size=p.get("proxy_size", "default"))]
+        if getattr(ctx.args, "fixture", False):
+            return [RealSource(ctx, None)]
+        return [RealSource(ctx, m) for m in p["accuracy_models"]]
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self._val = None
+
+    # -- data ----------------------------------------------------------------------------
+    def val_loader(self):
+        from ..data import build_loader
+
+        if self._val is None:
+            self._val = build_loader(self.data, "val", self.eval_batch, img_size=self.img_size[0])
+        return self._val
+
+    def train_loader(self, batch_size: int, aug: bool = True):
+        from ..data import build_loader
+
+        return build_loader(self.data, "train", batch_size, train=aug, img_size=self.img_size[0])
+
+    def evaluate(self, model) -> dict:
+        from ..evaluate import evaluate
+
+        return evaluate(model, self.val_loader(), device=self.ctx.device)
+
+    # -- models ----------------------------------------------------------------------------
+    def load_backbone(self):
+        from ..checkpoint import load_model
+
+        model, _ = load_model(self.ensure_backbone(), self.model_name, device=self.ctx.device)
+        return model.eval()
+
+    def load_checkpoint(self, path):
+        from ..checkpoint import load_model
+
+        return load_model(path, self.model_name, device=self.ctx.device)
+
+    def _work(self, name: str) -> Path:
+        d = self.ctx.work_dir / "checkpoints"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / name
+
+    def pm_calibrate(self, spec: str, ctx) -> Path:
+        """Calibrate PM's structure on the training split; returns the checkpoint (cached by content)."""
+        from pm.calibrate import calibrate
+        from pm.cli import save
+
+        bb = self.ensure_backbone()
+        desc = {"kind": "pm-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.data_desc,
+                "iters": self.calib_iters, "batch": self.calib_batch}
+        out = self._work(f"pm-{registry.build(spec).spec().replace(':', '_').replace('=', '').replace(',', '_')}"
+                         f"-{file_hash(bb, 8)}.pt")
+
+        def run():
+            model = self.load_backbone()
+            red = registry.build(spec)
+            patch.apply(model, red, img_size=self.img_size)
+            loader = self.train_loader(self.calib_batch, aug=False)
+            summ = calibrate(model, red, loader, iters=self.calib_iters, device=self.ctx.device)
+            save(out, model, red, self.model_name, {k: v for k, v in summ.items() if k != "flops"})
+            return {"path": str(out), "hash": file_hash(out), "per_layer": summ.get("per_layer"),
+                    "sum_tokens": summ.get("sum_tokens")}
+
+        rec = ctx.job(desc, run, f"pm-calibrate {spec}", 15.0)
+        if not Path(rec["path"]).exists() or file_hash(rec["path"]) != rec["hash"]:
+            ctx.cache.force, f = True, ctx.cache.force
+            try:
+                rec = ctx.job(desc, run, f"pm-calibrate {spec} (re-run: checkpoint missing)", 15.0)
+            finally:
+                ctx.cache.force = f
+        ctx.pm_layers = getattr(ctx, "pm_layers", {})
+        ctx.pm_layers[spec] = rec.get("per_layer")
+        return Path(rec["path"])
+
+    def finetune(self, spec: str, init, epochs: float, ctx):
+        """Fine-tune ``spec`` with its recipe from the backbone (or ``init`` for PM); returns (ckpt, history)."""
+        from ..checkpoint import save_checkpoint
+        from ..train import TrainConfig, train
+
+        teacher = self.load_backbone()
+        if init is not None:
+            model, red = self.load_checkpoint(init)
+        else:
+            model = self.load_backbone()
+            red = registry.build(spec)
+            patch.apply(model, red, img_size=self.img_size)
+        info = ModelInfo.from_model(model, self.img_size)
+        cfg = {"batch_size": self.train_batch, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 0.05,
+               "distill": "none", "progress": False}
+        cfg.update(red.recipe(info))
+        cfg.update({"epochs": epochs, "device": self.ctx.device, "seed": 0, "progress": False})
+        cfg.update(self.finetune_overrides(spec))
+        if ctx.profile.get("finetune_max_steps"):
+            cfg["max_steps"] = ctx.profile["finetune_max_steps"]
+        tc = TrainConfig.from_dict(cfg)
+        loader = self.train_loader(tc.batch_size)
+        hist = train(model, loader, tc, teacher=teacher)
+        from ..results import describe_key
+
+        out = self._work(f"ft-{describe_key({'spec': spec, 'epochs': epochs, 'init': str(init), 'm': self.model_name})}.pt")
+        save_checkpoint(out, model, extra={"finetune": {"spec": spec, "epochs": epochs, "config": cfg}})
+        return out, hist
+
+    def finetune_overrides(self, spec: str) -> dict:
+        return {}
+
+    def describe(self) -> str:
+        return self.data_label
+
+
+class ProxySource(Source):
+    def __init__(self, ctx, size: str = "default"):
+        super().__init__(ctx)
+        from .. import proxy
+
+        self.size = size
+        self.model_name = proxy.PROXY_MODEL
+        self.data = "proxy" if size == "default" else f"proxy:{size}"
+        self.img_size = (proxy.IMG_SIZE, proxy.IMG_SIZE)
+        self.data_label = "the proxy validation split (synthetic; NOT ImageNet)"
+        from ..data import describe_data
+
+        self.data_desc = {"data": self.data, **{k: v for k, v in describe_data(self.data).items() if k != "path"}}
+        if size == "smoke":
+            self.eval_batch, self.train_batch, self.calib_iters, self.calib_batch = 40, 32, 2, 16
+
+    def ensure_backbone(self) -> Path:
+        from .. import proxy
+
+        t = self.ctx.progress
+        p = proxy.backbone_path(self.size)
+        if not p.exists():
+            t.note(f"training the proxy backbone ({self.size}); cached afterwards")
+        return proxy.ensure_backbone(size=self.size)
+
+    def finetune_overrides(self, spec: str) -> dict:
+        # Proxy recipes: the methods' ImageNet recipes assume 30-60 epochs at batch 512-2048 from
+        # pretrained DeiT; on the proxy the profile's short schedule uses the same losses and
+        # distillation with a learning rate suited to the narrow backbone.
+        return {"lr": 2e-4, "min_lr": 1e-5, "warmup_epochs": 0.0}
+
+    def describe(self) -> str:
+        return "proxy backbone trained by this suite on the synthetic proxy set"
+
+
+class RealSource(Source):
+    """ImageNet + pretrained weights.  With ``--fixture`` the same code runs on a small
+    fixture folder in ImageNet layout with a tiny model (the tests use this)."""
+
+    def __init__(self, ctx, model_name):
+        super().__init__(ctx)
+        a = ctx.args
+        if getattr(a, "fixture", False):
+            from ..fixtures import ensure_fixture
+
+            fx = ensure_fixture()
+            self.data = f"imagenet:{fx['imagenet']}"
+            self.model_name = fx["model"]
+            self._weights = Path(fx["weights"])
+            self.eval_batch, self.train_batch, self.calib_iters, self.calib_batch = 16, 8, 1, 8
+        else:
+            if not a.imagenet:
+                from ..reducer import ConfigError
+
+                raise ConfigError("the accuracy stage of the paper profile needs --imagenet PATH")
+            self.data = f"imagenet:{a.imagenet}"
+            self.model_name = model_name
+            self._weights = Path(a.weights) if a.weights else None  # a file or a folder of <model>.pth
+        from ..data import describe_data
+
+        self.data_desc = {"data": self.data, **{k: v for k, v in describe_data(self.data).items() if k != "path"}}
+        self.img_size = (224, 224) if not getattr(a, "fixture", False) else (fx["img_size"],) * 2
+        self.data_label = "ImageNet-1k val" if not getattr(a, "fixture", False) else "the ImageNet-layout fixture"
+
+    def ensure_backbone(self) -> Path:
+        """A checkpoint of the pretrained model in the suite's format (converted once)."""
+        from ..checkpoint import save_checkpoint
+        from ..weights import load_pretrained
+
+        out = self._work(f"backbone-{self.model_name}.pt")
+        if not out.exists():
+            model = load_pretrained(self.model_name, str(self._weights) if self._weights else None)
+            save_checkpoint(out, model)
+        return out
+
+    def describe(self) -> str:
+        return f"pretrained {self.model_name}"
