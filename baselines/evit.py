@@ -87,6 +87,17 @@ class EViT(Reducer):
     def _keep(self, training: bool) -> float:
         return self.current_keep if training else self.cfg["keep"]
 
+    def recipe(self, info: ModelInfo) -> dict:
+        """The official fine-tuning recipe (``finetune.sh``, 30 epochs from the DeiT checkpoint): lr
+        2e-5 at global batch 512 (DeiT's scaling convention; not rescaled here), cosine to 2e-6, no
+        warm-up, wd 1e-6, DeiT augmentation defaults (mixup 0.8, cutmix 1.0, smoothing 0.1), no
+        distillation, and the model kept in eval mode (``set_training_mode = finetune == ''``: no
+        drop-path / dropout).  The keep-rate warm-up is this reducer's ``shrink_start`` /
+        ``shrink_epochs`` (official fine-tuning: 0 / 0, EViT#3; 300-epoch run: 10 / 100)."""
+        return {"epochs": 30.0, "lr": 2e-5, "min_lr": 2e-6, "warmup_epochs": 0.0, "weight_decay": 1e-6,
+                "clip_grad": None, "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "distill": "none",
+                "train_mode": False}
+
     # -- hooks ---------------------------------------------------------------------------------
     def attn_request(self, i, block, x, state: TokenState) -> AttnRequest:
         if i in self.cfg["loc"] and self._keep(block.training) < 1.0:

@@ -29,6 +29,8 @@ def pmbench_tiny_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Tiny DeiT-structured ViT for fixtures: 12 blocks, patch 8 on 64x64 (64 patches + CLS)."""
     args = dict(img_size=TINY_IMG, patch_size=8, embed_dim=32, depth=12, num_heads=2, num_classes=len(CLASSES),
                 qkv_bias=True)
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's create_model extras
+        kwargs.pop(k, None)
     args.update(kwargs)
     m = VisionTransformer(**args)
     m.pmbench_name = TINY_MODEL

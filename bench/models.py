@@ -7,6 +7,8 @@ import timm
 import torch
 
 from . import patch, registry
+from . import proxy as _proxy  # noqa: F401  registers pmbench_proxy_vit with timm
+from . import fixtures as _fixtures  # noqa: F401  registers pmbench_tiny_vit (fixture model)
 from .reducer import ConfigError
 
 

@@ -20,8 +20,8 @@ def build(args):
     kw = {}
     if args.img_size:
         kw["img_size"] = args.img_size
+    red = registry.build(args.reducer)  # spec errors before any model is built
     model = models.create(args.model, num_classes=args.num_classes, **kw)
-    red = registry.build(args.reducer)
     if args.checkpoint and hasattr(red, "load_structure"):
         red.load_structure(args.checkpoint)
     img = img_size_of(args, model)

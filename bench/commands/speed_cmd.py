@@ -8,6 +8,7 @@ import torch
 
 from .. import env, models, patch, registry, speed
 from ..cli import emit
+from ..reducer import ConfigError
 from .common import add_model_args, img_size_of
 
 
@@ -29,20 +30,30 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def _batch_sizes(text) -> list[int]:
+    try:
+        batches = [int(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--batch-size must be a positive integer or a comma list of them (e.g. 1,16,64), got {text!r}")
+    return batches
+
+
 def run(args):
+    batches = _batch_sizes(args.batch_size)  # user errors before any model is built
+    red = registry.build(args.reducer)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or env.default_device()
     kw = {"img_size": args.img_size} if args.img_size else {}
     base = models.create(args.model, num_classes=args.num_classes, **kw)
     img = img_size_of(args, base)
-    red = registry.build(args.reducer)
     if args.checkpoint and hasattr(red, "load_structure"):
         red.load_structure(args.checkpoint)
     reduced = copy.deepcopy(base) if args.vs else base
     patch.apply(reduced, red, img_size=img)
     label = red.spec()
-    batches = [int(b) for b in str(args.batch_size).split(",") if b.strip()]
     runs = []
     for bs in batches:
         cfg = speed.SpeedConfig(batch_size=bs, precision=args.precision, device=device, warmup=args.warmup,

@@ -16,7 +16,8 @@ def run(ctx) -> None:
         for prec in precisions:
             cfg = speed.SpeedConfig(batch_size=over.get("batch_size", sp["batch_size"]), precision=prec,
                                     device=ctx.device, warmup=over.get("warmup", sp["warmup"]),
-                                    iters=over.get("iters", sp["iters"]), repeats=over.get("repeats", sp["repeats"]))
+                                    iters=over.get("iters", sp["iters"]), repeats=over.get("repeats", sp["repeats"]),
+                                    img_size=tuple(base_model(model_name).patch_embed.img_size))
             desc = {"kind": "speed", "model": model_name, "configs": configs, "cfg": cfg.__dict__,
                     "device": env.device_name(ctx.device),
                     "structure": [getattr(ctx, "structure_key", lambda s: None)(s) for s in configs]}

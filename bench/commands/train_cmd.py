@@ -1,0 +1,160 @@
+"""``pmbench train``: pretrain the proxy backbone or fine-tune a reduced model (torchrun-aware).
+
+Config precedence: ``TrainConfig`` defaults < the reducer's ``recipe(info)`` < explicit flags.
+For fine-tuning, ``--init CKPT`` (or ``--weights FILE`` / ``--pretrained``) gives the
+student's starting weights and ``--teacher self`` is that same unreduced model.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import asdict, fields
+
+from .. import data as data_mod
+from .. import distributed as dist
+from .. import env, models, patch, registry
+from ..cli import emit
+from ..reducer import ConfigError, ModelInfo
+
+# flag -> TrainConfig field (all default None = "not given")
+_FLAGS = [
+    ("--epochs", float, "epochs"), ("--batch-size", int, "batch_size"), ("--lr", float, "lr"),
+    ("--min-lr", float, "min_lr"), ("--warmup-epochs", float, "warmup_epochs"),
+    ("--weight-decay", float, "weight_decay"), ("--clip-grad", float, "clip_grad"),
+    ("--label-smoothing", float, "label_smoothing"), ("--mixup", float, "mixup"), ("--cutmix", float, "cutmix"),
+    ("--distill", str, "distill"), ("--distill-alpha", float, "distill_alpha"), ("--distill-tau", float, "distill_tau"),
+    ("--distill-form", str, "distill_form"), ("--seed", int, "seed"), ("--max-steps", int, "max_steps"),
+    ("--log", str, "log_path"), ("--ckpt-every-steps", int, "ckpt_every_steps"),
+]
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="train / fine-tune a model (+ reducer) with the suite's trainer")
+    p.add_argument("--model", default="pmbench_proxy_vit", help="timm model name (default: %(default)s)")
+    p.add_argument("--reducer", default="none", help="reducer spec (default: none)")
+    p.add_argument("--data", default="proxy", help="proxy | proxy:smoke | imagenet:PATH (default: proxy)")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--init", default=None, help="start from this pmbench checkpoint (e.g. the proxy backbone)")
+    src.add_argument("--weights", default=None, help="start from a local timm/DeiT .pth/.safetensors file")
+    src.add_argument("--pretrained", action="store_true", help="start from the hub weights (pinned tag)")
+    p.add_argument("--teacher", default=None, help="none | self | CHECKPOINT (default: self when needed)")
+    for flag, typ, dest in _FLAGS:
+        p.add_argument(flag, type=typ, default=None, dest=dest)
+    p.add_argument("--eval-mode", action="store_true", help="keep model.eval() while training (train_mode=False)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--max-train-images", type=int, default=None)
+    p.add_argument("--max-val-images", type=int, default=None)
+    p.add_argument("--no-val", action="store_true", help="skip the per-epoch validation")
+    p.add_argument("--out", default=None, help="checkpoint path (written atomically)")
+    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def build_student(args, n_classes: int):
+    """(student model unpatched or patched, reducer, unreduced copy for the teacher or None)."""
+    from ..checkpoint import load_model
+
+    red_spec = args.reducer
+    base = None
+    if args.init:
+        model, red = load_model(args.init, args.model, reducer=red_spec if red_spec != "none" else None)
+        if red.name != "none":
+            base, _ = load_model(args.init, args.model)
+            if patch.is_patched(base):
+                patch.remove(base)
+        else:
+            base = model
+        return model, red, base
+    if args.weights or args.pretrained:
+        from ..weights import load_pretrained
+
+        model = load_pretrained(args.model, weights=args.weights, num_classes=n_classes, img_size=args.img_size)
+    else:
+        kw = {"img_size": args.img_size} if args.img_size else {}
+        model = models.create(args.model, num_classes=n_classes, **kw)
+    base = model
+    red = registry.build(red_spec)
+    if red.name != "none":
+        base = copy.deepcopy(model)
+        patch.apply(model, red)
+    return model, red, base
+
+
+def run(args):
+    dist.init(args.device)
+    main = dist.is_main()
+    from ..train import TrainConfig, train
+
+    info_data = data_mod.describe_data(args.data)
+    model, red, base = build_student(args, info_data["num_classes"])
+    img = args.img_size or model.patch_embed.img_size[0]
+    minfo = ModelInfo.from_model(model)
+
+    cfg_d = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
+    recipe = red.recipe(minfo) if red.name != "none" else {}
+    bad = sorted(set(recipe) - set(cfg_d))
+    if bad:
+        raise ConfigError(f"reducer '{red.spec()}' recipe sets unknown TrainConfig fields {bad}")
+    cfg_d.update(recipe)
+    for _, _, dest in _FLAGS:
+        v = getattr(args, dest)
+        if v is not None:
+            cfg_d[dest] = v
+    if args.eval_mode:
+        cfg_d["train_mode"] = False
+    cfg_d.update(device=args.device, ckpt_path=args.out, resume=args.resume, progress=not args.no_progress)
+    cfg_d["extra"] = {"data": info_data, "model_name": args.model, "reducer": red.spec(), "init": args.init,
+                      "weights": args.weights}
+    cfg = TrainConfig.from_dict(cfg_d)
+
+    teacher = None
+    wants_teacher = cfg.distill != "none" or red.needs_teacher
+    tspec = args.teacher if args.teacher is not None else ("self" if wants_teacher else "none")
+    if tspec == "self":
+        if base is None or (base is model and red.name != "none"):
+            raise ConfigError("--teacher self needs the unreduced starting weights: give --init or --weights")
+        if not (args.init or args.weights or args.pretrained):
+            raise ConfigError("--teacher self: the model starts from random weights; give --init/--weights or a "
+                              "--teacher CHECKPOINT")
+        teacher = copy.deepcopy(base) if base is model else base
+    elif tspec not in ("none", None):
+        from ..checkpoint import load_model
+
+        teacher, tred = load_model(tspec)
+        if patch.is_patched(teacher):
+            patch.remove(teacher)
+    if wants_teacher and teacher is None:
+        raise ConfigError(f"distill={cfg.distill} / reducer '{red.spec()}' needs a teacher: --teacher self or PATH")
+
+    train_loader = data_mod.build_loader(args.data, "train", cfg.batch_size, train=True, img_size=img,
+                                         workers=args.workers, distributed=dist.is_distributed(),
+                                         max_images=args.max_train_images, seed=cfg.seed)
+    val_loader = None
+    if not args.no_val:
+        val_loader = data_mod.build_loader(args.data, "val", max(1, cfg.batch_size * 2), img_size=img,
+                                           crop_pct=args.crop_pct, workers=args.workers,
+                                           distributed=dist.is_distributed(), max_images=args.max_val_images)
+    if main and not args.json:
+        print(f"training {args.model} reducer {red.spec()} on {info_data['source']} data "
+              f"({len(train_loader.dataset)} train images, {dist.world_size()} process(es)) "
+              f"for {cfg.epochs} epochs", file=sys.stderr)
+    hist = train(model, train_loader, cfg, teacher=teacher, val_loader=val_loader)
+    last = hist["epochs"][-1] if hist["epochs"] else {}
+    out = {
+        "model": args.model, "reducer": red.spec(), "data": info_data, "checkpoint": args.out,
+        "wall_s": round(hist["wall_s"], 2), "steps": hist["final_step"], "epochs": cfg.epochs,
+        "world_size": dist.world_size(), "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
+        "history": hist["epochs"], "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "teacher": tspec, "stamp": env.stamp(dist.device_for_rank(args.device)),
+    }
+    if main:
+        txt = (f"done in {hist['wall_s']:.0f} s ({hist['final_step']} steps); val top-1 {last.get('val_top1')}"
+               + (f"; checkpoint {args.out}" if args.out else ""))
+        emit(out, args.json, txt)
+    dist.cleanup()
+    return 0

@@ -1,0 +1,353 @@
+"""The embedded default: a synthetic classification task and a small DeiT-shaped backbone.
+
+Why a proxy: the suite must run end to end on a fresh CPU-only machine with no
+ImageNet and no downloadable weights, and token reduction must still *cost*
+something, so the task is spatially structured like natural images.
+
+Task (``ensure_proxy_data``): 10 classes, 128x128 RGB JPEGs in ImageNet's
+layout (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``).  Every image holds
+one *target* object whose surface texture decides the label (horizontal /
+vertical / diagonal stripes, checkerboard, dots, rings, grid, solid, speckle),
+1-2 smaller *distractor* objects with random textures, over textured clutter
+(smooth colour noise, random line segments, pixel noise).  The target is the
+largest object; distractors reach up to 0.75 of its side, may occlude it and
+carry other classes' textures, so the model has to find and compare the
+objects: only a minority of the 196 tokens decide the label, token importance
+varies, and aggressive pruning or merging costs accuracy.  The overlap of
+target and distractor sizes plus occlusion keep the task below 100%.
+
+Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
+index])``), so the same seed writes the same bytes, independent of order.
+
+Model (``pmbench_proxy_vit``): timm ``VisionTransformer`` with DeiT's structure
+(12 standard pre-norm blocks, CLS token, learned position embedding, MLP ratio
+4) and DeiT's token geometry (112x112 input, patch 8 -> 14x14 = 196 patch
+tokens + CLS = 197), so the papers' configurations (ToMe r, EViT keep rates at
+blocks 4/7/10, DynamicViT's rho) apply unchanged; width 64 with 2 heads so that
+training from scratch fits in minutes on 2 CPU cores.  The eval transform is
+DeiT's with crop_pct 0.875 (resize 128, centre crop 112).
+
+The backbone is trained by the suite's own trainer (``pmbench train``) and
+cached under ``<repo>/.cache/proxy/`` (or ``$PMBENCH_CACHE/proxy``).
+"""
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from .env import ROOT
+
+PROXY_MODEL = "pmbench_proxy_vit"
+DATA_VERSION = 3
+IMG_SIZE = 112  # model input
+GEN_SIZE = 128  # stored image side = int(112 / 0.875)
+CLASSES = ["red", "orange", "yellow", "lime", "green", "teal", "cyan", "blue", "violet", "magenta"]
+HUE_STEP = 360.0 / len(CLASSES)
+TEXTURES = ["hstripes", "vstripes", "diag45", "diag135", "checker", "dots", "rings", "grid", "solid", "speckle"]
+
+
+@dataclass(frozen=True)
+class ProxySize:
+    train_per_class: int
+    val_per_class: int
+    epochs: float
+    batch_size: int
+    lr: float
+
+
+SIZES = {
+    # the default profile: ~20k training samples seen, 1000 val images
+    "default": ProxySize(train_per_class=800, val_per_class=100, epochs=3.0, batch_size=32, lr=1e-3),
+    # smoke: seconds; accuracy meaningless but every code path runs
+    "smoke": ProxySize(train_per_class=24, val_per_class=8, epochs=1.0, batch_size=32, lr=1e-3),
+}
+
+
+# --------------------------------------------------------------------------- model
+@register_model
+def pmbench_proxy_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """DeiT structure and token geometry (196 patches), width 64: the proxy backbone."""
+    if pretrained:
+        raise RuntimeError(
+            "pmbench_proxy_vit has no downloadable weights; train it with `pmbench train --model "
+            "pmbench_proxy_vit --data proxy` or use bench.proxy.load_backbone()"
+        )
+    args = dict(img_size=IMG_SIZE, patch_size=8, embed_dim=64, depth=12, num_heads=2, mlp_ratio=4.0,
+                num_classes=len(CLASSES), qkv_bias=True)
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only"):
+        kwargs.pop(k, None)  # timm.create_model's bookkeeping arguments
+    args.update(kwargs)
+    model = VisionTransformer(**args)
+    model.pmbench_name = PROXY_MODEL
+    model.pretrained_cfg = {"architecture": PROXY_MODEL, "input_size": (3, IMG_SIZE, IMG_SIZE),
+                            "crop_pct": 0.875, "interpolation": "bicubic",
+                            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                            "num_classes": args["num_classes"]}
+    return model
+
+
+# --------------------------------------------------------------------------- paths
+def cache_dir() -> Path:
+    base = os.environ.get("PMBENCH_CACHE")
+    return (Path(base) if base else ROOT / ".cache") / "proxy"
+
+
+def data_dir(size: str = "default", root: Optional[Path] = None) -> Path:
+    return Path(root) if root is not None else cache_dir() / f"cls-v{DATA_VERSION}-{size}"
+
+
+def backbone_path(size: str = "default") -> Path:
+    return cache_dir() / f"backbone-v{DATA_VERSION}-{size}.pt"
+
+
+@contextlib.contextmanager
+def _locked(name: str):
+    """An exclusive file lock in the cache dir: concurrent processes (torchrun ranks, several
+    users of one cache) generate or train once and the others wait, then reuse the result."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / f".{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- textures
+def _texture(kind: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float) -> np.ndarray:
+    """A [0,1] pattern map of texture ``kind`` over the pixel grid."""
+    T = rng.uniform(3.5, 6.0)  # period in pixels: 1-2 cycles per 8x8 patch
+    ph = rng.uniform(0, 2 * math.pi)
+    jit = math.radians(rng.uniform(-8, 8))
+
+    def stripes(angle):
+        a = angle + jit
+        u = xx * math.cos(a) + yy * math.sin(a)
+        return (np.sin(2 * math.pi * u / T + ph) > 0).astype(np.float32)
+
+    name = TEXTURES[kind]
+    if name == "hstripes":
+        return stripes(math.pi / 2)
+    if name == "vstripes":
+        return stripes(0.0)
+    if name == "diag45":
+        return stripes(math.pi / 4)
+    if name == "diag135":
+        return stripes(3 * math.pi / 4)
+    if name == "checker":
+        s = T * 0.8
+        return ((np.floor((xx + ph) / s) + np.floor((yy + ph) / s)) % 2).astype(np.float32)
+    if name == "dots":
+        s = T * 1.2
+        dx = (xx + ph) % s - s / 2
+        dy = (yy + ph) % s - s / 2
+        return (dx * dx + dy * dy < (0.28 * s) ** 2).astype(np.float32)
+    if name == "rings":
+        r = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+        return (np.sin(2 * math.pi * r / T + ph) > 0).astype(np.float32)
+    if name == "grid":
+        s = T * 1.3
+        return ((((xx + ph) % s) < 1.6) | (((yy + ph) % s) < 1.6)).astype(np.float32)
+    if name == "solid":
+        return np.full(xx.shape, 0.85, np.float32) + rng.normal(0, 0.04, xx.shape).astype(np.float32)
+    if name == "speckle":
+        n = GEN_SIZE // 2 + 1
+        small = (rng.random((n, n)) > 0.5).astype(np.float32)
+        return np.kron(small, np.ones((2, 2), np.float32))[: xx.shape[0], : xx.shape[1]]
+    raise ValueError(kind)
+
+
+def _hsv(h_deg: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb((h_deg % 360) / 360, s, v), np.float32) * 255
+
+
+def _colour_pair(cls: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A light and a dark shade of class ``cls``'s hue (+-10 degrees jitter)."""
+    h = cls * HUE_STEP + rng.uniform(-10, 10)
+    return (_hsv(h, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0)),
+            _hsv(h, rng.uniform(0.5, 1.0), rng.uniform(0.35, 0.6)))
+
+
+def _shape_mask(rng: np.random.Generator, cy: float, cx: float, side: float) -> np.ndarray:
+    """A random ellipse / rectangle / polygon of about ``side`` pixels, as a bool mask."""
+    img = Image.new("L", (GEN_SIZE, GEN_SIZE), 0)
+    d = ImageDraw.Draw(img)
+    kind = rng.integers(0, 3)
+    h = side / 2 * rng.uniform(0.75, 1.0)
+    w = side / 2 * rng.uniform(0.75, 1.0)
+    if kind == 0:
+        d.ellipse([cx - w, cy - h, cx + w, cy + h], fill=255)
+    elif kind == 1:
+        d.rectangle([cx - w, cy - h, cx + w, cy + h], fill=255)
+    else:
+        n = int(rng.integers(3, 7))
+        rot = rng.uniform(0, 2 * math.pi)
+        r = side / 2 * 1.1
+        pts = [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
+               for k in range(n)]
+        d.polygon(pts, fill=255)
+    return np.asarray(img) > 127
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    S = GEN_SIZE
+    base = rng.uniform(60, 200) + rng.normal(0, 8, 3)  # low saturation: grey-ish
+    low = rng.normal(0, 30, (6, 6, 1)) + rng.normal(0, 8, (6, 6, 3))
+    low_img = np.stack([np.asarray(Image.fromarray(low[..., c].astype(np.float32), mode="F").resize((S, S), Image.BICUBIC))
+                        for c in range(3)], -1)
+    img = np.clip(base + low_img, 0, 255).astype(np.uint8)
+    pil = Image.fromarray(img)
+    d = ImageDraw.Draw(pil)
+    for _ in range(int(rng.integers(4, 11))):  # clutter: random segments
+        x0, y0 = rng.uniform(0, S, 2)
+        ang, ln = rng.uniform(0, 2 * math.pi), rng.uniform(8, 40)
+        col = tuple(int(c) for c in rng.uniform(0, 255, 3))
+        d.line([x0, y0, x0 + ln * math.cos(ang), y0 + ln * math.sin(ang)], fill=col, width=int(rng.integers(1, 3)))
+    for _ in range(int(rng.integers(2, 6))):  # clutter: small plain blobs
+        x0, y0 = rng.uniform(0, S, 2)
+        r = rng.uniform(2, 6)
+        col = tuple(int(c) for c in rng.uniform(0, 255, 3))
+        d.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=col)
+    return np.asarray(pil.filter(ImageFilter.SMOOTH)).astype(np.float32)
+
+
+def render(label: int, rng: np.random.Generator) -> Image.Image:
+    """One proxy image of class ``label``."""
+    S = GEN_SIZE
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    img = _background(rng)
+    side = rng.uniform(46, 66)
+    margin = 8 + side / 2  # keep the target mostly inside the 112 centre crop
+    cy, cx = rng.uniform(margin, S - margin, 2)
+    objects = [(label, cy, cx, side)]
+    for _ in range(int(rng.integers(1, 3))):
+        cls = int((label + rng.integers(1, len(CLASSES))) % len(CLASSES))  # another class's hue
+        s = side * rng.uniform(0.3, 0.85)
+        dy, dx = rng.uniform(s / 2, S - s / 2, 2)
+        objects.append((cls, dy, dx, s))
+    order = list(range(len(objects)))
+    if rng.random() < 0.5:  # half the time distractors are drawn first (target on top)
+        order = order[1:] + order[:1]
+    for k in order:
+        cls, oy, ox, s = objects[k]
+        mask = _shape_mask(rng, oy, ox, s)
+        pat = _texture(int(rng.integers(0, len(TEXTURES))), rng, yy, xx, oy, ox)
+        c1, c2 = _colour_pair(cls, rng)
+        tex = pat[..., None] * c1 + (1 - pat[..., None]) * c2
+        img[mask] = tex[mask]
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _write_split(out: Path, split: str, per_class: int, seed: int) -> None:
+    split_id = {"train": 0, "val": 1}[split]
+    for c, name in enumerate(CLASSES):
+        d = out / split / f"{c:02d}_{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            idx = c * per_class + i
+            rng = np.random.default_rng(np.random.SeedSequence([seed, split_id, c, i]))
+            render(c, rng).save(d / f"{split}_{idx:06d}.JPEG", format="JPEG", quality=90)
+
+
+def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
+    """Write the proxy set to ``out`` (overwrites); a ``proxy.json`` marker is written last."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _write_split(tmp, "train", train_per_class, seed)
+    _write_split(tmp, "val", val_per_class, seed)
+    meta = {"kind": "pmbench-proxy-classification", "version": DATA_VERSION, "seed": seed,
+            "classes": CLASSES, "image_size": GEN_SIZE, "model_input": IMG_SIZE,
+            "train_per_class": train_per_class, "val_per_class": val_per_class,
+            "n_train": train_per_class * len(CLASSES), "n_val": val_per_class * len(CLASSES)}
+    (tmp / "proxy.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def ensure_proxy_data(root: Optional[Path] = None, *, size: str = "default", seed: int = 0) -> Path:
+    """The proxy set's root (train/ and val/ class folders), generated on first use."""
+    if size not in SIZES:
+        from .reducer import ConfigError
+
+        raise ConfigError(f"unknown proxy size '{size}'; available: {', '.join(SIZES)}")
+    out = data_dir(size, root)
+    sz = SIZES[size]
+
+    def ready() -> bool:
+        marker = out / "proxy.json"
+        if not marker.exists():
+            return False
+        meta = json.loads(marker.read_text())
+        return (meta.get("version") == DATA_VERSION and meta.get("seed") == seed
+                and meta.get("train_per_class") == sz.train_per_class and meta.get("val_per_class") == sz.val_per_class)
+
+    if ready():
+        return out
+    with _locked(f"data-{size}"):
+        if ready():  # made by another process while we waited
+            return out
+        t0 = time.time()
+        print(f"[pmbench] generating the proxy dataset ({size}) in {out} ...", file=sys.stderr)
+        generate(out, train_per_class=sz.train_per_class, val_per_class=sz.val_per_class, seed=seed)
+        print(f"[pmbench] proxy dataset ready in {time.time() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+# --------------------------------------------------------------------------- backbone
+def train_command(size: str = "default", out: Optional[Path] = None) -> list[str]:
+    """The ``pmbench train`` command line that produces the cached backbone."""
+    sz = SIZES[size]
+    out = Path(out) if out is not None else backbone_path(size)
+    return [sys.executable, "-m", "bench.cli", "train", "--model", PROXY_MODEL, "--reducer", "none",
+            "--data", "proxy" if size == "default" else f"proxy:{size}",
+            "--epochs", str(sz.epochs), "--batch-size", str(sz.batch_size), "--lr", str(sz.lr),
+            "--warmup-epochs", "0.2", "--weight-decay", "0.05", "--out", str(out), "--json"]
+
+
+def ensure_backbone(force: bool = False, *, size: str = "default") -> Path:
+    """Path of the trained proxy backbone checkpoint, training it (``pmbench train``) if absent."""
+    path = backbone_path(size)
+    if path.exists() and not force:
+        return path
+    ensure_proxy_data(size=size)
+    with _locked(f"backbone-{size}"):
+        if path.exists() and not force:  # trained by another process while we waited
+            return path
+        cmd = train_command(size, path)
+        print(f"[pmbench] training the proxy backbone: {' '.join(cmd[2:])}", file=sys.stderr)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                "MASTER_ADDR", "MASTER_PORT")}
+        res = subprocess.run(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, env=env)
+        if res.returncode != 0 or not path.exists():
+            raise RuntimeError(f"training the proxy backbone failed (exit {res.returncode}); run it by hand: "
+                               f"{' '.join(cmd[2:])}")
+    return path
+
+
+def load_backbone(device="cpu", *, size: str = "default"):
+    """The trained proxy backbone (unpatched, eval mode), training it first if needed."""
+    from .checkpoint import load_model
+
+    model, _ = load_model(ensure_backbone(size=size), PROXY_MODEL, device=device)
+    return model.eval()

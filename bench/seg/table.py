@@ -1,0 +1,79 @@
+"""The segmentation table's configurations and rows (used by the orchestration).
+
+Keep rates 0.8 / 0.7 / 0.5 as in PM-Segmenter (pm.md §3.3).  Each method reads "keep" in
+its own way (PM: tokens per compressed block; EViT and MSTM: per reduction stage;
+DynamicViT: rho per stage); ToMe has no keep rate, so its r is chosen per keep rate to
+match EViT's encoder GMACs at that keep rate on the same window (:func:`matched_tome_r`).
+PM runs with PM-Segmenter's settings (per-layer keep, no pruning, frozen M/R).
+"""
+from __future__ import annotations
+
+from bench import flops as bflops
+from bench import registry
+from bench.reducer import ConfigError, ModelInfo
+
+KEEPS = (0.8, 0.7, 0.5)
+PM_SEG = "pm:keep={k},prune=0,structure=local,trainable=false"
+
+
+def matched_tome_r(info: ModelInfo, target_macs: int) -> int:
+    """The constant ToMe r whose analytic encoder MACs are closest to ``target_macs``."""
+    best, best_d = 0, None
+    limit = (info.n_tokens - info.n_prefix) // 2
+    for r in range(0, limit + 1):
+        try:
+            red = registry.build(f"tome:r={r}")
+            red.check(info)
+        except ConfigError:
+            break
+        d = abs(bflops.analytic(info, red).total - target_macs)
+        if best_d is None or d < best_d:
+            best, best_d = r, d
+    return best
+
+
+def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
+    """Rows ``{"method", "keep", "spec"}`` for the table (baseline first); methods whose module
+    is missing are left out."""
+    methods = methods or ["pm", "tome", "evit", "dynamicvit", "mstm"]
+    have = set()
+    for m in methods:
+        try:
+            registry.get(m)
+            have.add(m)
+        except (ImportError, ConfigError):
+            pass
+    rows = [{"method": "baseline", "keep": 1.0, "spec": "none"}]
+    for k in keeps:
+        if "pm" in have:
+            rows.append({"method": "pm", "keep": k, "spec": PM_SEG.format(k=k)})
+        if "tome" in have:
+            target = bflops.analytic(info, registry.build(f"evit:keep={k}")).total
+            rows.append({"method": "tome", "keep": k, "spec": f"tome:r={matched_tome_r(info, target)}"})
+        if "evit" in have:
+            rows.append({"method": "evit", "keep": k, "spec": f"evit:keep={k}"})
+        if "dynamicvit" in have:
+            rows.append({"method": "dynamicvit", "keep": k, "spec": f"dynamicvit:rho={k}"})
+        if "mstm" in have:
+            rows.append({"method": "mstm", "keep": k, "spec": f"mstm:keep={k}"})
+    return [r for r in rows if r["method"] in have or r["method"] == "baseline"]
+
+
+def config_info(config) -> ModelInfo:
+    """Encoder geometry of a config at its crop size (random weights; no data needed)."""
+    from .configs import build_config
+    from .evaluate import build_segmentor
+
+    cfg = build_config(config)
+    model, _ = build_segmentor(cfg, None, random_weights=True)
+    crop = tuple(cfg.model.test_cfg.get("crop_size", cfg.model.backbone.img_size))
+    return model.backbone.model_info(crop)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["method", "keep", "spec", "miou", "gmacs_per_window", "gmacs_per_image", "fps_bs32", "fps_bs1"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join("" if r.get(c) is None else
+                                     (f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r[c])) for c in cols) + " |")
+    return "\n".join(out)

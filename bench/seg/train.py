@@ -1,0 +1,147 @@
+"""Segmenter training / fine-tuning through mmengine's Runner; the cached proxy Segmenter.
+
+Launchers:
+
+* CPU or one GPU, single process: ``Runner.from_cfg(cfg).train()`` as mmseg's ``tools/train.py``;
+* ``torchrun`` (``WORLD_SIZE`` > 1): on CUDA mmengine's own ``pytorch`` launcher; on CPU torch
+  the two workarounds of environment.md §3 item 9: the gloo process group is created here
+  before the Runner (mmengine's ``init_dist`` calls ``torch.cuda.set_device``), and the DDP
+  wrapper gets ``device_ids=None`` (mmengine passes the local rank, which CPU DDP rejects).
+
+Every run ends by writing a clean checkpoint (``state_dict`` + ``meta`` only), which loads
+under torch's ``weights_only`` default, unlike the Runner's own checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from bench import env
+from bench.reducer import ConfigError
+
+from . import configs as segconfigs
+from .checkpoint import save_clean
+
+PROXY_VERSION = 1
+
+
+def _setup_distributed(cfg) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        cfg.launcher = "none"
+        return 1
+    cfg.launcher = "pytorch"
+    if not torch.cuda.is_available():
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+        cfg.env_cfg = dict(cfg.get("env_cfg", {}), dist_cfg=dict(backend="gloo"))
+    return world
+
+
+def train_segmenter(config, out: Path, *, reducer: Optional[str] = None, data: Optional[str] = None,
+                    load_from=None, max_iters: Optional[int] = None, work_dir=None, seed: int = 0,
+                    trust: bool = False, cfg_options: Optional[dict] = None) -> dict:
+    """Train (or fine-tune from ``load_from``) and save a clean checkpoint at ``out``."""
+    from mmengine.runner import Runner
+
+    work_dir = Path(work_dir or env.ROOT / ".cache" / "seg" / "work" / Path(out).stem)
+    cfg = segconfigs.build_config(config, reducer, data, work_dir=str(work_dir), splits=("training", "validation"))
+    if max_iters is not None:  # shorten the schedule proportionally
+        f = int(max_iters) / cfg.train_cfg.max_iters
+        cfg.train_cfg.max_iters = int(max_iters)
+        cfg.train_cfg.val_interval = int(max_iters)
+        for s in cfg.get("param_scheduler", []):
+            s["begin"] = int(s.get("begin", 0) * f)
+            s["end"] = max(s["begin"] + 1, int(s.get("end", max_iters / f) * f))
+            if "T_max" in s:
+                s["T_max"] = s["end"] - s["begin"]
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.randomness = dict(seed=seed, deterministic=False)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=10**9, save_last=False)
+    if load_from is not None:
+        cfg.model.pretrained = None  # the checkpoint replaces the ImageNet-pretrained backbone
+        cfg.model.backbone.pretrained = None
+        # Runner.train() initialises the weights and then loads ``cfg.load_from``; give it a clean
+        # copy (any supported layout, converted; loads under weights_only)
+        from .checkpoint import load_weights, model_state
+
+        clean = work_dir / "init_weights.pth"
+        clean.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": dict(model_state(load_weights(load_from, trust=trust))), "meta": {}}, clean)
+        cfg.load_from = str(clean)
+    world = _setup_distributed(cfg)
+    runner = Runner.from_cfg(cfg)
+    model = runner.model.module if hasattr(runner.model, "module") else runner.model
+    t0 = time.perf_counter()
+    runner.train()
+    train_s = time.perf_counter() - t0
+    metrics = {}
+    if runner.val_loop is not None and hasattr(runner, "message_hub"):
+        for k in ("mIoU", "aAcc"):
+            v = runner.message_hub.get_scalar(f"val/{k}") if f"val/{k}" in runner.message_hub.log_scalars else None
+            if v is not None:
+                metrics[k] = float(v.current())
+    meta = {"dataset_meta": getattr(model, "dataset_meta", None) or runner.train_dataloader.dataset.metainfo,
+            "config": str(config), "reducer": cfg.model.backbone.reducer, "train_seconds": round(train_s, 1),
+            "max_iters": int(cfg.train_cfg.max_iters), "world_size": world, "val": metrics,
+            "stamp": _plain(env.stamp("cuda" if torch.cuda.is_available() else "cpu"))}
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        meta = _plain(meta)
+        save_clean(model, out, meta)
+        Path(str(out) + ".json").write_text(json.dumps(_plain(meta), indent=1, default=str))
+    return meta
+
+
+def _plain(o):
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, str):
+        return str(o)  # e.g. torch's TorchVersion, which weights_only loading refuses
+    return o
+
+
+def proxy_checkpoint_path() -> Path:
+    cfg_text = segconfigs.config_path("proxy").read_text()
+    key = hashlib.sha256(f"{PROXY_VERSION}\n{cfg_text}".encode()).hexdigest()[:10]
+    return env.ROOT / ".cache" / "seg" / f"proxy_segmenter-{key}.pth"
+
+
+def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None, log=print) -> Path:
+    """The proxy Segmenter's clean checkpoint, trained on first use (a few CPU minutes).
+
+    Cached under ``.cache/seg/`` keyed by the proxy config's text; ``force`` retrains.
+    Training metadata (time, val mIoU, stamp) sits next to it in ``<file>.json``.
+    """
+    out = proxy_checkpoint_path()
+    if out.exists() and not force and max_iters is None:
+        return out
+    if max_iters is not None:
+        out = out.with_name(out.stem + f"-it{max_iters}.pth")
+        if out.exists() and not force:
+            return out
+    if log:
+        log(f"[seg] training the proxy Segmenter -> {out} (first use; a few minutes on a CPU)")
+    meta = train_segmenter("proxy", out, data="proxy", max_iters=max_iters)
+    if log:
+        log(f"[seg] proxy Segmenter trained in {meta['train_seconds']:.0f} s; val {meta['val']}")
+    return out
+
+
+def proxy_training_info() -> dict:
+    p = Path(str(proxy_checkpoint_path()) + ".json")
+    if not p.exists():
+        raise ConfigError("the proxy Segmenter has not been trained yet (pmbench seg-train)")
+    return json.loads(p.read_text())

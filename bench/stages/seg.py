@@ -1,0 +1,80 @@
+"""Stage ``seg``: Segmenter (mmsegmentation) with every reducer: mIoU, GMACs, FPS.
+
+Proxy profiles: the proxy Segmenter trained by the suite on the proxy
+segmentation set (cached); paper profile: ``--ade20k PATH`` with mmseg's
+Segmenter checkpoints (``--weights DIR``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..results import file_hash
+from .common import method_of
+
+
+def _targets(ctx):
+    prof = ctx.profile
+    if prof["data_source"] == "proxy":
+        from ..seg import ensure_proxy_segmenter
+
+        ck = ensure_proxy_segmenter(size=prof.get("proxy_size", "default")) if prof.get("proxy_size") == "smoke" \
+            else ensure_proxy_segmenter()
+        return [("proxy", "proxy" if prof.get("proxy_size", "default") == "default" else f"proxy:{prof['proxy_size']}",
+                 Path(ck))]
+    a = ctx.args
+    if getattr(a, "fixture", False):
+        from ..seg.fixtures import ensure_seg_fixture
+
+        fx = ensure_seg_fixture()
+        return [(fx["config"], f"ade20k:{fx['ade20k']}", Path(fx["checkpoint"]))]
+    if not a.ade20k:
+        return []
+    out = []
+    for cfg in ("vit-t", "vit-s", "vit-b"):
+        ck = Path(a.weights) / f"segmenter_{cfg}_mask_ade20k.pth" if a.weights else None
+        out.append((cfg, f"ade20k:{a.ade20k}", ck if ck and ck.exists() else None))
+    return out
+
+
+def run(ctx) -> None:
+    from ..seg import seg_eval
+
+    prof = ctx.profile
+    rows = []
+    targets = _targets(ctx)
+    if not targets:
+        ctx.progress.note("seg: no --ade20k given; segmentation table skipped")
+        return
+    specs = prof["seg_configs"]
+    ctx.progress.plan(len(specs) * len(targets), 20.0 * len(specs) * len(targets))
+    for config, data, ck in targets:
+        for spec in specs:
+            desc = {"kind": "seg", "config": config, "spec": spec, "data": data,
+                    "ckpt": file_hash(ck) if ck else None, "device": ctx.device}
+
+            def measure(config=config, spec=spec, data=data, ck=ck):
+                kw = {}
+                if prof.get("proxy_size") == "smoke" or prof.get("fixture"):
+                    kw.update(fps_batches=(2, 1), speed_repeats=2, max_images=4)
+                r = seg_eval(config, spec, data, checkpoint=str(ck) if ck else None, device=ctx.device, **kw)
+                return {k: v for k, v in r.items() if k in (
+                    "miou", "aAcc", "gmacs_per_window", "gmacs_per_image", "fps_bs32", "fps_bs1", "stamp",
+                    "n_images", "reducer", "crop", "fps_batches")}
+
+            try:
+                r = ctx.job(desc, measure, f"seg {config} {spec}", 20.0)
+            except Exception as e:
+                ctx.failures.append(f"seg {config} {spec}: {e}")
+                continue
+            rows.append({"config_model": config, "method": method_of(spec), "config": spec,
+                         "miou": r.get("miou"), "aAcc": r.get("aAcc"),
+                         "gmacs_per_window": r.get("gmacs_per_window"), "gmacs_per_image": r.get("gmacs_per_image"),
+                         "fps_bs32": r.get("fps_bs32"), "fps_bs1": r.get("fps_bs1"), "kind": "off-the-shelf"})
+    ctx.add_table("segmentation", "Segmenter: mIoU, GMACs and FPS", rows,
+                  ctx.meta(data_source=prof["data_source"], precision="fp32", batch_size="32 and 1 (FPS)",
+                           notes=["mIoU: mmseg IoUMetric with the config's sliding-window test",
+                                  "GMACs: encoder (analytic, per-block token counts) + decode head, per 512x512 "
+                                  "window (proxy: the proxy crop) and per image",
+                                  "reducers applied off-the-shelf to the trained Segmenter"]),
+                  ["config_model", "method", "config", "miou", "aAcc", "gmacs_per_window", "gmacs_per_image",
+                   "fps_bs32", "fps_bs1"])

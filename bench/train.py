@@ -1,0 +1,393 @@
+"""One training loop for proxy pretraining and for fine-tuning reduced models.
+
+DeiT's recipe pieces: AdamW with no weight decay on 1-D parameters (norms,
+biases) and on position embeddings / CLS, distillation and register tokens;
+per-step cosine schedule with linear warm-up; gradient clipping; AMP on CUDA;
+mixup / cutmix / label smoothing through ``timm.data.Mixup``; soft or hard
+distillation from a teacher (the unreduced model) exactly as DeiT's
+``DistillationLoss``::
+
+    soft KD = kl_div(log_softmax(s/T), log_softmax(t/T), reduction="sum", log_target=True) * T*T / s.numel()
+    hard KD = cross_entropy(s, t.argmax(1))
+    distill_form "deit": (1 - a) * base + a * KD        "add": base + a * KD  (Prune and Merge)
+
+The reducer of the model (``bench.patch.get_reducer``) plugs in through its
+training hooks: ``param_group``/``lr_scale`` (extra optimiser groups and their
+per-epoch lr multipliers), ``extra_losses`` (added to the loss and logged),
+``on_epoch`` / ``on_step`` and ``needs_teacher``.  ``reducer.recipe`` is *not*
+applied here (the CLI merges it into the config defaults), so ``train`` does
+exactly what its config says.
+
+Exact resume: every step re-seeds the RNGs from (seed, step, rank) and the
+sampler's per-epoch permutation is seeded, so training N steps straight equals
+training k, saving, resuming and training N - k (with ``workers=0``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist
+from . import patch
+from .checkpoint import read_checkpoint, save_checkpoint
+from .reducer import ConfigError
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "pos_embed_prefix")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = None
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    distill: str = "none"  # none | soft | hard
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
+    distill_form: str = "deit"  # deit: (1-a)*CE + a*KD | add: CE + a*KD
+    train_mode: bool = True  # False: keep model.eval() while training (EViT fine-tuning, PM calibration)
+    amp: Optional[bool] = None  # None: on for CUDA
+    seed: int = 0
+    device: Optional[str] = None
+    max_steps: Optional[int] = None
+    log_path: Optional[str] = None
+    log_every: int = 10
+    ckpt_path: Optional[str] = None
+    ckpt_every_steps: Optional[int] = None
+    resume: bool = False
+    find_unused_parameters: Optional[bool] = None  # DDP; None: on when the model has reducer modules
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # stored in checkpoints (e.g. data description)
+
+    def validate(self) -> None:
+        if self.distill not in ("none", "soft", "hard"):
+            raise ConfigError(f"distill must be none, soft or hard, not {self.distill!r}")
+        if self.distill_form not in ("deit", "add"):
+            raise ConfigError(f"distill_form must be deit or add, not {self.distill_form!r}")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ConfigError("epochs must be > 0")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise ConfigError(f"unknown TrainConfig field(s) {bad}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- pieces
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 31)
+
+
+def param_groups(model, weight_decay: float, reducer=None) -> list[dict]:
+    """AdamW groups: (reducer group key) x (decay / no decay)."""
+    groups: dict[tuple[str, bool], list] = {}
+    names: dict[tuple[str, bool], list] = {}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name.endswith(".bias")
+        key = reducer.param_group(name) if reducer is not None else "backbone"
+        groups.setdefault((key, no_decay), []).append(p)
+        names.setdefault((key, no_decay), []).append(name)
+    out = []
+    for (key, no_decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.append({"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "pm_group": key,
+                    "pm_names": names[(key, no_decay)]})
+    return out
+
+
+class CosineSchedule:
+    """Per-step linear warm-up then cosine to ``min_lr`` (timm's CosineLRScheduler, t_in_epochs=False)."""
+
+    def __init__(self, lr: float, min_lr: float, total_steps: int, warmup_steps: int, warmup_lr: float):
+        self.lr, self.min_lr, self.total, self.warmup, self.warmup_lr = lr, min_lr, max(1, total_steps), warmup_steps, warmup_lr
+        self.step_num = 0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / max(1, self.warmup)
+        t = (step - self.warmup) / max(1, self.total - self.warmup)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+    def state_dict(self) -> dict:
+        return {"step_num": self.step_num, "lr": self.lr, "min_lr": self.min_lr, "total": self.total,
+                "warmup": self.warmup, "warmup_lr": self.warmup_lr}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step_num = int(d["step_num"])
+
+
+def distill_loss(student_logits, teacher_logits, kind: str, tau: float) -> torch.Tensor:
+    if kind == "soft":
+        T = tau
+        return F.kl_div(F.log_softmax(student_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
+                        reduction="sum", log_target=True) * (T * T) / student_logits.numel()
+    if kind == "hard":
+        return F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
+    raise ConfigError(f"unknown distillation kind {kind!r}")
+
+
+def _split_outputs(out):
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, out
+
+
+class JsonLog:
+    def __init__(self, path: Optional[str], enabled: bool):
+        self.fh = None
+        if path and enabled:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a")
+
+    def write(self, **rec) -> None:
+        if self.fh:
+            self.fh.write(json.dumps(rec, default=float) + "\n")
+            self.fh.flush()
+
+    def close(self):
+        if self.fh:
+            self.fh.close()
+
+
+# --------------------------------------------------------------------------- the loop
+def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=None) -> dict:
+    """Train ``model`` (patched or not) in place; returns the history (losses, accuracy, wall time)."""
+    cfg.validate()
+    t_start = time.time()
+    rank = dist.rank()
+    device = torch.device(dist.device_for_rank(cfg.device))
+    amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    seed_everything(cfg.seed + rank)
+    model.to(device)
+    reducer = patch.get_reducer(model)
+    use_teacher = cfg.distill != "none" or bool(reducer is not None and reducer.needs_teacher)
+    if use_teacher and teacher is None:
+        raise ConfigError("this training needs a teacher (distillation or the reducer's losses); "
+                          "pass --teacher self (the unreduced model) or a checkpoint")
+    if teacher is not None and use_teacher:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    else:
+        teacher = None
+
+    spe = len(train_loader)
+    if spe == 0:
+        raise ConfigError("the training loader yields no batches (dataset smaller than one batch?)")
+    num_epochs = max(1, math.ceil(cfg.epochs))
+    # the schedule spans cfg.epochs; max_steps only stops early (so a capped run equals the
+    # first steps of the full one)
+    sched_steps = max(1, int(round(cfg.epochs * spe))) if cfg.epochs > 0 else int(cfg.max_steps)
+    total_steps = min(sched_steps, cfg.max_steps) if cfg.max_steps else sched_steps
+    groups = param_groups(model, cfg.weight_decay, reducer)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    sched = CosineSchedule(cfg.lr, cfg.min_lr, sched_steps, int(round(cfg.warmup_epochs * spe)), cfg.warmup_lr)
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+
+    start_step = 0
+    if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
+        ck = read_checkpoint(cfg.ckpt_path)
+        unwrap(model).load_state_dict(ck["model"], strict=True)
+        if "optimizer" in ck:
+            opt.load_state_dict(ck["optimizer"])
+        if "scheduler" in ck:
+            sched.load_state_dict(ck["scheduler"])
+        start_step = int(ck.get("step") or 0)
+        if scaler is not None and "scaler" in ck.get("extra", {}):
+            scaler.load_state_dict(ck["extra"]["scaler"])
+
+    ddp_model = model
+    if dist.is_distributed():
+        fu = cfg.find_unused_parameters
+        if fu is None:
+            fu = hasattr(unwrap(model), "reducer_modules") and len(list(unwrap(model).reducer_modules.parameters())) > 0
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=fu)
+
+    mixup_fn = None
+    num_classes = unwrap(model).num_classes if hasattr(unwrap(model), "num_classes") else None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                         num_classes=num_classes)
+
+    def base_loss(logits, targets):
+        if targets.ndim == 2:  # soft targets (mixup / cutmix)
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+
+    log = JsonLog(cfg.log_path, dist.is_main())
+    history = {"steps": [], "epochs": [], "total_steps": total_steps, "schedule_steps": sched_steps, "steps_per_epoch": spe}
+    sampler = getattr(train_loader, "sampler", None)
+    pbar = None
+    if cfg.progress and dist.is_main():
+        from tqdm import tqdm
+
+        pbar = tqdm(total=total_steps, initial=start_step, desc="train", file=sys.stderr, mininterval=2.0,
+                    dynamic_ncols=True)
+
+    step = start_step
+    it = None
+    cur_epoch = -1
+    run_loss, run_n = 0.0, 0
+    model_obj = unwrap(model)
+    while step < total_steps:
+        epoch = step // spe
+        if epoch != cur_epoch:
+            if cur_epoch >= 0:
+                _end_epoch(cur_epoch, history, log, model_obj, val_loader, device, amp, run_loss, run_n)
+                run_loss, run_n = 0.0, 0
+            cur_epoch = epoch
+            if reducer is not None:
+                reducer.on_epoch(model_obj, epoch, num_epochs)
+            if sampler is not None and hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            if sampler is not None and hasattr(sampler, "skip"):
+                sampler.skip = (step % spe) * train_loader.batch_size  # consumed by the next pass
+                it = iter(train_loader)
+            else:
+                it = iter(train_loader)
+                for _ in range(step % spe):
+                    next(it)
+            ddp_model.train(cfg.train_mode)
+        s = _step_seed(cfg.seed, step, rank)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            if x.shape[0] % 2:
+                x, y = x[:-1], y[:-1]
+            x, y = mixup_fn(x, y)
+        epoch_f = step / spe
+        if reducer is not None:
+            reducer.on_step(model_obj, epoch_f, num_epochs)
+        # learning rate of this step (x the reducer's per-group multiplier)
+        lr = sched.lr_at(step)
+        for g in opt.param_groups:
+            scale = reducer.lr_scale(g["pm_group"], epoch, num_epochs) if reducer is not None else 1.0
+            g["lr"] = lr * scale
+        with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                            enabled=amp):
+            out = ddp_model(x)
+            logits, logits_kd = _split_outputs(out)
+            terms = {"ce": base_loss(logits, y)}
+            teacher_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    f = teacher.forward_features(x)
+                    teacher_out = {"logits": teacher.forward_head(f), "features": f}
+            if cfg.distill != "none":
+                kd = distill_loss(logits_kd, teacher_out["logits"], cfg.distill, cfg.distill_tau)
+                a = cfg.distill_alpha
+                if cfg.distill_form == "deit":
+                    terms["ce"] = terms["ce"] * (1 - a)
+                    terms["kd"] = kd * a
+                else:
+                    terms["kd"] = kd * a
+            if reducer is not None:
+                extra = reducer.extra_losses(model_obj, out, y, patch.last_state(model_obj), teacher_out)
+                for k, v in (extra or {}).items():
+                    terms[k if k not in terms else f"reducer_{k}"] = v
+            loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()} at step {step}; lower --lr or enable --clip-grad")
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.clip_grad)
+            opt.step()
+        step += 1
+        sched.step_num = step
+        lv = float(loss.detach())
+        run_loss += lv * x.shape[0]
+        run_n += x.shape[0]
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.2e}", refresh=False)
+        if step % cfg.log_every == 0 or step == total_steps:
+            rec = {"step": step, "epoch": round(epoch_f, 4), "lr": lr, "loss": lv,
+                   **{k: float(v.detach()) for k, v in terms.items()}}
+            history["steps"].append(rec)
+            log.write(**rec)
+        if cfg.ckpt_path and cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and step < total_steps:
+            _save(cfg, model_obj, opt, sched, step, spe, scaler)
+    if cur_epoch >= 0:
+        _end_epoch(cur_epoch, history, log, model_obj, val_loader, device, amp, run_loss, run_n)
+    if pbar is not None:
+        pbar.close()
+    if cfg.ckpt_path:
+        _save(cfg, model_obj, opt, sched, step, spe, scaler)
+    history["wall_s"] = time.time() - t_start
+    history["final_step"] = step
+    log.write(event="done", wall_s=history["wall_s"], step=step)
+    log.close()
+    return history
+
+
+def _end_epoch(epoch, history, log, model, val_loader, device, amp, run_loss, run_n):
+    rec = {"epoch": epoch, "train_loss": run_loss / max(1, run_n)}
+    if val_loader is not None:
+        from .evaluate import evaluate
+
+        was = model.training
+        res = evaluate(model, val_loader, device=device, amp=amp)
+        model.train(was)
+        rec.update({"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]})
+    history["epochs"].append(rec)
+    log.write(event="epoch", **rec)
+
+
+def _save(cfg, model, opt, sched, step, spe, scaler):
+    if not dist.is_main():
+        dist.barrier()
+        return
+    extra = dict(cfg.extra)
+    extra["train_config"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    if scaler is not None:
+        extra["scaler"] = scaler.state_dict()
+    save_checkpoint(cfg.ckpt_path, model, optimizer=opt, scheduler=sched, epoch=step // spe, step=step, extra=extra)
+    dist.barrier()

@@ -1,0 +1,173 @@
+"""Calibration: the gradient-weighted attention score and the structure search (pm.md §1.2-1.4).
+
+Official score (first-order Taylor of the loss w.r.t. the attention map), per
+layer l and key token j, for one iteration on a batch of B images::
+
+    v_l[j] = | Σ_b Σ_h Σ_i A[b,h,i,j] * dL/dA[b,h,i,j] | / (B * H * N)
+
+the CLS (prefix) keys dropped, the absolute value taken after the batch sum,
+and the per-iteration values summed over iterations.  The model is in eval
+mode (no dropout / drop-path), the loss is cross-entropy on hard labels, and
+the probabilities come from the shared attention's explicit path
+(``AttnRequest(probs_hook=...)``); only calibration uses it.
+
+Differences from the released code, all deliberate:
+
+* scores are all-reduced (summed) over ranks under torch.distributed
+  (pm.md §5.18; the original keeps rank 0's local scores);
+* by default no optimiser step is taken.  The official pass steps AdamW at
+  lr 1e-6 (wd as configured) while scoring, which nudges the weights and
+  makes the scores depend on batch order and optimiser state; ``opt_step=True``
+  reproduces it (and returns the nudged weights in the model);
+* dL/dA is obtained with ``torch.autograd.grad`` on the retained
+  probabilities, so no weight gradients are computed (same values as the
+  official backward hook; cheaper).
+
+``score="cls_attn"`` (ablation) accumulates the head-averaged CLS-query
+attention per key (mean over the batch); ``score="random"`` draws seeded
+uniform scores without data.  Same weights and data give the same scores.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from bench.reducer import AttnRequest, ModelInfo
+
+from .reducer import PruneAndMerge
+
+
+class ScoreAccumulator:
+    """Collects each layer's attention probabilities during one forward and turns them into scores."""
+
+    def __init__(self, depth: int, n_prefix: int, n_patches: int, kind: str = "grad"):
+        self.kind = kind
+        self.n_prefix = n_prefix
+        self.scores = torch.zeros(depth, n_patches, dtype=torch.float64)
+        self.probs: dict[int, torch.Tensor] = {}
+        self.iterations = 0
+        self.images = 0
+
+    def request(self, i: int) -> AttnRequest:
+        return AttnRequest(probs_hook=lambda p, i=i: self._hook(i, p))
+
+    def _hook(self, i: int, probs: torch.Tensor) -> None:
+        if self.kind == "cls_attn":
+            with torch.no_grad():
+                v = probs[:, :, 0, self.n_prefix:].mean(1).sum(0) / probs.shape[0]
+                self.scores[i] += v.double().cpu()
+        else:
+            self.probs[i] = probs
+
+    def finish_batch(self, loss: Optional[torch.Tensor], batch: int, grads: Optional[dict] = None) -> None:
+        """Add the batch's Taylor scores (grad mode) and clear the stored probabilities.
+
+        ``grads`` maps layer -> dL/dA when the caller already ran backward (opt_step);
+        otherwise they are computed here with ``torch.autograd.grad`` (no weight gradients)."""
+        if self.kind == "grad" and self.probs:
+            idx = sorted(self.probs)
+            tens = [self.probs[i] for i in idx]
+            if grads is None:
+                gl = torch.autograd.grad(loss, tens, allow_unused=True)
+            else:
+                gl = [grads.get(i) for i in idx]
+            with torch.no_grad():
+                for i, A, G in zip(idx, tens, gl):
+                    if G is None:
+                        continue
+                    B, H, N, _ = A.shape
+                    v = (A.double() * G.double()).sum(dim=(0, 1, 2)).abs() / (B * H * N)
+                    self.scores[i] += v[self.n_prefix:].cpu()
+        self.probs = {}
+        self.iterations += 1
+        self.images += batch
+
+
+def all_reduce_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Sum the accumulated scores over ranks (no-op without an initialised process group)."""
+    from bench import distributed as bd
+
+    return bd.all_reduce_sum(scores.clone())
+
+
+def collect_scores(
+    model,
+    reducer: PruneAndMerge,
+    loader: Iterable,
+    info: ModelInfo,
+    iters: Optional[int] = None,
+    max_images: Optional[int] = None,
+    opt_step: bool = False,
+    lr: float = 1e-6,
+    weight_decay: float = 0.05,
+    device: Optional[str] = None,
+    progress=None,
+) -> tuple[torch.Tensor, dict]:
+    """Accumulated raw scores (depth, n_patches) over the loader (then all-reduced)."""
+    kind = reducer.cfg["score"]
+    if kind == "random":
+        g = torch.Generator().manual_seed(reducer.cfg["seed"])
+        sc = torch.rand(info.depth, info.n_patches, generator=g, dtype=torch.float64)
+        return sc, {"iterations": 0, "images": 0, "score": "random", "seed": reducer.cfg["seed"]}
+    dev = torch.device(device) if device else next(model.parameters()).device
+    acc = ScoreAccumulator(info.depth, info.n_prefix, info.n_patches, kind)
+    was_training = model.training
+    model.eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay) if opt_step else None
+    reducer._calib = acc
+    t0 = time.time()
+    try:
+        for it, batch in enumerate(loader):
+            if iters is not None and it >= iters:
+                break
+            if max_images is not None and acc.images >= max_images:
+                break
+            images, targets = batch[0].to(dev), batch[1].to(dev)
+            if kind == "cls_attn":
+                with torch.no_grad():
+                    model(images)
+                acc.finish_batch(None, images.shape[0])
+                continue
+            images = images.requires_grad_(True)  # the probabilities need a graph even with frozen weights
+            loss = F.cross_entropy(model(images), targets)
+            if opt is not None:  # official: AdamW at lr 1e-6 steps while scoring
+                for A in acc.probs.values():
+                    A.retain_grad()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                acc.finish_batch(None, images.shape[0], grads={i: A.grad for i, A in acc.probs.items()})
+                opt.step()
+            else:
+                acc.finish_batch(loss, images.shape[0])
+            if progress:
+                progress(acc.iterations, acc.images, time.time() - t0)
+    finally:
+        reducer._calib = None
+        model.train(was_training)
+    scores = all_reduce_scores(acc.scores)
+    return scores, {"iterations": acc.iterations, "images": acc.images, "score": kind,
+                    "opt_step": opt_step, "seconds": round(time.time() - t0, 2)}
+
+
+def calibrate(model, reducer: PruneAndMerge, loader: Iterable, iters=None, max_images=None,
+              opt_step=False, lr=1e-6, weight_decay=0.05, device=None, progress=None) -> dict:
+    """Score on ``loader`` with the model patched by ``reducer``, search the structure and
+    re-patch the model with it (fresh M/R initialised from the scores).  Returns the summary."""
+    from bench import patch
+
+    if patch.get_reducer(model) is not reducer:
+        patch.apply(model, reducer)
+    info = patch.get_context(model).info
+    scores, meta = collect_scores(model, reducer, loader, info, iters=iters, max_images=max_images,
+                                  opt_step=opt_step, lr=lr, weight_decay=weight_decay, device=device,
+                                  progress=progress)
+    reducer.structure_from_scores(scores, info, meta)
+    img = (info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1])
+    patch.apply(model, reducer, img_size=img)  # rebuild M/R with the new shapes
+    out = reducer.per_layer()
+    out["calibration"] = meta
+    return out

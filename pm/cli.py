@@ -1,0 +1,207 @@
+"""``pmbench pm-calibrate``: score, search the structure, write a PM checkpoint.
+
+    pmbench pm-calibrate --model M --data D --keep 0.6 --prune 0.1 [--iters N] [--batch-size B]
+                         [--init CKPT | --weights PATH] --out X [--json]
+
+The checkpoint holds the weights, the freshly initialised M/R matrices, the
+structure (per-layer centres, pruned masks, scores) and the spec, so
+``pmbench train --reducer pm --init X`` and ``pmbench eval --reducer pm
+--checkpoint X`` rebuild the model without re-calibrating.  Works under
+``torchrun`` (scores are all-reduced; rank 0 writes).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def add_parser(sub):
+    p = sub.add_parser("pm-calibrate", help="Prune and Merge: gradient-weighted scores -> per-layer structure -> checkpoint")
+    p.add_argument("--model", default=None, help="timm model name (default: the --init checkpoint's)")
+    p.add_argument("--data", default="proxy", help="data spec: proxy, proxy:smoke, imagenet:PATH (default: %(default)s)")
+    p.add_argument("--reducer", default="pm", help="PM spec with ablation options, e.g. pm:score=cls_attn (default: pm)")
+    p.add_argument("--keep", type=float, default=None, help="centre fraction (overrides the spec; default 0.6)")
+    p.add_argument("--prune", type=float, default=None, help="pruned fraction (overrides the spec; default 0.1)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="calibration iterations (official: 250 x 256 images; default: the whole split or --max-images)")
+    p.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--split", default="train", help="split scored (official: train)")
+    p.add_argument("--train-aug", action="store_true",
+                   help="score augmented training images as the official code does (default: eval transform, deterministic)")
+    p.add_argument("--opt-step", action="store_true",
+                   help="take the official AdamW lr 1e-6 steps while scoring (default: weights untouched)")
+    p.add_argument("--init", default=None, help="pmbench checkpoint with the weights to compress")
+    p.add_argument("--weights", default=None, help="a state_dict file (.pth/.pt/.safetensors) with the weights")
+    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the hub or its cache)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--eval", action="store_true", help="also report val top-1 before and after compression")
+    p.add_argument("--eval-images", type=int, default=None, help="limit the evaluation to this many val images")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- helpers
+def _dist(device):
+    """(rank, world): torch.distributed from torchrun's environment via bench.distributed."""
+    from bench import distributed as bd
+
+    bd.init(device)
+    return bd.rank(), bd.world_size()
+
+
+def _prepare(args) -> None:
+    from bench import proxy
+    from bench.data import describe_data, parse_data
+
+    describe_data(args.data)
+    if args.model == proxy.PROXY_MODEL and not (args.init or args.weights or args.pretrained):
+        proxy.ensure_backbone(size=parse_data(args.data).get("size") or "default")
+
+
+def load_weights(model, path: str) -> None:
+    """A state_dict (or a checkpoint dict with a 'model'/'state_dict' entry) into ``model``."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        for k in ("model", "state_dict", "model_state"):
+            if isinstance(sd, dict) and isinstance(sd.get(k), dict):
+                sd = sd[k]
+                break
+    sd = {k: v for k, v in sd.items() if not k.startswith("reducer_modules.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing:
+        from bench.reducer import ConfigError
+
+        raise ConfigError(f"weights {path} do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+
+def build_model(args, n_classes=None):
+    """The unpatched model with the requested weights, and its name."""
+    from bench import models, patch
+    from bench.reducer import ConfigError
+
+    if args.init:
+        from bench.checkpoint import load_model, model_name_of
+
+        model, _red = load_model(args.init, args.model)
+        if patch.is_patched(model):
+            patch.remove(model)
+        return model, args.model or model_name_of(model)
+    if not args.model:
+        raise ConfigError("pm-calibrate needs --model (or --init CKPT naming its model)")
+    from bench import proxy
+
+    if args.model == proxy.PROXY_MODEL and not (args.weights or args.pretrained):
+        from bench.data import parse_data
+
+        d = parse_data(args.data)
+        return proxy.load_backbone(size=d.get("size") or "default"), args.model
+    kw = {"img_size": args.img_size} if args.img_size else {}
+    nc = args.num_classes or n_classes
+    try:
+        from bench.weights import load_pretrained
+    except ImportError:
+        load_pretrained = None
+    if (args.weights or args.pretrained) and load_pretrained is not None:
+        return load_pretrained(args.model, weights=args.weights, num_classes=nc, img_size=args.img_size), args.model
+    model = models.create(args.model, pretrained=args.pretrained, num_classes=nc, **kw)
+    if args.weights:
+        load_weights(model, args.weights)
+    elif not args.pretrained:
+        raise ConfigError("pm-calibrate needs trained weights: --init CKPT, --weights FILE or --pretrained")
+    return model, args.model
+
+
+def top1(model, loader, device) -> float:
+    from bench.evaluate import evaluate
+
+    return round(float(evaluate(model, loader, device)["top1"]), 3)
+
+
+def save(path, model, reducer, model_name: str, meta: dict) -> None:
+    """A bench.checkpoint checkpoint (weights, model name, spec, reducer_state) + the calibration summary."""
+    from bench.checkpoint import save_checkpoint
+
+    if model_name and not getattr(model, "pmbench_name", None):
+        model.pmbench_name = model_name
+    save_checkpoint(path, model, extra={"pm_calibration": meta})
+
+
+# --------------------------------------------------------------------------- command
+def run(args):
+    from bench import patch, registry
+    from bench.cli import emit
+    from bench.data import build_loader
+    from bench.reducer import ConfigError
+
+    from .calibrate import calibrate
+
+    name, opts = registry.parse_spec(args.reducer)
+    if name != "pm":
+        raise ConfigError(f"pm-calibrate calibrates Prune and Merge; got reducer '{name}'")
+    if args.keep is not None:
+        opts["keep"] = str(args.keep)
+    if args.prune is not None:
+        opts["prune"] = str(args.prune)
+    reducer = registry.get("pm")(**opts)
+    from bench import distributed as bd
+    from bench.data import describe_data
+
+    rank, world = _dist(args.device)
+    device = bd.device_for_rank(args.device)
+    if world > 1:  # rank 0 prepares (generates data, trains the proxy backbone) before the others read
+        if rank == 0:
+            _prepare(args)
+        bd.barrier()
+    model, model_name = build_model(args, describe_data(args.data)["num_classes"])
+    model = model.to(device).eval()
+    img = args.img_size or tuple(model.patch_embed.img_size)[0]
+    loader = build_loader(args.data, args.split, args.batch_size, train=args.train_aug, img_size=img,
+                          distributed=world > 1, max_images=None)
+    res: dict = {"model": model_name, "data": args.data, "spec": reducer.spec(), "world_size": world}
+    val = None
+    if args.eval:
+        val = build_loader(args.data, "val", args.batch_size, img_size=img, max_images=args.eval_images,
+                           distributed=world > 1)
+        res["top1_unreduced"] = top1(model, val, device)
+
+    def progress(it, n, secs):
+        if not args.json and rank == 0 and it % 10 == 0:
+            print(f"  calibration iter {it}: {n} images, {secs:.1f}s", file=sys.stderr)
+
+    max_images = args.max_images // world if args.max_images else None
+    summ = calibrate(model, reducer, loader, iters=args.iters, max_images=max_images,
+                     opt_step=args.opt_step, device=device, progress=progress)
+    res.update(summ)
+    info = patch.get_context(model).info
+    res["flops"] = reducer.flops_report(info)
+    if args.eval:
+        res["top1_pm_before_finetune"] = top1(model, val, device)
+    if rank == 0:
+        save(args.out, model, reducer, model_name, {k: v for k, v in res.items() if k != "flops"})
+        res["out"] = str(args.out)
+        lines = [f"PM structure for {model_name} ({reducer.spec()}), {summ['calibration']['images']} images x "
+                 f"{world} rank(s), score {summ['calibration']['score']}",
+                 "  layer  tokens  centres  merged  pruned"]
+        for r in summ["per_layer"]:
+            lines.append(f"  {r['layer']:5d}  {r['tokens']:6d}  {r['centers']:7d}  {r['merged']:6d}  {r['pruned']:6d}")
+        lines.append(f"  sum of tokens over compressed layers: {summ['sum_tokens']}")
+        lines.append(f"  PM-code GMACs {res['flops']['pm_code_formula_gmacs']} (baseline "
+                     f"{res['flops']['pm_code_formula_baseline_gmacs']})")
+        for k in ("top1_unreduced", "top1_pm_before_finetune"):
+            if k in res:
+                lines.append(f"  {k}: {res[k]}")
+        lines.append(f"wrote {args.out}")
+        emit(res, args.json, "\n".join(lines))
+    bd.cleanup()
+    return 0

@@ -1,0 +1,79 @@
+"""Shared test helpers: tiny timm ViTs and a per-block token recorder.
+
+Kept generic on purpose (every method's tests may use them).  Tests run on a
+shared 2-core CPU, so torch uses one thread.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+TINY = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3, num_classes=10)
+
+
+@pytest.fixture
+def make_vit():
+    """Factory: a tiny random timm ViT in eval mode (64x64 input, 8x8 patches -> 64+1 tokens,
+    width 48, 12 blocks, 3 heads).  Keyword arguments override the config; ``cls`` picks the
+    class (e.g. ``timm.models.deit.VisionTransformerDistilled``); ``seed`` fixes the weights."""
+
+    def make(cls=None, seed: int = 0, **overrides):
+        from timm.models.vision_transformer import VisionTransformer
+
+        cls = cls or VisionTransformer
+        torch.manual_seed(seed)
+        return cls(**{**TINY, **overrides}).eval()
+
+    return make
+
+
+@pytest.fixture
+def record_tokens():
+    """``rec = record_tokens(model)`` -> after a forward, ``rec['attn'][i]`` / ``rec['mlp'][i]``
+    are the token counts block i's attention / MLP really saw (read from norm1 / norm2 inputs);
+    ``rec.clear()`` resets; hooks are removed at teardown."""
+    handles = []
+
+    class Rec(dict):
+        def clear(self):
+            self["attn"].clear()
+            self["mlp"].clear()
+
+    def attach(model):
+        rec = Rec(attn=[], mlp=[])
+
+        def hook(kind):
+            def fn(_mod, args):
+                rec[kind].append(args[0].shape[1])
+
+            return fn
+
+        for blk in model.blocks:
+            handles.append(blk.norm1.register_forward_pre_hook(hook("attn")))
+            handles.append(blk.norm2.register_forward_pre_hook(hook("mlp")))
+        return rec
+
+    yield attach
+    for h in handles:
+        h.remove()
+
+
+def identity_blocks(model):
+    """Zero every block's attention output projection and MLP output layer, so each block
+    is the identity on its tokens while keys/queries (and so ToMe/EViT decisions) stay real.
+    Token values then show exactly how tokens were moved, merged or dropped."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.proj.weight.zero_()
+            blk.attn.proj.bias.zero_()
+            blk.mlp.fc2.weight.zero_()
+            blk.mlp.fc2.bias.zero_()
+    return model
+
+
+@pytest.fixture
+def zero_blocks():
+    """The :func:`identity_blocks` helper as a fixture."""
+    return identity_blocks

@@ -1,0 +1,291 @@
+"""DynamicViT (baselines/dynamicvit.py) against the official code (baselines.md §3).
+
+Identity at rho=1, keep counts vs the published sequence lengths, the training formulation
+(Gumbel mask + masked softmax, no token removed) against the inference formulation (top-k +
+gather) on the same selection, the official losses, the optimiser groups and the FLOPs rows.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baselines.dynamicvit import DynamicViT, PredictorLG
+from bench import flops, patch, registry
+from bench.reducer import ConfigError, ModelInfo
+
+
+def _info(dim, heads, grid=(14, 14), depth=12, classes=1000):
+    return ModelInfo(depth=depth, dim=dim, num_heads=heads, attn_dim=dim, mlp_hidden=4 * dim, n_prefix=1,
+                     grid=grid, patch_size=(16, 16), in_chans=3, num_classes=classes)
+
+
+DEIT_S, DEIT_B, DEIT_256 = _info(384, 6), _info(768, 12), _info(256, 4)
+
+
+def _patched(make_vit, spec, seed=0):
+    m = make_vit(seed=seed)
+    base = copy.deepcopy(m)
+    r = registry.build(spec)
+    patch.apply(m, r)
+    return m, r, base
+
+
+# --------------------------------------------------------------------------- identity and counts
+@pytest.mark.parametrize("fused", [True, False])
+def test_rho_one_reproduces_unpatched_model(make_vit, fused):
+    m, r, base = _patched(make_vit, "dynamicvit:rho=1")
+    assert len(DynamicViT.predictors(m)) == 3  # predictors present, selecting every token
+    for blk in list(m.blocks) + list(base.blocks):
+        blk.attn.fused_attn = fused
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), base(x), rtol=0, atol=1e-6)
+    st = patch.last_state(m)
+    assert [k.shape[1] for k in st.scratch["dvit_kept"]] == [64, 64, 64]
+
+
+# baselines.md §0.1: DynamicViT tokens incl. CLS in blocks 4-6 / 7-9 / 10-12, 197-token DeiT
+TABLE = {0.9: (177, 159, 143), 0.8: (157, 126, 101), 0.7: (138, 97, 68), 0.6: (118, 71, 43), 0.5: (99, 50, 25)}
+
+
+@pytest.mark.parametrize("rho", sorted(TABLE))
+def test_keep_counts_match_published_sequence_lengths(rho):
+    r = DynamicViT(rho=rho)
+    assert tuple(k + 1 for k in r.keep_counts(196)) == TABLE[rho]
+    sched = r.token_schedule(DEIT_S)
+    want = [197] * 3 + [TABLE[rho][0]] * 3 + [TABLE[rho][1]] * 3 + [TABLE[rho][2]] * 3
+    assert [b.attn for b in sched] == want and [b.mlp for b in sched] == want
+
+
+@pytest.mark.parametrize("spec", ["dynamicvit", "dynamicvit:rho=0.5,loc=[2,5]", "dynamicvit:keep_ratios=[0.6,0.36]"
+                                  ",loc=[4,8]"])
+def test_real_token_counts_follow_schedule(make_vit, record_tokens, spec):
+    m, r, _ = _patched(make_vit, spec)
+    rec = record_tokens(m)
+    with torch.no_grad():
+        m(torch.randn(2, 3, 64, 64))
+    sched = r.token_schedule(ModelInfo.from_model(m))
+    assert rec["attn"] == [b.attn for b in sched] and rec["mlp"] == [b.mlp for b in sched]
+    assert sched[-1].attn < 65  # something was removed
+
+
+def test_training_path_removes_no_token(make_vit, record_tokens):
+    m, r, _ = _patched(make_vit, "dynamicvit")
+    rec = record_tokens(m)
+    m.train()
+    m(torch.randn(2, 3, 64, 64))
+    assert rec["attn"] == [65] * 12
+    d = patch.last_state(m).scratch["dvit_decisions"]
+    assert len(d) == 3
+    for a, b in zip(d, d[1:]):  # cumulative: a token dropped once stays dropped
+        assert bool((b <= a).all())
+    assert all(set(t.unique().tolist()) <= {0.0, 1.0} for t in d)
+
+
+# --------------------------------------------------------------------------- train vs eval formulation
+def test_training_mask_equals_inference_gather(make_vit):
+    """Same selection, two formulations: eval gathers the top-k tokens; training keeps every token
+    and masks the attention with the same decisions.  CLS logits agree up to the eps smoothing."""
+    m, r, _ = _patched(make_vit, "dynamicvit:rho=0.6")
+    with torch.no_grad():  # make the predictors decisive (random init gives near-ties)
+        for pr in DynamicViT.predictors(m):
+            pr.out_conv[-2].weight.mul_(50)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+    kept = patch.last_state(m).scratch["dvit_kept"]
+    masks = []
+    for k in kept:
+        mk = torch.zeros(x.shape[0], 64, 1)
+        mk.scatter_(1, k.unsqueeze(-1), 1.0)
+        masks.append(mk)
+    r.sample_keep = lambda logp, stage: masks[stage]  # the eval top-k as the training decision
+    m.train()
+    with torch.no_grad():
+        out = m(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    # and the predictor of stage 2 saw the same tokens: the masked-global-mean equals the gathered mean
+    st = patch.last_state(m)
+    assert [int(d.sum(1)[0]) for d in st.scratch["dvit_decisions"]] == [k.shape[1] for k in kept]
+
+
+# --------------------------------------------------------------------------- losses
+def test_ratio_loss_zero_at_target_and_official_value():
+    r = DynamicViT(keep_ratios=[0.5, 0.25, 0.125], loc=[1, 2, 3])
+    d = [torch.tensor([[1.0] * 4 + [0.0] * 4] * 2), torch.tensor([[1.0] * 2 + [0.0] * 6] * 2),
+         torch.tensor([[1.0] + [0.0] * 7] * 2)]
+    assert float(r.ratio_loss(d)) == 0.0
+    d2 = [torch.tensor([[1.0] * 8, [0.0] * 8])] * 3  # per-sample ratios 1 and 0
+    want = sum(((1 - t) ** 2 + t ** 2) / 2 for t in (0.5, 0.25, 0.125)) / 3
+    assert float(r.ratio_loss(d2)) == pytest.approx(want)
+
+
+def test_losses_against_teacher_and_gradients(make_vit):
+    m, r, teacher = _patched(make_vit, "dynamicvit")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = teacher.forward_features(x)
+        t_out = {"logits": teacher.forward_head(f), "features": f}
+    ones = [torch.ones(2, 64, 1)] * 3
+    r.sample_keep = lambda logp, stage: ones[stage] + (logp[..., :1] - logp[..., :1].detach())  # keep all, with grad
+    m.train()
+    out = m(x)
+    losses = r.extra_losses(m, out, None, patch.last_state(m), t_out)
+    assert set(losses) == {"ratio", "cls_kl", "token_distill"}
+    # student == teacher (nothing masked): KL and token MSE vanish up to the eps smoothing
+    assert float(losses["cls_kl"].detach()) < 1e-8 and float(losses["token_distill"].detach()) < 1e-8
+    want_ratio = 2.0 * sum((1 - 0.7 ** s) ** 2 for s in (1, 2, 3)) / 3
+    assert float(losses["ratio"].detach()) == pytest.approx(want_ratio, rel=1e-6)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in DynamicViT.predictors(m)[0].parameters()
+               if p.ndim == 2)
+    # a real Gumbel forward: masked student differs from the teacher, token MSE only on kept positions
+    del r.sample_keep
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = m(x)
+        st = patch.last_state(m)
+        losses = r.extra_losses(m, out, None, st, t_out)
+        stud = m.norm(st.scratch["dvit_final"])[:, 1:]
+    mask = st.scratch["dvit_prev"][..., 0] > 0.5
+    assert 0 < int(mask.sum()) < mask.numel()
+    want = 0.5 * F.mse_loss(stud[mask], f[:, 1:][mask])
+    assert float(losses["token_distill"]) == pytest.approx(float(want), rel=1e-5)
+    want_kl = 0.5 * F.kl_div(F.log_softmax(out, -1), F.log_softmax(t_out["logits"], -1), reduction="batchmean",
+                             log_target=True)
+    assert float(losses["cls_kl"]) == pytest.approx(float(want_kl), rel=1e-5)
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    assert r.extra_losses(m, out, None, patch.last_state(m), t_out) == {}
+
+
+# --------------------------------------------------------------------------- optimisation
+def test_param_groups_and_backbone_freeze(make_vit):
+    m, r, _ = _patched(make_vit, "dynamicvit")
+    groups = {n: r.param_group(n) for n, _ in m.named_parameters()}
+    assert {g for n, g in groups.items() if n.startswith("reducer_modules.")} == {"predictor"}
+    assert groups["cls_token"] == groups["pos_embed"] == "frozen"
+    assert groups["blocks.0.attn.qkv.weight"] == "backbone"
+    # official: 5 of 30 epochs frozen, then 0.01x; predictors always at the full lr
+    assert [r.lr_scale("backbone", e, 30) for e in (0, 4, 5, 29)] == [0.0, 0.0, 0.01, 0.01]
+    assert r.lr_scale("predictor", 0, 30) == 1.0 and r.lr_scale("frozen", 20, 30) == 0.0
+    # short runs keep the fraction: 6 epochs -> 1 frozen
+    assert [r.lr_scale("backbone", e, 6) for e in (0, 1)] == [0.0, 0.01]
+    assert DynamicViT(freeze_epochs=2).lr_scale("backbone", 1, 30) == 0.0
+
+
+def test_trainer_integration_freezes_backbone(make_vit):
+    """Two steps through bench.train: predictors move, the frozen backbone does not."""
+    from bench.train import TrainConfig, train
+
+    m, r, teacher = _patched(make_vit, "dynamicvit")
+    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(2)]
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    cfg = TrainConfig(**{**r.recipe(ModelInfo.from_model(m)), "epochs": 1, "warmup_epochs": 0, "mixup": 0.0,
+                         "cutmix": 0.0, "progress": False, "device": "cpu"})
+    hist = train(m, data, cfg, teacher=teacher)
+    assert {"ratio", "cls_kl", "token_distill"} <= set(hist["steps"][-1])
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("reducer_modules.") for n in moved)
+
+
+# --------------------------------------------------------------------------- predictor, tracking
+def test_predictor_structure_and_parameter_count():
+    p = PredictorLG(384)
+    assert sum(t.numel() for t in p.parameters()) == 241_250  # ~0.24M (baselines.md §3.1)
+    x = torch.randn(2, 10, 384)
+    out = p(x, torch.ones(2, 10, 1))
+    assert out.shape == (2, 10, 2)
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 10))
+    # the global half is the policy-masked mean: a token outside the policy does not change the others
+    pol = torch.ones(2, 10, 1)
+    pol[:, 3] = 0
+    x2 = x.clone()
+    x2[:, 3] += 5.0
+    torch.testing.assert_close(p(x, pol)[:, :3], p(x2, pol)[:, :3])
+
+
+def test_grid_tracking_restores_kept_tokens(make_vit):
+    m, r, _ = _patched(make_vit, "dynamicvit:rho=0.5")
+    patch.set_tracking(m)
+    with torch.no_grad():
+        feats = m.forward_features(torch.randn(2, 3, 64, 64))
+    st = patch.last_state(m)
+    full = r.restore(feats, st)
+    assert full.shape == (2, 65, feats.shape[-1])
+    final_kept = st.scratch["dvit_kept"][-1]  # original patch indices of the final tokens, in order
+    torch.testing.assert_close(torch.gather(full[:, 1:], 1, final_kept.unsqueeze(-1).expand(-1, -1, feats.shape[-1])),
+                               feats[:, 1:])
+    assert int((st.origin >= 0).sum(1)[0]) == 1 + final_kept.shape[1]
+
+
+# --------------------------------------------------------------------------- FLOPs
+# Published GFLOPs (paper_numbers.csv).  The official counting (fvcore on the eval model, predictors
+# included; README: "fvcore FLOPs including predictors") gives 4.04 / 3.46 / 2.98 / 2.57 / 2.23 for
+# DeiT-S rho 0.9..0.5 (fvcore also counts LayerNorms, < 0.01 G here, which moves no row across a
+# 0.1 boundary).  Only rho 0.9 and 0.5 are within +-0.05 of the printed one-decimal figures;
+# 0.8 / 0.7 / 0.6 are 0.06-0.08 above them (so are DeiT-B 0.7: 11.48 vs 11.4, DeiT-256 0.7: 1.37
+# vs 1.3).  Without the predictors (3.91 / 3.35 / 2.88 / 2.47 / 2.15) rho 0.9 and 0.5 miss
+# instead, so no single count *rounds* to all five.  What every row agrees with (and the table's
+# DeiT-B baseline 17.5 = fvcore 17.58) is the predictor-inclusive count *truncated* to one
+# decimal: published <= ours < published + 0.1; that is the convention asserted.  The secondary
+# copy of the paper's DeiT-B/0.7 figure, 11.2, matches no convention (11.06 without predictors,
+# 11.48 with), so it is asserted as not reproducible.
+PUBLISHED = [  # (info, rho, published, within +-0.05 of our count?)
+    (DEIT_S, 0.9, 4.0, True), (DEIT_S, 0.8, 3.4, False), (DEIT_S, 0.7, 2.9, False),
+    (DEIT_S, 0.6, 2.5, False), (DEIT_S, 0.5, 2.2, True),
+    (DEIT_B, 0.7, 11.4, False), (DEIT_256, 0.7, 1.3, False),
+]
+
+
+def _gmacs(info, spec):
+    return flops.analytic(info, registry.build(spec)).gmacs
+
+
+@pytest.mark.parametrize("info,rho,pub,close", PUBLISHED)
+def test_published_gflops(info, rho, pub, close):
+    ours = _gmacs(info, f"dynamicvit:rho={rho}")
+    assert (abs(ours - pub) <= 0.05) == close, (ours, pub)
+    assert math.floor(ours * 10 + 1e-9) / 10 == pytest.approx(pub), (ours, pub)  # truncation convention
+
+
+def test_flops_values_and_baselines():
+    got = [round(_gmacs(DEIT_S, f"dynamicvit:rho={r}"), 3) for r in (0.9, 0.8, 0.7, 0.6, 0.5)]
+    assert got == pytest.approx([4.041, 3.463, 2.981, 2.565, 2.229], abs=1e-3)
+    no_pred = [round(_gmacs(DEIT_S, f"dynamicvit:rho={r}") - DynamicViT(rho=r).extra_macs(DEIT_S) / 1e9, 2)
+               for r in (0.9, 0.8, 0.7, 0.6, 0.5)]
+    assert no_pred == [3.91, 3.35, 2.88, 2.47, 2.15]  # measurement.md §1.3 "no predictor" row
+    b = _gmacs(DEIT_B, "dynamicvit:rho=0.7")
+    assert b == pytest.approx(11.476, abs=1e-3) and abs(b - 11.2) > 0.05  # paper's 11.2: not reproducible
+    assert _gmacs(DEIT_B, "dynamicvit:rho=0.7") - DynamicViT(rho=0.7).extra_macs(DEIT_B) / 1e9 == pytest.approx(
+        11.064, abs=1e-3)
+
+
+def test_analytic_equals_measured_on_eval_model(make_vit):
+    m, r, _ = _patched(make_vit, "dynamicvit:rho=0.7")
+    assert flops.measured_macs(m, (64, 64)) == flops.analytic(ModelInfo.from_model(m), r).total
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("spec,msg", [
+    ("dynamicvit:rho=0", "rho"), ("dynamicvit:rho=1.2", "rho"), ("dynamicvit:loc=[6,3]", "increasing"),
+    ("dynamicvit:keep_ratios=[0.5,0.6,0.3]", "non-increasing"), ("dynamicvit:keep_ratios=[0.5]", "keep_ratios"),
+    ("dynamicvit:tau=0", "tau"), ("dynamicvit:bogus=1", "unknown option"),
+])
+def test_bad_options(spec, msg):
+    with pytest.raises(ConfigError, match=msg):
+        registry.build(spec)
+
+
+def test_model_dependent_errors(make_vit):
+    m = make_vit()
+    with pytest.raises(ConfigError, match="past the model depth"):
+        patch.apply(m, registry.build("dynamicvit:loc=[3,6,12]"))
+    with pytest.raises(ConfigError, match="no patch token"):
+        patch.apply(m, registry.build("dynamicvit:rho=0.1"))
+    assert not patch.is_patched(m)

@@ -1,0 +1,166 @@
+"""run_all.sh orchestration: result cache, reports, published mapping, CI gate, paper profile on fixtures."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import gate, published
+from bench.results import ResultCache, atomic_write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- result cache
+def test_cache_skips_done_and_force_remeasures(tmp_path):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"v": len(calls)}
+
+    c = ResultCache(tmp_path)
+    desc = {"kind": "x", "model": "m", "spec": "tome:r=13"}
+    r1, cached1 = c.get_or_run(desc, fn)
+    r2, cached2 = c.get_or_run(desc, fn)
+    assert (cached1, cached2) == (False, True) and r2["result"] == {"v": 1} and len(calls) == 1
+    # a different description is a different configuration
+    _, cached3 = c.get_or_run({**desc, "spec": "tome:r=8"}, fn)
+    assert not cached3 and len(calls) == 2
+    forced = ResultCache(tmp_path, force=True)
+    _, cached4 = forced.get_or_run(desc, fn)
+    assert not cached4 and len(calls) == 3
+
+
+def test_cache_damaged_file_is_remeasured(tmp_path):
+    c = ResultCache(tmp_path)
+    desc = {"kind": "x", "a": 1}
+    c.put(desc, {"v": 1})
+    c.path(desc).write_text("{ truncated")
+    assert c.get(desc) is None
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    p = tmp_path / "r.json"
+    atomic_write_json(p, {"ok": 1})
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_json(p, {"bad": Boom()})
+    assert json.loads(p.read_text()) == {"ok": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
+
+
+# --------------------------------------------------------------------------- published numbers
+def test_published_mapping():
+    assert published.spec_for("ToMe", "r=13") == "tome:r=13"
+    assert published.spec_for("EViT", "keep=0.7;fuse=no") == "evit:keep=0.7,fuse=false"
+    assert published.spec_for("EViT", "keep=0.7;fuse=yes") == "evit:keep=0.7"
+    assert published.spec_for("DynamicViT", "rho=0.7") == "dynamicvit:rho=0.7"
+    assert published.spec_for("PM", "keep=0.6") == "pm:keep=0.6"
+    assert published.spec_for("ToMe (ablation)", "r=8;feature=K") is None
+    rows = published.comparable_rows()
+    assert any(r["spec"] == "tome:r=13" and r["timm_model"] == "deit_small_patch16_224" for r in rows)
+    sp = published.published_speedups(rows)
+    # PM README: DeiT-S 1153 -> 1793 img/s
+    assert sp[("PM README", "deit_small_patch16_224", "pm:keep=0.6")] == pytest.approx(1793 / 1153)
+
+
+# --------------------------------------------------------------------------- gate
+def _report(tmp_path, gm=2.7, top1=80.0, sp=1.5):
+    d = tmp_path / "rep"
+    d.mkdir(exist_ok=True)
+    atomic_write_json(d / "flops.json", {"rows": [{"model": "DeiT-T", "config": "tome:r=13", "gmacs": gm}]})
+    atomic_write_json(d / "accuracy.json", {"rows": [{"model": "proxy ViT", "config": "tome:r=13",
+                                                      "kind": "off-the-shelf", "top1": top1}]})
+    atomic_write_json(d / "throughput.json", {"rows": [{"model": "DeiT-T", "config": "tome:r=13", "precision": "fp32",
+                                                        "batch_size": 8, "speedup": sp}]})
+    return d
+
+
+def test_gate_accepts_then_detects_regressions(tmp_path):
+    exp = tmp_path / "smoke.json"
+    gate.accept(_report(tmp_path), exp)
+    e = json.loads(exp.read_text())
+    assert gate.check(gate.collect(_report(tmp_path)), e) == []
+    probs = gate.check(gate.collect(_report(tmp_path, gm=2.8, top1=70.0, sp=0.5)), e)
+    text = "\n".join(probs)
+    assert "GMACs" in text and "accuracy" in text and "speed-up" in text and len(probs) == 3
+    # within tolerance: a small accuracy wobble and a speed-up above the floor pass
+    assert gate.check(gate.collect(_report(tmp_path, top1=80.0 - gate.ACCURACY_TOLERANCE + 0.5, sp=1.0)), e) == []
+
+
+def test_gate_cli_prints_what_regressed_and_how_to_accept(tmp_path):
+    exp = tmp_path / "smoke.json"
+    gate.accept(_report(tmp_path), exp)
+    bad = _report(tmp_path, gm=3.0)
+    out = subprocess.run([sys.executable, "-m", "bench.gate", str(bad), "--expect", str(exp)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1
+    assert "GMACs DeiT-T|tome:r=13" in out.stdout and "./run_all.sh accept" in out.stdout
+    assert "1 failed" in out.stdout
+
+
+def test_committed_expectations_exist_and_cover_every_table_type():
+    e = json.loads((ROOT / "tests" / "expectations" / "smoke.json").read_text())
+    assert e["gmacs"] and e["accuracy"] and e["speedup_floor"]
+    methods = {k.split("|")[1].split(":")[0] for k in e["gmacs"]}
+    assert {"tome", "evit", "pm", "dynamicvit", "mstm"} <= methods
+
+
+# --------------------------------------------------------------------------- orchestrator
+def _run(args, env_extra=None, timeout=600):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "bench.orchestrate", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_cost_stage_writes_stamped_tables_and_resumes(tmp_path):
+    env = {"PMBENCH_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "rep"
+    r = _run(["--profile", "smoke", "--only", "cost", "--out", str(out)], env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (out / "flops.md").read_text()
+    for field in ("profile: smoke", "device:", "torch:", "timm:", "commit:", "date:"):
+        assert field in md
+    rows = json.loads((out / "flops.json").read_text())["rows"]
+    by = {x["config"]: x["gmacs"] for x in rows}
+    assert by["tome:r=13"] < by["none"] and by["evit:keep=0.7"] < by["none"]
+    assert (out / "flops.csv").read_text().splitlines()[0].startswith("model,")
+    assert (out / "README.md").exists() and (out / "manifest.json").exists()
+    # second run: everything cached
+    r2 = _run(["--profile", "smoke", "--only", "cost", "--out", str(out)], env)
+    assert r2.returncode == 0 and "(cached)" in r2.stderr and "ETA" in r2.stderr
+
+
+def test_paper_profile_without_data_is_a_clear_error():
+    r = _run(["--profile", "paper"])
+    assert r.returncode == 2
+    assert "--imagenet" in r.stderr and "--ade20k" in r.stderr
+
+
+@pytest.mark.slow
+def test_paper_profile_runs_on_fixtures(tmp_path):
+    """The real path (ImageNet layout, local DeiT-format weights, calibration, fine-tuning,
+    evaluation, cost, speed) on small fixtures with a tiny model."""
+    env = {"PMBENCH_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "rep"
+    r = _run(["--profile", "paper", "--fixture", "--only", "accuracy,cost,speed", "--out", str(out)], env,
+             timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert acc["meta"]["data_source"] == "real"
+    kinds = {(x["config"], x["kind"]) for x in acc["rows"]}
+    assert ("none", "off-the-shelf") in kinds and ("tome:r=13", "fine-tuned") in kinds
+    assert ("pm:keep=0.6", "fine-tuned") in kinds
+    assert all(0.0 <= x["top1"] <= 100.0 for x in acc["rows"])
+    sp = json.loads((out / "throughput.json").read_text())["rows"]
+    assert {x["precision"] for x in sp} == {"fp32", "bf16"}
