@@ -24,7 +24,7 @@ import numpy as np
 
 CLASSES = ("sky", "ground", "disc", "box", "triangle", "ring")
 PALETTE = [[120, 170, 230], [120, 90, 60], [220, 60, 50], [50, 80, 220], [60, 190, 70], [230, 200, 40]]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SIZES = {
     # name: (train images, val images, height, width)

@@ -113,35 +113,46 @@ def _plain(o):
     return o
 
 
-def proxy_checkpoint_path() -> Path:
+SMOKE_ITERS = 30  # the smoke profile's proxy Segmenter: a pipeline check, not a model
+
+
+def proxy_checkpoint_path(size: str = "default") -> Path:
     cfg_text = segconfigs.config_path("proxy").read_text()
-    key = hashlib.sha256(f"{PROXY_VERSION}\n{cfg_text}".encode()).hexdigest()[:10]
-    return env.ROOT / ".cache" / "seg" / f"proxy_segmenter-{key}.pth"
+    key = hashlib.sha256(f"{PROXY_VERSION}\n{size}\n{cfg_text}".encode()).hexdigest()[:10]
+    tag = "" if size == "default" else f"-{size}"
+    return env.ROOT / ".cache" / "seg" / f"proxy_segmenter{tag}-{key}.pth"
 
 
-def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None, log=print) -> Path:
+def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None, size: str = "default",
+                           log=print) -> Path:
     """The proxy Segmenter's clean checkpoint, trained on first use (a few CPU minutes).
 
-    Cached under ``.cache/seg/`` keyed by the proxy config's text; ``force`` retrains.
-    Training metadata (time, val mIoU, stamp) sits next to it in ``<file>.json``.
+    Cached under ``.cache/seg/`` keyed by the proxy config's text and the proxy set size
+    (``default``: the full schedule on the default set; ``smoke``: 30 iterations on the smoke set);
+    ``force`` retrains.  Training metadata (time, val mIoU, stamp) sits next to it in ``<file>.json``.
     """
-    out = proxy_checkpoint_path()
-    if out.exists() and not force and max_iters is None:
-        return out
-    if max_iters is not None:
+    from .proxy_data import SIZES
+
+    if size not in SIZES:
+        raise ConfigError(f"unknown proxy size '{size}'; available: {', '.join(SIZES)}")
+    if max_iters is None and size != "default":
+        max_iters = SMOKE_ITERS
+    out = proxy_checkpoint_path(size)
+    if max_iters is not None and size == "default":
         out = out.with_name(out.stem + f"-it{max_iters}.pth")
-        if out.exists() and not force:
-            return out
+    if out.exists() and not force:
+        return out
     if log:
         log(f"[seg] training the proxy Segmenter -> {out} (first use; a few minutes on a CPU)")
-    meta = train_segmenter("proxy", out, data="proxy", max_iters=max_iters)
+    data = "proxy" if size == "default" else f"proxy:{size}"
+    meta = train_segmenter("proxy", out, data=data, max_iters=max_iters)
     if log:
         log(f"[seg] proxy Segmenter trained in {meta['train_seconds']:.0f} s; val {meta['val']}")
     return out
 
 
-def proxy_training_info() -> dict:
-    p = Path(str(proxy_checkpoint_path()) + ".json")
+def proxy_training_info(size: str = "default") -> dict:
+    p = Path(str(proxy_checkpoint_path(size)) + ".json")
     if not p.exists():
         raise ConfigError("the proxy Segmenter has not been trained yet (pmbench seg-train)")
     return json.loads(p.read_text())

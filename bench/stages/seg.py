@@ -23,10 +23,8 @@ def _targets(ctx):
                  Path(ck))]
     a = ctx.args
     if getattr(a, "fixture", False):
-        from ..seg.fixtures import ensure_seg_fixture
-
-        fx = ensure_seg_fixture()
-        return [(fx["config"], f"ade20k:{fx['ade20k']}", Path(fx["checkpoint"]))]
+        # the ADE20K-layout path is exercised by tests/test_seg*.py (pmbench seg-eval on a fixture)
+        return []
     if not a.ade20k:
         return []
     out = []
@@ -45,28 +43,32 @@ def run(ctx) -> None:
     if not targets:
         ctx.progress.note("seg: no --ade20k given; segmentation table skipped")
         return
-    specs = prof["seg_configs"]
-    ctx.progress.plan(len(specs) * len(targets), 20.0 * len(specs) * len(targets))
+    from ..seg.table import KEEPS, config_info, table_specs
+
+    keeps = tuple(prof.get("seg_keeps", KEEPS))
+    plan = {config: table_specs(config_info(config), keeps=keeps) for config, _, _ in targets}
+    ctx.progress.plan(sum(len(v) for v in plan.values()), 20.0 * sum(len(v) for v in plan.values()))
     for config, data, ck in targets:
-        for spec in specs:
+        for row_spec in plan[config]:
+            spec, keep = row_spec["spec"], row_spec["keep"]
             desc = {"kind": "seg", "config": config, "spec": spec, "data": data,
                     "ckpt": file_hash(ck) if ck else None, "device": ctx.device}
 
             def measure(config=config, spec=spec, data=data, ck=ck):
                 kw = {}
                 if prof.get("proxy_size") == "smoke" or prof.get("fixture"):
-                    kw.update(fps_batches=(2, 1), speed_repeats=2, max_images=4)
+                    kw.update(fps_batches=(2, 1), speed_repeats=2, max_images=4, pm_calib_iters=2)
                 r = seg_eval(config, spec, data, checkpoint=str(ck) if ck else None, device=ctx.device, **kw)
                 return {k: v for k, v in r.items() if k in (
                     "miou", "aAcc", "gmacs_per_window", "gmacs_per_image", "fps_bs32", "fps_bs1", "stamp",
-                    "n_images", "reducer", "crop", "fps_batches")}
+                    "n_images", "reducer", "window", "fps_batches", "needs_training")}
 
             try:
                 r = ctx.job(desc, measure, f"seg {config} {spec}", 20.0)
             except Exception as e:
                 ctx.failures.append(f"seg {config} {spec}: {e}")
                 continue
-            rows.append({"config_model": config, "method": method_of(spec), "config": spec,
+            rows.append({"config_model": config, "method": method_of(spec), "keep": keep, "config": spec,
                          "miou": r.get("miou"), "aAcc": r.get("aAcc"),
                          "gmacs_per_window": r.get("gmacs_per_window"), "gmacs_per_image": r.get("gmacs_per_image"),
                          "fps_bs32": r.get("fps_bs32"), "fps_bs1": r.get("fps_bs1"), "kind": "off-the-shelf"})
@@ -75,6 +77,8 @@ def run(ctx) -> None:
                            notes=["mIoU: mmseg IoUMetric with the config's sliding-window test",
                                   "GMACs: encoder (analytic, per-block token counts) + decode head, per 512x512 "
                                   "window (proxy: the proxy crop) and per image",
-                                  "reducers applied off-the-shelf to the trained Segmenter"]),
-                  ["config_model", "method", "config", "miou", "aAcc", "gmacs_per_window", "gmacs_per_image",
+                                  "reducers applied off-the-shelf to the trained Segmenter (PM: calibrated with "
+                                  "PM-Segmenter's settings, not fine-tuned; DynamicViT: untrained predictors)",
+                                  "ToMe has no keep rate: its r is chosen per keep rate to match EViT's GMACs"]),
+                  ["config_model", "method", "keep", "config", "miou", "aAcc", "gmacs_per_window", "gmacs_per_image",
                    "fps_bs32", "fps_bs1"])
