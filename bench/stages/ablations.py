@@ -18,8 +18,9 @@ def run(ctx) -> None:
     src = Source.for_profile(ctx)[0]
     bb = src.ensure_backbone()
     epochs = prof.get("ablation_epochs", prof["finetune_epochs"])
+    max_steps = prof.get("ablation_max_steps", prof.get("finetune_max_steps"))
     abl = prof["ablations"]
-    ctx.progress.plan(len(abl), 50.0 * len(abl))
+    ctx.progress.plan(2 * len(abl), 65.0 * len(abl))  # calibration + fine-tune/eval per variant
     rows = []
     for label, spec in abl:
         try:
@@ -28,18 +29,18 @@ def run(ctx) -> None:
             ctx.failures.append(f"ablation {label} ({spec}) calibration: {e}")
             continue
         desc = {"kind": "pm-ablation", "spec": spec, "backbone": file_hash(bb), "ckpt": file_hash(ck),
-                "epochs": epochs, "data": src.data_desc}
+                "epochs": epochs, "max_steps": max_steps, "data": src.data_desc}
 
         def measure(spec=spec, ck=ck, label=label):
             model, red = src.load_checkpoint(ck)
             info = ModelInfo.from_model(model, src.img_size)
             before = src.evaluate(model)["top1"]
-            ft, hist = src.finetune(spec, ck, epochs, ctx)
+            ft, hist = src.finetune(spec, ck, epochs, ctx, max_steps=max_steps)
             model, red = src.load_checkpoint(ft)
             after = src.evaluate(model)["top1"]
             return {"ablation": label, "config": spec, "top1_calibrated": round(before, 2),
                     "top1_finetuned": round(after, 2), "gmacs": round(flops.analytic(info, red).gmacs, 4),
-                    "epochs": epochs, "finetune_s": round(hist.get("wall_s", 0.0), 1)}
+                    "steps": hist.get("total_steps", max_steps), "finetune_s": round(hist.get("wall_s", 0.0), 1)}
 
         try:
             rows.append(ctx.job(desc, measure, f"ablation {label}", 50.0))
@@ -48,8 +49,9 @@ def run(ctx) -> None:
     ctx.add_table("pm_ablations", f"Prune and Merge ablations on {src.data_label}", rows,
                   ctx.meta(data_source=prof["data_source"], precision="fp32", batch_size=src.eval_batch,
                            notes=[f"model: {src.model_name}; every variant calibrated on the same images, "
-                                  f"fine-tuned {epochs} epoch(s) with PM's self-distillation recipe"]),
-                  ["ablation", "config", "top1_calibrated", "top1_finetuned", "gmacs", "epochs", "finetune_s"])
+                                  f"fine-tuned {max_steps or str(epochs) + ' epoch(s) of'} steps with PM's "
+                                  "self-distillation recipe"]),
+                  ["ablation", "config", "top1_calibrated", "top1_finetuned", "gmacs", "steps", "finetune_s"])
     layers = getattr(ctx, "pm_layers", {})
     srows = []
     for spec, per in layers.items():

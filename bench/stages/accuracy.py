@@ -45,7 +45,7 @@ def run(ctx) -> None:
                            ])
     ctx.add_table("accuracy", f"Top-1 on {src.data_label}", rows, meta,
                   ["model", "method", "config", "kind", "top1", "top5", "gmacs", "speedup", "n_images",
-                   "epochs", "finetune_s"])
+                   "steps", "finetune_s"])
 
 
 def run_source(ctx, src) -> list:
@@ -94,6 +94,7 @@ def run_source(ctx, src) -> list:
         if method_of(spec) == "pm" and init is None:
             continue
         desc = {**base_desc, "spec": spec, "row": "fine-tuned", "epochs": prof["finetune_epochs"],
+                "max_steps": prof.get("finetune_max_steps"),
                 "init": file_hash(init) if init else None}
 
         def measure(spec=spec, init=init):
@@ -101,7 +102,7 @@ def run_source(ctx, src) -> list:
             model, red = src.load_checkpoint(ckpt)
             return _eval_row(ctx, src, model, spec, "fine-tuned", red,
                              {"finetune_s": round(hist.get("wall_s", 0.0), 1),
-                              "epochs": prof["finetune_epochs"]})
+                              "steps": hist.get("total_steps"), "epochs": prof["finetune_epochs"]})
 
         try:
             rows.append(ctx.job(desc, measure, f"fine-tune + eval {spec}", 40.0))

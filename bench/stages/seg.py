@@ -35,7 +35,12 @@ def _targets(ctx):
 
 
 def run(ctx) -> None:
+    import logging
+
     from ..seg import seg_eval
+
+    # mmengine logs every parameter's init and per-class IoU tables at INFO; the table has the numbers
+    logging.getLogger("mmengine").setLevel(logging.WARNING)
 
     prof = ctx.profile
     rows = []

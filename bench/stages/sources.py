@@ -108,7 +108,7 @@ class Source:
         ctx.pm_layers[spec] = rec.get("per_layer")
         return Path(rec["path"])
 
-    def finetune(self, spec: str, init, epochs: float, ctx):
+    def finetune(self, spec: str, init, epochs: float, ctx, max_steps=None):
         """Fine-tune ``spec`` with its recipe from the backbone (or ``init`` for PM); returns (ckpt, history)."""
         from ..checkpoint import save_checkpoint
         from ..train import TrainConfig, train
@@ -126,14 +126,15 @@ class Source:
         cfg.update(red.recipe(info))
         cfg.update({"epochs": epochs, "device": self.ctx.device, "seed": 0, "progress": False})
         cfg.update(self.finetune_overrides(spec))
-        if ctx.profile.get("finetune_max_steps"):
-            cfg["max_steps"] = ctx.profile["finetune_max_steps"]
+        max_steps = max_steps or ctx.profile.get("finetune_max_steps")
+        if max_steps:
+            cfg["max_steps"] = max_steps
         tc = TrainConfig.from_dict(cfg)
         loader = self.train_loader(tc.batch_size)
         hist = train(model, loader, tc, teacher=teacher)
         from ..results import describe_key
 
-        out = self._work(f"ft-{describe_key({'spec': spec, 'epochs': epochs, 'init': str(init), 'm': self.model_name})}.pt")
+        out = self._work(f"ft-{describe_key({'spec': spec, 'epochs': epochs, 'steps': max_steps, 'init': str(init), 'm': self.model_name})}.pt")
         save_checkpoint(out, model, extra={"finetune": {"spec": spec, "epochs": epochs, "config": cfg}})
         return out, hist
 
@@ -170,10 +171,11 @@ class ProxySource(Source):
         return proxy.ensure_backbone(size=self.size)
 
     def finetune_overrides(self, spec: str) -> dict:
-        # Proxy recipes: the methods' ImageNet recipes assume 30-60 epochs at batch 512-2048 from
-        # pretrained DeiT; on the proxy the profile's short schedule uses the same losses and
-        # distillation with a learning rate suited to the narrow backbone.
-        return {"lr": 2e-4, "min_lr": 1e-5, "warmup_epochs": 0.0}
+        # Proxy recipes: the methods' ImageNet recipes assume 30-300 epochs at batch 512-2048 from
+        # pretrained DeiT; on the proxy the profile's short schedule keeps each method's losses,
+        # distillation, train/eval mode and parameter groups, with a learning rate suited to the
+        # narrow backbone, no warm-up, and no mixup/cutmix (the proxy backbone was trained without).
+        return {"lr": 2e-4, "min_lr": 1e-5, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0}
 
     def describe(self) -> str:
         return "proxy backbone trained by this suite on the synthetic proxy set"
