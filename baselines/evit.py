@@ -85,7 +85,9 @@ class EViT(Reducer):
         self.on_step(model, float(epoch), num_epochs)
 
     def _keep(self, training: bool) -> float:
-        return self.current_keep if training else self.cfg["keep"]
+        # The scheduled keep rate applies to training steps, including EViT's fine-tuning, which
+        # keeps the model in eval mode (train_mode=False): a step is recognised by autograd being on.
+        return self.current_keep if (training or torch.is_grad_enabled()) else self.cfg["keep"]
 
     def recipe(self, info: ModelInfo) -> dict:
         """The official fine-tuning recipe (``finetune.sh``, 30 epochs from the DeiT checkpoint): lr
