@@ -21,7 +21,11 @@ from . import env
 from .results import atomic_write_json
 
 EXPECT = env.ROOT / "tests" / "expectations" / "smoke.json"
-ACCURACY_TOLERANCE = 3.0  # points of proxy top-1 / mIoU
+# Points of proxy top-1 / mIoU.  The smoke models are trained for seconds on 240 images and sit
+# near chance on an 80-image val split; CPU training is not bit-reproducible across runs (measured:
+# up to 8.75 points between two fresh clones on this machine), so the smoke gate catches collapses
+# (a broken reducer, a broken trainer), not fine regressions: those show in the default profile.
+ACCURACY_TOLERANCE = 12.0
 SPEEDUP_MARGIN = 0.6  # floor = measured speed-up at acceptance x margin
 
 
