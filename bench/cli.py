@@ -33,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmbench", description="Token-reduction benchmark for Vision Transformers")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in COMMANDS:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod or mod.startswith(str(e.name) + "."):
-                continue  # sub-command not part of this build
-            raise
-        m.add_parser(sub)
+        importlib.import_module(mod).add_parser(sub)
     return p
 
 
