@@ -23,10 +23,12 @@ from .results import atomic_write_json
 
 EXPECT = env.ROOT / "tests" / "expectations" / "smoke.json"
 # Points of proxy top-1 / mIoU.  The smoke models are trained for seconds on 240 images and sit
-# near chance on an 80-image val split; CPU training is not bit-reproducible across runs (measured:
-# up to 8.75 points between two fresh clones on this machine), so the smoke gate catches collapses
-# (a broken reducer, a broken trainer), not fine regressions: those show in the default profile.
-ACCURACY_TOLERANCE = 12.0
+# near chance on an 80-image val split, so a small numeric change (a reordered reduction, another
+# init) moves them by several points.  The smoke run is deterministic on a given machine (seeded
+# init, seeded reducer modules, workers=0; two fresh runs gave identical numbers), so the tolerance
+# only absorbs floating-point differences between CPUs/BLAS builds; a reducer that breaks falls to
+# chance (10 %) and fails.  An intended numeric change is accepted with `./run_all.sh accept`.
+ACCURACY_TOLERANCE = 5.0
 SPEEDUP_MARGIN = 0.6  # floor = measured speed-up at acceptance x margin
 
 
@@ -54,8 +56,8 @@ def collect(report_dir: Path) -> dict:
 
 def _gmacs_tol(key: str, value: float) -> float:
     """Exact for methods with a fixed token schedule.  PM's per-layer counts come from its
-    calibration on the smoke backbone, which CPU training does not reproduce bit for bit, so its
-    GMACs may move by a few tokens' worth (measured: 0.001 G); 1% still catches a changed formula."""
+    calibration on the smoke backbone: a different CPU's rounding may move a threshold tie by a
+    token or two (0.001 G), and 1% still catches a changed formula."""
     if key.split("|")[1].startswith("pm"):
         return 0.01 * value
     return 1e-6

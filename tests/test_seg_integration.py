@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import numpy as np
 import torch
 
 pytest.importorskip("mmseg")
@@ -72,6 +73,23 @@ def test_pm_calibration_in_segmenter(tmp_path, proxy_ckpt):
     st = tmp_path / "pm.pth"
     summary = pm_seg.calibrate_to_file("proxy", spec, "proxy:smoke", proxy_ckpt, st, iters=1)
     assert summary["calibration"]["iterations"] == 1 and st.exists()
+    # seeded loader: a second calibration (global RNGs disturbed) gives the same structure
+    torch.manual_seed(123), np.random.seed(123)
+    st2 = tmp_path / "pm2.pth"
+    pm_seg.calibrate_to_file("proxy", spec, "proxy:smoke", proxy_ckpt, st2, iters=1)
+    a, b = (torch.load(p, weights_only=False)["reducer_state"] for p in (st, st2))
+    a["meta"].pop("seconds"), b["meta"].pop("seconds")  # wall time
+    assert _same(a, b)
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
     res = seg_eval("proxy", spec, "proxy:smoke", proxy_ckpt, reducer_structure=st, speed=False, max_images=1)
     assert res["reducer_structure"] == str(st)
     base = seg_eval("proxy", "none", "proxy:smoke", proxy_ckpt, speed=False, max_images=1)

@@ -37,6 +37,7 @@ def build_segmentor(cfg, checkpoint=None, *, random_weights: bool = False, trust
     init_default_scope("mmseg")
     cfg.model.pretrained = None
     cfg.model.backbone.pretrained = None
+    torch.manual_seed(0)  # reducer modules absent from the checkpoint start from a reproducible init
     model = MODELS.build(cfg.model)
     info = {"weights": "random"}
     if checkpoint is not None:
@@ -103,7 +104,7 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
         check_ade_layout(cfg.train_dataloader.dataset.data_root, ("training",))
         if log:
             log(f"  calibrating PM structure on {pm_calib_iters} training batches")
-        calib = pm_seg.calibrate(model, Runner.build_dataloader(cfg.train_dataloader), pm_calib_iters)
+        calib = pm_seg.calibrate(model, pm_seg.calibration_loader(cfg), pm_calib_iters)
         model.eval()
     loader = Runner.build_dataloader(cfg.test_dataloader)
     evaluator = Evaluator(IoUMetric(iou_metrics=["mIoU"]))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
+
 from .. import flops, patch, registry
 from ..reducer import ModelInfo
 from ..results import file_hash
@@ -77,6 +79,7 @@ def run_source(ctx, src) -> list:
             else:
                 model = src.load_backbone()
                 red = registry.build(spec)
+                torch.manual_seed(0)  # reducer modules (e.g. predictors) start from a reproducible init
                 patch.apply(model, red, img_size=src.img_size)
             return _eval_row(ctx, src, model, spec, "off-the-shelf", red)
 

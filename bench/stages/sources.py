@@ -90,6 +90,7 @@ class Source:
         def run():
             model = self.load_backbone()
             red = registry.build(spec)
+            torch.manual_seed(0)  # reducer modules start from a reproducible init, whatever ran before
             patch.apply(model, red, img_size=self.img_size)
             loader = self.train_loader(self.calib_batch, aug=False)
             summ = calibrate(model, red, loader, iters=self.calib_iters, device=self.ctx.device)
@@ -119,6 +120,7 @@ class Source:
         else:
             model = self.load_backbone()
             red = registry.build(spec)
+            torch.manual_seed(0)  # reducer modules start from a reproducible init, whatever ran before
             patch.apply(model, red, img_size=self.img_size)
         info = ModelInfo.from_model(model, self.img_size)
         cfg = {"batch_size": self.train_batch, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 0.05,
