@@ -267,11 +267,11 @@ class DynamicViT(Reducer):
             return "frozen"
         return "backbone"
 
-    def frozen_epochs(self, num_epochs: int) -> float:
+    def frozen_epochs(self, num_epochs: float) -> float:
         fe = self.cfg["freeze_epochs"]
         return fe if fe is not None else self.cfg["freeze_frac"] * num_epochs
 
-    def lr_scale(self, group: str, epoch: int, num_epochs: int) -> float:
+    def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
         if group == "predictor":
             return 1.0
         if group == "frozen":

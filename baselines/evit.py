@@ -78,10 +78,10 @@ class EViT(Reducer):
             raise ConfigError("evit: needs a CLS token (its attention row is the importance score)")
 
     # -- training schedule ------------------------------------------------------------------
-    def on_step(self, model, epoch: float, num_epochs: int):
+    def on_step(self, model, epoch: float, num_epochs: float):
         self.current_keep = keep_rate_at(epoch, self.cfg["keep"], self.cfg["shrink_start"], self.cfg["shrink_epochs"])
 
-    def on_epoch(self, model, epoch: int, num_epochs: int):
+    def on_epoch(self, model, epoch: int, num_epochs: float):
         self.on_step(model, float(epoch), num_epochs)
 
     def _keep(self, training: bool) -> float:

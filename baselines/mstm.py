@@ -52,6 +52,14 @@ the paper can switch to its exact setting.  Tags as in mstm.md:
     token merged at block 4 can be merged again later;  ``prop_attn`` adds
     ToMe's log(size) attention bias (off by default).
 
+Dense prediction (Segmenter) is our extension, not the paper's: when the full grid is restored
+(``restore``), a non-crucial token takes the features of the crucial token it merged into
+(``merged``, default: ToMe's unmerge, consistent with "merged into crucial ones") or keeps its own
+features from the merge block (``own``: EViT's rule for pruned tokens).  Measured on the proxy
+Segmenter off the shelf (``reports/default/segmentation.md``), ``merged`` loses far more mIoU than
+ToMe at the same keep rate: the crucial tokens are chosen by CLS attention, which a Segmenter does
+not train, so whole regions get copied from dissimilar tokens; ``own`` is the option to compare.
+
 FLOPs: ``token_schedule`` (as EViT, no extra token by default) plus
 ``extra_macs``: the fusion (pooling and scaling, the optional projection) and
 the similarity matrices (the soft merge's matrix product when ``assign=soft``).
@@ -166,6 +174,9 @@ class MSTM(Reducer):
                              "block; 0 = the embedding stage)", optional=True),
         "prop_attn": Option("bool", False, "[UNKNOWN] ToMe's log(size) attention bias after merging"),
         "fusion_lr_scale": Option("float", 1.0, "[UNKNOWN] lr multiplier of the new fusion parameters"),
+        "restore": Option("str", "merged", "[EXTENSION, segmentation] full-grid restore of a non-crucial token: "
+                          "merged = its crucial token's features (ToMe unmerge); own = its features at the merge",
+                          choices=("merged", "own")),
     }
 
     # -- configuration -----------------------------------------------------------------------
@@ -273,8 +284,9 @@ class MSTM(Reducer):
             old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
             old_to_new[:, :p] = torch.arange(p, device=x.device)
             old_to_new.scatter_(1, idx + p, (p + torch.arange(k, device=x.device)).expand(B, -1))
-            if dest is not None:
+            if dest is not None and c["restore"] == "merged":
                 old_to_new.scatter_(1, complement_idx(idx, n) + p, p + dest)
+            # else: -1, the token left the sequence and the restore keeps its features from here
             state.remap(x, old_to_new)
         state.size = torch.cat(sizes, dim=1)
         state.scratch["mstm_weight"] = torch.cat(weights, dim=1)
@@ -284,7 +296,7 @@ class MSTM(Reducer):
     def param_group(self, name: str) -> str:
         return "fusion" if name.startswith("reducer_modules.") else "backbone"
 
-    def lr_scale(self, group: str, epoch: int, num_epochs: int) -> float:
+    def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
         return self.cfg["fusion_lr_scale"] if group == "fusion" else 1.0
 
     def recipe(self, info: ModelInfo) -> dict:

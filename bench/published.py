@@ -122,3 +122,19 @@ def normalise_spec(spec: str) -> str:
         return registry.build(spec).spec()
     except Exception:
         return re.sub(r"\s+", "", spec)
+
+
+def gmacs_agreement(ours: Optional[float], published: Optional[float]) -> Optional[str]:
+    """How our GMACs relate to a published one-decimal figure.
+
+    ``within 0.05``: the figure is ours rounded (or closer).  ``ours truncated``: the figure is our
+    count cut to one decimal (published <= ours < published + 0.1), the convention every DynamicViT
+    figure of its paper and README follows (tests/test_dynamicvit.py); no single count *rounds* to
+    all of them.  ``differs``: neither (e.g. the secondary copy's DeiT-B 11.2)."""
+    if ours is None or published is None:
+        return None
+    if abs(ours - published) <= 0.05 + 1e-9:
+        return "within 0.05"
+    if round(published, 1) == published and published <= ours + 1e-9 < published + 0.1:
+        return "ours truncated"
+    return "differs"

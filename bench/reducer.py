@@ -366,18 +366,20 @@ class Reducer:
         (e.g. distillation weights, learning rate, epochs scaled to the profile)."""
         return {}
 
-    def on_epoch(self, model, epoch: int, num_epochs: int) -> None:
-        """Per-epoch hook (before the epoch starts), e.g. schedules."""
+    def on_epoch(self, model, epoch: int, num_epochs: float) -> None:
+        """Per-epoch hook (before the epoch starts), e.g. schedules.  ``num_epochs`` is the
+        schedule's length in epochs, fractional for a schedule shorter than one epoch."""
 
-    def on_step(self, model, epoch: float, num_epochs: int) -> None:
+    def on_step(self, model, epoch: float, num_epochs: float) -> None:
         """Per-iteration hook; ``epoch`` is fractional (EViT's per-iteration keep-rate schedule)."""
 
     def param_group(self, name: str) -> str:
         """Optimiser group key of a parameter ('backbone' unless the method says otherwise)."""
         return "backbone"
 
-    def lr_scale(self, group: str, epoch: int, num_epochs: int) -> float:
-        """Learning-rate multiplier of a parameter group at an epoch."""
+    def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
+        """Learning-rate multiplier of a parameter group at a (fractional) epoch of a schedule of
+        ``num_epochs`` epochs."""
         return 1.0
 
     # -- dense prediction ------------------------------------------------------------------

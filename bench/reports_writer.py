@@ -37,6 +37,7 @@ def _published_table(ctx) -> None:
             "trained": p["trained"],
             "published_gmacs": p["gmacs_f"], "ours_gmacs": og,
             "gmacs_diff": round(og - p["gmacs_f"], 3) if (og is not None and p["gmacs_f"] is not None) else None,
+            "gmacs_agree": published.gmacs_agreement(og, p["gmacs_f"]),
             "published_speedup": round(psp, 3) if psp else None, "published_hw": p["hardware"],
             "ours_speedup": osp,
             "published_top1": p["top1_f"],
@@ -51,10 +52,13 @@ def _published_table(ctx) -> None:
         notes.append("Proxy profile: only GMACs (counted at the real DeiT sizes) and speed-up ratios are comparable; "
                      "published top-1 is shown for reference only; our proxy accuracy is not an ImageNet accuracy.")
     notes.append("Speed-ups: ours on this run's device and batch size; published ones on the source's hardware.")
+    notes.append("gmacs_agree: 'within 0.05' = the published figure is ours rounded; 'ours truncated' = it is our "
+                 "count cut to one decimal (DynamicViT's paper and README print every figure that way; its README "
+                 "counts with fvcore, predictors included); 'differs' = neither.")
     ctx.add_table("published_vs_reproduced", "Published vs reproduced", rows,
                   ctx.meta(data_source=ctx.profile["data_source"], notes=notes),
                   ["model", "config", "source", "confidence", "trained", "published_gmacs", "ours_gmacs",
-                   "gmacs_diff", "published_speedup", "ours_speedup", "published_hw", "published_top1",
+                   "gmacs_diff", "gmacs_agree", "published_speedup", "ours_speedup", "published_hw", "published_top1",
                    "ours_top1"])
 
 

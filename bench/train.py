@@ -207,11 +207,14 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
     spe = len(train_loader)
     if spe == 0:
         raise ConfigError("the training loader yields no batches (dataset smaller than one batch?)")
-    num_epochs = max(1, math.ceil(cfg.epochs))
     # the schedule spans cfg.epochs; max_steps only stops early (so a capped run equals the
     # first steps of the full one)
     sched_steps = max(1, int(round(cfg.epochs * spe))) if cfg.epochs > 0 else int(cfg.max_steps)
     total_steps = min(sched_steps, cfg.max_steps) if cfg.max_steps else sched_steps
+    # The reducers' schedule hooks get the schedule length in (possibly fractional) epochs and the
+    # fractional epoch of each step, so fractions of a schedule (DynamicViT's 1/6 freeze) hold for
+    # a schedule shorter than one epoch too.
+    num_epochs = sched_steps / spe
     groups = param_groups(model, cfg.weight_decay, reducer)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = CosineSchedule(cfg.lr, cfg.min_lr, sched_steps, int(round(cfg.warmup_epochs * spe)), cfg.warmup_lr)
@@ -300,7 +303,7 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
         # learning rate of this step (x the reducer's per-group multiplier)
         lr = sched.lr_at(step)
         for g in opt.param_groups:
-            scale = reducer.lr_scale(g["pm_group"], epoch, num_epochs) if reducer is not None else 1.0
+            scale = reducer.lr_scale(g["pm_group"], epoch_f, num_epochs) if reducer is not None else 1.0
             g["lr"] = lr * scale
         with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                             enabled=amp):

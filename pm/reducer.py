@@ -451,10 +451,10 @@ class PruneAndMerge(Reducer):
             return "no_decay"
         return "decay_const_lr"
 
-    def on_step(self, model, epoch: float, num_epochs: int) -> None:
+    def on_step(self, model, epoch: float, num_epochs: float) -> None:
         self._epoch_f = float(epoch)
 
-    def lr_scale(self, group: str, epoch: int, num_epochs: int) -> float:
+    def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
         """Under ``lr_quirk`` the 'decay_const_lr' group trains at a constant 1e-6: the multiplier
         that turns the trainer's cosine value at this step into 1e-6.  The cosine is recomputed
         from ``base_lr``/``min_lr`` (set by :meth:`recipe`; no warm-up, as the recipe says) at the

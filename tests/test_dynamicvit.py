@@ -180,10 +180,10 @@ def test_param_groups_and_backbone_freeze(make_vit):
 
 
 def test_trainer_integration_freezes_backbone(make_vit):
-    """Two steps through bench.train: predictors move, the frozen backbone does not."""
+    """Two steps through bench.train inside the freeze: predictors move, the frozen backbone does not."""
     from bench.train import TrainConfig, train
 
-    m, r, teacher = _patched(make_vit, "dynamicvit")
+    m, r, teacher = _patched(make_vit, "dynamicvit:freeze_epochs=1")
     data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(2)]
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     cfg = TrainConfig(**{**r.recipe(ModelInfo.from_model(m)), "epochs": 1, "warmup_epochs": 0, "mixup": 0.0,
@@ -192,6 +192,22 @@ def test_trainer_integration_freezes_backbone(make_vit):
     assert {"ratio", "cls_kl", "token_distill"} <= set(hist["steps"][-1])
     moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(n.startswith("reducer_modules.") for n in moved)
+
+
+def test_sub_epoch_schedule_unfreezes_after_its_first_sixth(make_vit):
+    """A schedule shorter than one epoch (a profile's step budget) keeps the official proportions:
+    the backbone is frozen for the first 1/6 of the schedule only, then trains at 0.01x."""
+    from bench.train import TrainConfig, train
+
+    m, r, teacher = _patched(make_vit, "dynamicvit")
+    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(12)]
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    cfg = TrainConfig(**{**r.recipe(ModelInfo.from_model(m)), "epochs": 0.5, "warmup_epochs": 0, "mixup": 0.0,
+                         "cutmix": 0.0, "progress": False, "device": "cpu"})
+    hist = train(m, data, cfg, teacher=teacher)
+    assert hist["total_steps"] == 6
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert "blocks.0.attn.qkv.weight" in moved and "cls_token" not in moved
 
 
 # --------------------------------------------------------------------------- predictor, tracking
@@ -252,6 +268,31 @@ def test_published_gflops(info, rho, pub, close):
     ours = _gmacs(info, f"dynamicvit:rho={rho}")
     assert (abs(ours - pub) <= 0.05) == close, (ours, pub)
     assert math.floor(ours * 10 + 1e-9) / 10 == pytest.approx(pub), (ours, pub)  # truncation convention
+
+
+def test_every_published_dynamicvit_figure_is_our_count_rounded_or_truncated():
+    """Each DynamicViT GFLOPs row of paper_numbers.csv the suite can express, as the report labels it
+    (gmacs_agree): all are our predictor-inclusive count rounded or truncated to one decimal, except the
+    secondary copy's DeiT-B 11.2."""
+    from bench import published
+
+    rows = [r for r in published.comparable_rows("imagenet")
+            if r["spec"].startswith("dynamicvit") and r["gmacs_f"] is not None]
+    infos = {"deit_small_patch16_224": DEIT_S, "deit_base_patch16_224": DEIT_B}
+    seen = 0
+    for r in rows:
+        if r["timm_model"] not in infos:
+            continue
+        seen += 1
+        verdict = published.gmacs_agreement(_gmacs(infos[r["timm_model"]], r["spec"]), r["gmacs_f"])
+        if r["timm_model"] == "deit_base_patch16_224" and r["gmacs_f"] == 11.2:
+            assert verdict == "differs"
+        else:
+            assert verdict in ("within 0.05", "ours truncated"), (r["source"], r["spec"], r["gmacs_f"], verdict)
+    assert seen >= 7  # DeiT-S rho 0.9..0.5 (paper) and 0.7 (README), DeiT-B 0.7 (README, paper)
+    assert published.gmacs_agreement(2.981, 2.9) == "ours truncated"
+    assert published.gmacs_agreement(4.041, 4.0) == "within 0.05"
+    assert published.gmacs_agreement(3.05, 2.9) == "differs" and published.gmacs_agreement(None, 2.9) is None
 
 
 def test_flops_values_and_baselines():

@@ -358,3 +358,24 @@ def test_grid_bound_reducer_needs_padding_for_small_windows():
     model.backbone.pad_to_img_size = True
     with torch.no_grad():
         assert model.extract_feat(x)[0].shape == (1, 32, 4, 4)
+
+
+def test_mstm_restore_options():
+    """restore=merged: a non-crucial token shows its crucial token's features (as ToMe's unmerge);
+    restore=own: it keeps its own features from the merge block (as EViT's pruned tokens)."""
+    x = torch.randn(1, 3, 64, 96)  # 24 patches + CLS; one merge at block 1 keeps ceil(0.5 * 24) = 12
+    out = {}
+    for mode in ("merged", "own"):
+        model = build(tiny_cfg(f"mstm:keep=0.5,loc=[1],multiscale=false,restore={mode}"), seed=3)
+        with torch.no_grad():
+            feats = model.extract_feat(x)[0][0].flatten(1).t()  # (24, C)
+        out[mode] = (model, feats, segbb.bpatch.last_state(model.backbone.vit))
+    _, feats, st = out["merged"]
+    assert (st.origin[0, 1:] >= 0).all()  # every patch maps to a surviving token
+    assert torch.unique(feats.round(decimals=5), dim=0).shape[0] == 12
+    model, feats, st = out["own"]
+    dropped = (st.origin[0, 1:] < 0).nonzero().flatten()
+    assert len(dropped) == 12
+    torch.testing.assert_close(feats[dropped], model.backbone.norm(st.last[0, 1 + dropped]))
+    # the crucial tokens are the same tokens either way
+    torch.testing.assert_close(feats[st.origin[0, 1:] >= 0], out["merged"][1][st.origin[0, 1:] >= 0])

@@ -129,10 +129,14 @@ class Source:
         cfg.update({"epochs": epochs, "device": self.ctx.device, "seed": 0, "progress": False})
         cfg.update(self.finetune_overrides(spec))
         max_steps = max_steps or ctx.profile.get("finetune_max_steps")
+        loader = self.train_loader(cfg["batch_size"])
         if max_steps:
+            # A step budget becomes the whole schedule (epochs = budget / steps per epoch), so the
+            # recipe's shape -- cosine decay, DynamicViT's backbone freeze for the first 1/6, keep-rate
+            # warm-ups -- plays out inside the budget instead of being cut off at its start.
+            cfg["epochs"] = max_steps / len(loader)
             cfg["max_steps"] = max_steps
         tc = TrainConfig.from_dict(cfg)
-        loader = self.train_loader(tc.batch_size)
         hist = train(model, loader, tc, teacher=teacher)
         from ..results import describe_key
 
@@ -160,6 +164,8 @@ class ProxySource(Source):
         from ..data import describe_data
 
         self.data_desc = {"data": self.data, **{k: v for k, v in describe_data(self.data).items() if k != "path"}}
+        # fine-tunes at batch 32: the profile's step budget then fits the 20-minute default run
+        self.train_batch = 32
         if size == "smoke":
             self.eval_batch, self.train_batch, self.calib_iters, self.calib_batch = 40, 32, 2, 16
 
