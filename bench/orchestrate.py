@@ -42,6 +42,7 @@ class Progress:
         self.done_real = 0.0
         self.n_total = 0
         self.n_done = 0
+        self.n_cached = 0  # jobs answered by the result cache (their time was spent in an earlier run)
 
     def plan(self, n: int, est_seconds: float) -> None:
         self.n_total += n
@@ -49,6 +50,7 @@ class Progress:
 
     def finished(self, label: str, est: float, real: float, cached: bool) -> None:
         self.n_done += 1
+        self.n_cached += bool(cached)
         self.done_est += est
         if not cached:
             self.done_real += real

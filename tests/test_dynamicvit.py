@@ -179,34 +179,31 @@ def test_param_groups_and_backbone_freeze(make_vit):
     assert DynamicViT(freeze_epochs=2).lr_scale("backbone", 1, 30) == 0.0
 
 
-def test_trainer_integration_freezes_backbone(make_vit):
-    """Two steps through bench.train inside the freeze: predictors move, the frozen backbone does not."""
+def _train_and_diff(make_vit, spec: str, n_batches: int, epochs: float):
+    """Train ``spec`` through bench.train on random batches; (history, names of the parameters that moved)."""
     from bench.train import TrainConfig, train
 
-    m, r, teacher = _patched(make_vit, "dynamicvit:freeze_epochs=1")
-    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(2)]
+    m, r, teacher = _patched(make_vit, spec)
+    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(n_batches)]
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    cfg = TrainConfig(**{**r.recipe(ModelInfo.from_model(m)), "epochs": 1, "warmup_epochs": 0, "mixup": 0.0,
+    cfg = TrainConfig(**{**r.recipe(ModelInfo.from_model(m)), "epochs": epochs, "warmup_epochs": 0, "mixup": 0.0,
                          "cutmix": 0.0, "progress": False, "device": "cpu"})
     hist = train(m, data, cfg, teacher=teacher)
+    return hist, {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+
+
+def test_trainer_integration_freezes_backbone(make_vit):
+    """Two steps through bench.train inside the freeze: predictors move, the frozen backbone does not."""
+    hist, moved = _train_and_diff(make_vit, "dynamicvit:freeze_epochs=1", n_batches=2, epochs=1)
     assert {"ratio", "cls_kl", "token_distill"} <= set(hist["steps"][-1])
-    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(n.startswith("reducer_modules.") for n in moved)
 
 
 def test_sub_epoch_schedule_unfreezes_after_its_first_sixth(make_vit):
     """A schedule shorter than one epoch (a profile's step budget) keeps the official proportions:
     the backbone is frozen for the first 1/6 of the schedule only, then trains at 0.01x."""
-    from bench.train import TrainConfig, train
-
-    m, r, teacher = _patched(make_vit, "dynamicvit")
-    data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(12)]
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    cfg = TrainConfig(**{**r.recipe(ModelInfo.from_model(m)), "epochs": 0.5, "warmup_epochs": 0, "mixup": 0.0,
-                         "cutmix": 0.0, "progress": False, "device": "cpu"})
-    hist = train(m, data, cfg, teacher=teacher)
+    hist, moved = _train_and_diff(make_vit, "dynamicvit", n_batches=12, epochs=0.5)
     assert hist["total_steps"] == 6
-    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert "blocks.0.attn.qkv.weight" in moved and "cls_token" not in moved
 
 

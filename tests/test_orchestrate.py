@@ -136,9 +136,14 @@ def test_cost_stage_writes_stamped_tables_and_resumes(tmp_path):
     assert by["tome:r=13"] < by["none"] and by["evit:keep=0.7"] < by["none"]
     assert (out / "flops.csv").read_text().splitlines()[0].startswith("model,")
     assert (out / "README.md").exists() and (out / "manifest.json").exists()
-    # second run: everything cached
+    jobs1 = json.loads((out / "manifest.json").read_text())["jobs"]
+    assert jobs1["measured"] > 0 and jobs1["from_cache"] == 0
+    # second run: everything cached, and the manifest / results page say so
     r2 = _run(["--profile", "smoke", "--only", "cost", "--out", str(out)], env)
     assert r2.returncode == 0 and "(cached)" in r2.stderr and "ETA" in r2.stderr
+    jobs2 = json.loads((out / "manifest.json").read_text())["jobs"]
+    assert jobs2 == {"measured": 0, "from_cache": jobs1["measured"]}
+    assert f"{jobs1['measured']} taken from the result cache" in (out / "README.md").read_text()
 
 
 def test_paper_profile_without_data_is_a_clear_error():

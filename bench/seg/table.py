@@ -56,7 +56,9 @@ def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
             rows.append({"method": "dynamicvit", "keep": k, "spec": f"dynamicvit:rho={k}"})
         if "mstm" in have:
             rows.append({"method": "mstm", "keep": k, "spec": f"mstm:keep={k}"})
-    return [r for r in rows if r["method"] in have or r["method"] == "baseline"]
+            # segmentation is our extension of MSTM: both restore rules (baselines/mstm.py docstring)
+            rows.append({"method": "mstm (restore=own)", "keep": k, "spec": f"mstm:keep={k},restore=own"})
+    return [r for r in rows if r["method"].split(" ")[0] in have or r["method"] == "baseline"]
 
 
 def config_info(config) -> ModelInfo:

@@ -73,7 +73,8 @@ def run(ctx) -> None:
             except Exception as e:
                 ctx.failures.append(f"seg {config} {spec}: {e}")
                 continue
-            rows.append({"config_model": config, "method": method_of(spec), "keep": keep, "config": spec,
+            method = row_spec["method"] if row_spec["method"] != "baseline" else method_of(spec)
+            rows.append({"config_model": config, "method": method, "keep": keep, "config": spec,
                          "miou": r.get("miou"), "aAcc": r.get("aAcc"),
                          "gmacs_per_window": r.get("gmacs_per_window"), "gmacs_per_image": r.get("gmacs_per_image"),
                          "fps_bs32": r.get("fps_bs32"), "fps_bs1": r.get("fps_bs1"), "kind": "off-the-shelf"})
@@ -84,6 +85,9 @@ def run(ctx) -> None:
                                   "window (proxy: the proxy crop) and per image",
                                   "reducers applied off-the-shelf to the trained Segmenter (PM: calibrated with "
                                   "PM-Segmenter's settings, not fine-tuned; DynamicViT: untrained predictors)",
-                                  "ToMe has no keep rate: its r is chosen per keep rate to match EViT's GMACs"]),
+                                  "ToMe has no keep rate: its r is chosen per keep rate to match EViT's GMACs",
+                                  "MSTM in a Segmenter is our extension: 'mstm' restores a merged token from the "
+                                  "crucial token it joined (ToMe-style unmerge), 'mstm (restore=own)' from its own "
+                                  "features at the merge (EViT-style)"]),
                   ["config_model", "method", "keep", "config", "miou", "aAcc", "gmacs_per_window", "gmacs_per_image",
                    "fps_bs32", "fps_bs1"])
