@@ -60,6 +60,26 @@ def record_tokens():
         h.remove()
 
 
+@pytest.fixture
+def run_and_check_schedule(record_tokens):
+    """``rec = run_and_check_schedule(model, reducer, x)``: one no-grad forward of the patched
+    ``model`` on ``x``; asserts the token counts every block's attention and MLP really saw equal
+    the reducer's declared ``token_schedule`` (the FLOP count's input); returns the record."""
+    from bench.reducer import ModelInfo
+
+    def run(model, reducer, x, img_size=None):
+        rec = record_tokens(model)
+        with torch.no_grad():
+            model(x)
+        sched = reducer.token_schedule(ModelInfo.from_model(model, img_size) if img_size else
+                                       ModelInfo.from_model(model))
+        assert rec["attn"] == [b.attn for b in sched], (rec["attn"], [b.attn for b in sched])
+        assert rec["mlp"] == [b.mlp for b in sched], (rec["mlp"], [b.mlp for b in sched])
+        return rec
+
+    return run
+
+
 def identity_blocks(model):
     """Zero every block's attention output projection and MLP output layer, so each block
     is the identity on its tokens while keys/queries (and so ToMe/EViT decisions) stay real.
@@ -77,3 +97,19 @@ def identity_blocks(model):
 def zero_blocks():
     """The :func:`identity_blocks` helper as a fixture."""
     return identity_blocks
+
+
+@pytest.fixture
+def assert_patch_rejected():
+    """``assert_patch_rejected(model, [(spec, message regex), ...])``: each spec builds but fails
+    ``patch.apply`` on ``model`` with a ConfigError matching the message, leaving it unpatched."""
+    from bench import patch, registry
+    from bench.reducer import ConfigError
+
+    def check(model, cases):
+        for spec, msg in cases:
+            with pytest.raises(ConfigError, match=msg):
+                patch.apply(model, registry.build(spec))
+            assert not patch.is_patched(model), spec
+
+    return check

@@ -158,12 +158,9 @@ def test_default_configuration_hits_the_abstracts_budget():
 
 
 @pytest.mark.parametrize("spec", ["mstm", "mstm:extra_token=true,keep=0.5", "mstm:assign=soft,sim=features,loc=[2,8]"])
-def test_real_token_counts_follow_schedule(make_vit, record_tokens, spec):
+def test_real_token_counts_follow_schedule(make_vit, run_and_check_schedule, spec):
     m, r, _ = _patched(make_vit, spec)
-    rec = record_tokens(m)
-    _fwd(m)
-    sched = r.token_schedule(ModelInfo.from_model(m))
-    assert rec["attn"] == [b.attn for b in sched] and rec["mlp"] == [b.mlp for b in sched]
+    run_and_check_schedule(m, r, X)
 
 
 def test_analytic_close_to_measured(make_vit):
@@ -197,10 +194,6 @@ def test_bad_options(spec, msg):
         registry.build(spec)
 
 
-def test_model_dependent_errors(make_vit):
-    m = make_vit()
-    with pytest.raises(ConfigError, match="past the model depth"):
-        patch.apply(m, registry.build("mstm:loc=[3,12]"))
-    with pytest.raises(ConfigError, match="larger than the patch grid"):
-        patch.apply(m, registry.build("mstm:scales=[16]"))
-    assert not patch.is_patched(m)
+def test_model_dependent_errors(make_vit, assert_patch_rejected):
+    assert_patch_rejected(make_vit(), [("mstm:loc=[3,12]", "past the model depth"),
+                                       ("mstm:scales=[16]", "larger than the patch grid")])

@@ -89,7 +89,7 @@ def test_plugin_errors_reach_the_cli(plugin_dir, monkeypatch, capsys):
     assert err.strip().count("\n") == 0 and "past the model depth" in err
 
 
-def test_plugin_in_process(plugin_dir, monkeypatch, make_vit, record_tokens):
+def test_plugin_in_process(plugin_dir, monkeypatch, make_vit, run_and_check_schedule):
     """Discovery depends on sys.path only; the plug-in then behaves like a built-in."""
     monkeypatch.setattr(registry, "_registered", dict(registry._registered))
     assert "droplast" not in registry.available()
@@ -101,11 +101,7 @@ def test_plugin_in_process(plugin_dir, monkeypatch, make_vit, record_tokens):
     red = registry.build("droplast:n=5,block=1")
     patch.apply(model, red)
     patch.set_tracking(model, True)
-    rec = record_tokens(model)
-    with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))
-    sched = red.token_schedule(ModelInfo.from_model(model))
-    assert rec["attn"] == [b.attn for b in sched] and rec["mlp"] == [b.mlp for b in sched]
+    rec = run_and_check_schedule(model, red, torch.randn(2, 3, 64, 64))
     assert rec["mlp"][1] == 60
     origin = patch.last_state(model).origin
     assert torch.all(origin[:, -5:] == -1) and torch.equal(origin[0, :60], torch.arange(60))

@@ -90,36 +90,27 @@ PUBLISHED_AFTER_BLOCK = {
 
 @pytest.mark.parametrize("spec", ["tome:r=8", "tome:r=13", "tome:r=16", "tome:r=[20,10,0,5,30]",
                                   "tome:r=16,inflect=-1", "tome:r=60", "tome:r=13,prop_attn=false"])
-def test_observed_tokens_match_schedule_deit(spec, record_tokens):
+def test_observed_tokens_match_schedule_deit(spec, run_and_check_schedule):
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", depth=12).eval()
     red = registry.build(spec)
     patch.apply(model, red)
-    rec = record_tokens(model)
-    with torch.no_grad():
-        model(torch.randn(2, 3, 224, 224))
-    sched = red.token_schedule(ModelInfo.from_model(model))
-    assert rec["attn"] == [b.attn for b in sched]
-    assert rec["mlp"] == [b.mlp for b in sched]
+    rec = run_and_check_schedule(model, red, torch.randn(2, 3, 224, 224))
     if spec in PUBLISHED_AFTER_BLOCK:
         assert rec["mlp"] == PUBLISHED_AFTER_BLOCK[spec]
     size = patch.last_state(model).size
     assert size.shape[1] == rec["mlp"][-1] and torch.all(size.sum(1) == 197)
 
 
-def test_observed_tokens_dynamic_resolution(make_vit, record_tokens):
+def test_observed_tokens_dynamic_resolution(make_vit, run_and_check_schedule):
     """Non-default input (80x96 -> 120 patches + CLS): declared and real counts still agree."""
     model = make_vit(dynamic_img_size=True)
     red = registry.build("tome:r=9")
     patch.apply(model, red, img_size=(80, 96))
-    rec = record_tokens(model)
-    with torch.no_grad():
-        model(torch.randn(1, 3, 80, 96))
-    sched = red.token_schedule(ModelInfo.from_model(model, (80, 96)))
+    rec = run_and_check_schedule(model, red, torch.randn(1, 3, 80, 96), img_size=(80, 96))
     assert rec["attn"][0] == 121
-    assert rec["attn"] == [b.attn for b in sched] and rec["mlp"] == [b.mlp for b in sched]
 
 
 # --------------------------------------------------------------------------- invariants in a real forward
@@ -250,14 +241,10 @@ def test_register_tokens_rejected(make_vit, kw):
         patch.apply(make_vit(**kw), registry.build("tome:r=4"))
 
 
-def test_no_class_token(make_vit, record_tokens):
+def test_no_class_token(make_vit, run_and_check_schedule):
     model = make_vit(class_token=False, global_pool="avg")
     red = registry.build("tome:r=8")
     patch.apply(model, red)
-    rec = record_tokens(model)
-    with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))
-    sched = red.token_schedule(ModelInfo.from_model(model))
-    assert rec["attn"] == [b.attn for b in sched] and rec["mlp"] == [b.mlp for b in sched]
+    rec = run_and_check_schedule(model, red, torch.randn(2, 3, 64, 64))
     assert rec["attn"][0] == 64 and rec["mlp"][0] == 56
     assert torch.all(patch.last_state(model).size.sum(1) == 64)

@@ -70,17 +70,42 @@ class SegViT(TimmViT):
 
 
 # --------------------------------------------------------------------------- key conversion
+# One transformer block: (timm ``Block`` sub-key, mmseg ``TransformerEncoderLayer`` sub-key).  The
+# encoder conversion in both directions and the original Segmenter's decoder conversion
+# (bench/seg/checkpoint.py) are all generated from this one table.
+BLOCK_KEYS = [
+    ("norm1.", "ln1."),
+    ("norm2.", "ln2."),
+    ("attn.qkv.weight", "attn.attn.in_proj_weight"),
+    ("attn.qkv.bias", "attn.attn.in_proj_bias"),
+    ("attn.proj.", "attn.attn.out_proj."),
+    ("mlp.fc1.", "ffn.layers.0.0."),
+    ("mlp.fc2.", "ffn.layers.1."),
+]
+
+
+def block_rules(src: str, dst: str, to_timm: bool) -> list[tuple[str, str]]:
+    """Regex rules renaming ``<src><i>.<sub-key>`` to ``<dst><i>.<other sub-key>`` for every block
+    entry of :data:`BLOCK_KEYS` (mmseg -> timm names when ``to_timm``, else timm -> mmseg)."""
+    rules = []
+    for timm_key, mmseg_key in BLOCK_KEYS:
+        a, b = (mmseg_key, timm_key) if to_timm else (timm_key, mmseg_key)
+        tail = "" if a.endswith(".") else "$"  # a prefix ("ln1.") or a whole parameter name
+        rules.append((rf"^{re.escape(src)}(\d+)\.{re.escape(a)}{tail}", dst + r"\1." + b))
+    return rules
+
+
 _MMSEG_RULES = [
     (r"^patch_embed\.projection\.", "vit.patch_embed.proj."),
-    (r"^layers\.(\d+)\.ln1\.", r"vit.blocks.\1.norm1."),
-    (r"^layers\.(\d+)\.ln2\.", r"vit.blocks.\1.norm2."),
-    (r"^layers\.(\d+)\.attn\.attn\.in_proj_weight$", r"vit.blocks.\1.attn.qkv.weight"),
-    (r"^layers\.(\d+)\.attn\.attn\.in_proj_bias$", r"vit.blocks.\1.attn.qkv.bias"),
-    (r"^layers\.(\d+)\.attn\.attn\.out_proj\.", r"vit.blocks.\1.attn.proj."),
-    (r"^layers\.(\d+)\.ffn\.layers\.0\.0\.", r"vit.blocks.\1.mlp.fc1."),
-    (r"^layers\.(\d+)\.ffn\.layers\.1\.", r"vit.blocks.\1.mlp.fc2."),
+    *block_rules("layers.", "vit.blocks.", to_timm=True),
     (r"^ln1\.", "norm."),
     (r"^(cls_token|pos_embed)$", r"vit.\1"),
+]
+_PMBENCH_TO_MMSEG_RULES = [
+    (r"^vit\.patch_embed\.proj\.", "patch_embed.projection."),
+    *block_rules("vit.blocks.", "layers.", to_timm=False),
+    (r"^norm\.", "ln1."),
+    (r"^vit\.(cls_token|pos_embed)$", r"\1"),
 ]
 # timm / original Segmenter (rstrudel) encoder keys
 _TIMM_RULES = [
@@ -119,21 +144,9 @@ def mmseg_to_pmbench(state: dict) -> dict:
 
 def pmbench_to_mmseg(state: dict) -> dict:
     """Inverse of :func:`mmseg_to_pmbench` (for exporting to stock mmseg)."""
-    inv = [
-        (r"^vit\.patch_embed\.proj\.", "patch_embed.projection."),
-        (r"^vit\.blocks\.(\d+)\.norm1\.", r"layers.\1.ln1."),
-        (r"^vit\.blocks\.(\d+)\.norm2\.", r"layers.\1.ln2."),
-        (r"^vit\.blocks\.(\d+)\.attn\.qkv\.weight$", r"layers.\1.attn.attn.in_proj_weight"),
-        (r"^vit\.blocks\.(\d+)\.attn\.qkv\.bias$", r"layers.\1.attn.attn.in_proj_bias"),
-        (r"^vit\.blocks\.(\d+)\.attn\.proj\.", r"layers.\1.attn.attn.out_proj."),
-        (r"^vit\.blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
-        (r"^vit\.blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
-        (r"^norm\.", "ln1."),
-        (r"^vit\.(cls_token|pos_embed)$", r"\1"),
-    ]
     out = {}
     for k, v in state.items():
-        for pat, rep in inv:
+        for pat, rep in _PMBENCH_TO_MMSEG_RULES:
             if re.match(pat, k):
                 out[re.sub(pat, rep, k)] = v
                 break

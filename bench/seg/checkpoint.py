@@ -86,21 +86,18 @@ def load_weights(path, trust: bool = False) -> dict:
         ) from None
 
 
-_SEGMENTER_DECODER = [
-    (r"^decoder\.proj_dec\.", "decode_head.dec_proj."),
-    (r"^decoder\.cls_emb$", "decode_head.cls_emb"),
-    (r"^decoder\.proj_patch$", "decode_head.patch_proj.weight"),
-    (r"^decoder\.proj_classes$", "decode_head.classes_proj.weight"),
-    (r"^decoder\.decoder_norm\.", "decode_head.decoder_norm."),
-    (r"^decoder\.mask_norm\.", "decode_head.mask_norm."),
-    (r"^decoder\.blocks\.(\d+)\.norm1\.", r"decode_head.layers.\1.ln1."),
-    (r"^decoder\.blocks\.(\d+)\.norm2\.", r"decode_head.layers.\1.ln2."),
-    (r"^decoder\.blocks\.(\d+)\.attn\.qkv\.weight$", r"decode_head.layers.\1.attn.attn.in_proj_weight"),
-    (r"^decoder\.blocks\.(\d+)\.attn\.qkv\.bias$", r"decode_head.layers.\1.attn.attn.in_proj_bias"),
-    (r"^decoder\.blocks\.(\d+)\.attn\.proj\.", r"decode_head.layers.\1.attn.attn.out_proj."),
-    (r"^decoder\.blocks\.(\d+)\.mlp\.fc1\.", r"decode_head.layers.\1.ffn.layers.0.0."),
-    (r"^decoder\.blocks\.(\d+)\.mlp\.fc2\.", r"decode_head.layers.\1.ffn.layers.1."),
-]
+def _segmenter_decoder_rules() -> list[tuple[str, str]]:
+    from .backbone import block_rules
+
+    return [
+        (r"^decoder\.proj_dec\.", "decode_head.dec_proj."),
+        (r"^decoder\.cls_emb$", "decode_head.cls_emb"),
+        (r"^decoder\.proj_patch$", "decode_head.patch_proj.weight"),
+        (r"^decoder\.proj_classes$", "decode_head.classes_proj.weight"),
+        (r"^decoder\.decoder_norm\.", "decode_head.decoder_norm."),
+        (r"^decoder\.mask_norm\.", "decode_head.mask_norm."),
+        *block_rules("decoder.blocks.", "decode_head.layers.", to_timm=False),
+    ]
 
 
 def segmenter_release_to_mmseg(model_sd: dict) -> dict:
@@ -109,12 +106,12 @@ def segmenter_release_to_mmseg(model_sd: dict) -> dict:
     Segmenter stores the patch/class projections as raw (D, D) parameters used as
     ``x @ P``; mmseg's ``nn.Linear(bias=False)`` computes ``x @ W.T``, hence the transpose.
     """
-    out = {}
+    out, rules = {}, _segmenter_decoder_rules()
     for k, v in model_sd.items():
         if k.startswith("encoder."):
             out["backbone." + k[len("encoder."):]] = v  # renamed by PMBenchViT on load
             continue
-        for pat, rep in _SEGMENTER_DECODER:
+        for pat, rep in rules:
             if re.match(pat, k):
                 nk = re.sub(pat, rep, k)
                 if nk.endswith(("patch_proj.weight", "classes_proj.weight")):
