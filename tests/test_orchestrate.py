@@ -149,7 +149,20 @@ def test_cost_stage_writes_stamped_tables_and_resumes(tmp_path):
 def test_paper_profile_without_data_is_a_clear_error():
     r = _run(["--profile", "paper"])
     assert r.returncode == 2
-    assert "--imagenet" in r.stderr and "--ade20k" in r.stderr
+    assert "--imagenet" in r.stderr and "--ade20k" in r.stderr and "--only cost,speed" in r.stderr
+
+
+def test_paper_profile_cost_needs_no_data(tmp_path):
+    """GMACs (and throughput, e.g. on a GPU for reports/gpu/) of the paper profile run without data;
+    the PM rows say they use the uniform structure because nothing was calibrated."""
+    out = tmp_path / "rep"
+    r = _run(["--profile", "paper", "--only", "cost", "--out", str(out)], {"PMBENCH_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((out / "flops.json").read_text())
+    by = {(x["model"], x["config"]): x["gmacs"] for x in t["rows"]}
+    assert by[("DeiT-S", "none")] == pytest.approx(4.599, abs=1e-3)
+    assert by[("DeiT-S", "tome:r=13")] == pytest.approx(2.703, abs=1e-3)
+    assert any("uniform structure" in n for n in t["meta"]["notes"])
 
 
 @pytest.mark.slow

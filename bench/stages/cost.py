@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import flops
-from .common import info_for, method_of, reducer_for, short_model
+from .common import info_for, method_of, pm_structure_note, reducer_for, short_model
 
 
 def run(ctx) -> None:
@@ -46,7 +46,8 @@ def run(ctx) -> None:
         "flops", "GMACs (multiply-accumulates; the papers call them GFLOPs)", rows,
         ctx.meta(data_source="none (analytic count at the real model sizes)", batch_size=1, precision="n/a",
                  notes=["Counted from per-block token counts: patch embedding + attention (qkv, proj, QK^T, AV) "
-                        "+ MLP + head + the method's own modules; norms/softmax not counted (as fvcore)."]),
+                        "+ MLP + head + the method's own modules; norms/softmax not counted (as fvcore).",
+                        *pm_structure_note(ctx, prof["cost_configs"])]),
         ["model", "method", "config", "gmacs", "gmacs_ratio", "reducer_gmacs"],
     )
     ctx.block_tokens = blocks

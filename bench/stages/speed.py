@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import env, speed
-from .common import base_model, method_of, patched_copy, short_model
+from .common import base_model, method_of, patched_copy, pm_structure_note, short_model
 
 
 def run(ctx) -> None:
@@ -59,7 +59,8 @@ def run(ctx) -> None:
                     precision=", ".join(sorted({r["precision"] for r in rows})) or sp["precision"],
                     batch_size=", ".join(sorted({str(r["batch_size"]) for r in rows})) or sp["batch_size"],
                     notes=[f"protocol: {getattr(ctx, 'speed_protocol', '')}",
-                           "speed-up = median over repeats of t_baseline / t_reduced, measured interleaved in one process"])
+                           "speed-up = median over repeats of t_baseline / t_reduced, measured interleaved in one process",
+                           *pm_structure_note(ctx, sorted({r["config"] for r in rows}))])
     ctx.add_table("throughput", "Throughput (images/s) and speed-up vs the unreduced model", rows, meta,
                   ["model", "method", "config", "precision", "batch_size", "img_s", "img_s_min", "img_s_max",
                    "speedup", "speedup_min", "speedup_max"])
