@@ -30,14 +30,14 @@ def reducer_for(ctx, spec: str):
 
 
 def pm_structure_note(ctx, configs) -> list[str]:
-    """Say where the PM rows' per-layer token counts came from (the run's calibration or the
+    """Say where the PM rows' per-layer token counts came from (the profile's calibration or the
     uniform default of a run without data)."""
     pm = [s for s in configs if method_of(s) == "pm"]
     if not pm:
         return []
     missing = [s for s in pm if getattr(ctx, "structure_key", lambda s: None)(s) in (None, "default-structure")]
     if not missing:
-        return ["PM rows: the per-layer structure calibrated in this run"]
+        return ["PM rows: the per-layer structure PM calibrated on this profile's data (its pm-calibrate jobs)"]
     return [f"PM rows {', '.join(missing)}: PM's uniform structure (int(N*keep) evenly spread centres in every "
             "compressed block), because no calibration ran in this invocation"]
 
