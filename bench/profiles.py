@@ -75,7 +75,8 @@ PROFILES = {
         "accuracy_configs": PAPER_CONFIGS,
         "finetune_configs": FINETUNE_CONFIGS,
         "finetune_epochs": 1,
-        # 2-core CPU budget: a short fine-tune (steps of batch 64) per row, shorter for ablations
+        # 2-core CPU budget: a short fine-tune per row (steps of the source's train batch, 32 on the proxy;
+        # the budget is the whole schedule), shorter for ablations
         "finetune_max_steps": 40,
         "ablation_max_steps": 20,
         "seg_keeps": SEG_KEEPS,

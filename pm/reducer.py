@@ -451,18 +451,14 @@ class PruneAndMerge(Reducer):
             return "no_decay"
         return "decay_const_lr"
 
-    def on_step(self, model, epoch: float, num_epochs: float) -> None:
-        self._epoch_f = float(epoch)
-
     def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
         """Under ``lr_quirk`` the 'decay_const_lr' group trains at a constant 1e-6: the multiplier
         that turns the trainer's cosine value at this step into 1e-6.  The cosine is recomputed
         from ``base_lr``/``min_lr`` (set by :meth:`recipe`; no warm-up, as the recipe says) at the
-        fractional epoch given to :meth:`on_step`, i.e. bench.train's per-step schedule."""
+        fractional epoch bench.train passes each step, i.e. its per-step schedule."""
         if not self.cfg["lr_quirk"] or group != "decay_const_lr" or not self.base_lr:
             return 1.0
-        ep = getattr(self, "_epoch_f", float(epoch))
-        t = min(1.0, ep / max(1e-9, float(num_epochs)))
+        t = min(1.0, float(epoch) / max(1e-9, float(num_epochs)))
         cur = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t))
         return 1e-6 / cur
 

@@ -44,7 +44,6 @@ def build_segmentor(cfg, checkpoint=None, *, random_weights: bool = False, trust
         info = load_into(model, checkpoint, trust=trust)
         info["weights"] = str(checkpoint)
     elif random_weights:
-        torch.manual_seed(0)
         model.init_weights()
     else:
         raise ConfigError(

@@ -33,8 +33,8 @@ def matched_tome_r(info: ModelInfo, target_macs: int) -> int:
 
 
 def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
-    """Rows ``{"method", "keep", "spec"}`` for the table (baseline first); methods whose module
-    is missing are left out."""
+    """Rows ``{"method", "keep", "spec"}`` (plus ``"label"`` where a method has several rows per
+    keep rate) for the table (baseline first); methods whose module is missing are left out."""
     methods = methods or ["pm", "tome", "evit", "dynamicvit", "mstm"]
     have = set()
     for m in methods:
@@ -57,8 +57,9 @@ def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
         if "mstm" in have:
             rows.append({"method": "mstm", "keep": k, "spec": f"mstm:keep={k}"})
             # segmentation is our extension of MSTM: both restore rules (baselines/mstm.py docstring)
-            rows.append({"method": "mstm (restore=own)", "keep": k, "spec": f"mstm:keep={k},restore=own"})
-    return [r for r in rows if r["method"].split(" ")[0] in have or r["method"] == "baseline"]
+            rows.append({"method": "mstm", "label": "mstm (restore=own)", "keep": k,
+                         "spec": f"mstm:keep={k},restore=own"})
+    return [r for r in rows if r["method"] in have or r["method"] == "baseline"]
 
 
 def config_info(config) -> ModelInfo:

@@ -11,12 +11,7 @@ Paper profile: the same with pretrained DeiT weights on ImageNet.
 """
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
-import torch
-
-from .. import flops, patch, registry
+from .. import flops
 from ..reducer import ModelInfo
 from ..results import file_hash
 from .common import method_of, short_model
@@ -77,10 +72,7 @@ def run_source(ctx, src) -> list:
             if method_of(spec) == "pm":
                 model, red = src.load_checkpoint(pm_ckpts[spec])
             else:
-                model = src.load_backbone()
-                red = registry.build(spec)
-                torch.manual_seed(0)  # reducer modules (e.g. predictors) start from a reproducible init
-                patch.apply(model, red, img_size=src.img_size)
+                model, red = src.patched_backbone(spec)
             return _eval_row(ctx, src, model, spec, "off-the-shelf", red)
 
         if method_of(spec) == "pm" and spec not in pm_ckpts:

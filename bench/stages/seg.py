@@ -73,7 +73,7 @@ def run(ctx) -> None:
             except Exception as e:
                 ctx.failures.append(f"seg {config} {spec}: {e}")
                 continue
-            method = row_spec["method"] if row_spec["method"] != "baseline" else method_of(spec)
+            method = row_spec.get("label", method_of(spec))
             rows.append({"config_model": config, "method": method, "keep": keep, "config": spec,
                          "miou": r.get("miou"), "aAcc": r.get("aAcc"),
                          "gmacs_per_window": r.get("gmacs_per_window"), "gmacs_per_image": r.get("gmacs_per_image"),

@@ -60,6 +60,15 @@ class Source:
         return evaluate(model, self.val_loader(), device=self.ctx.device)
 
     # -- models ----------------------------------------------------------------------------
+    def patched_backbone(self, spec: str):
+        """The backbone with reducer ``spec`` applied; reducer modules (predictors, fusion) start from
+        a seeded init, whatever ran before in this process, so every run builds the same model."""
+        model = self.load_backbone()
+        red = registry.build(spec)
+        torch.manual_seed(0)
+        patch.apply(model, red, img_size=self.img_size)
+        return model, red
+
     def load_backbone(self):
         from ..checkpoint import load_model
 
@@ -88,10 +97,7 @@ class Source:
                          f"-{file_hash(bb, 8)}.pt")
 
         def run():
-            model = self.load_backbone()
-            red = registry.build(spec)
-            torch.manual_seed(0)  # reducer modules start from a reproducible init, whatever ran before
-            patch.apply(model, red, img_size=self.img_size)
+            model, red = self.patched_backbone(spec)
             loader = self.train_loader(self.calib_batch, aug=False)
             summ = calibrate(model, red, loader, iters=self.calib_iters, device=self.ctx.device)
             save(out, model, red, self.model_name, {k: v for k, v in summ.items() if k != "flops"})
@@ -118,10 +124,7 @@ class Source:
         if init is not None:
             model, red = self.load_checkpoint(init)
         else:
-            model = self.load_backbone()
-            red = registry.build(spec)
-            torch.manual_seed(0)  # reducer modules start from a reproducible init, whatever ran before
-            patch.apply(model, red, img_size=self.img_size)
+            model, red = self.patched_backbone(spec)
         info = ModelInfo.from_model(model, self.img_size)
         cfg = {"batch_size": self.train_batch, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 0.05,
                "distill": "none", "progress": False}
