@@ -22,6 +22,10 @@ PM = ["pm:keep=0.7", "pm:keep=0.6"]
 # Every configuration of the classification tables (accuracy, FLOPs, throughput).
 PAPER_CONFIGS = ["none"] + PM + TOME + EVIT + DYNAMICVIT + MSTM
 
+# The FLOPs table also counts the rest of DynamicViT's published keep-ratio sweep (GMACs only: no
+# accuracy or speed rows), so every published DeiT-S figure has a row to be compared with.
+COST_CONFIGS = PAPER_CONFIGS + [f"dynamicvit:rho={k}" for k in (0.6, 0.5)]
+
 # Fine-tuned rows (each method's own recipe, via the shared trainer).
 FINETUNE_CONFIGS = ["pm:keep=0.7", "pm:keep=0.6", "tome:r=13", "evit:keep=0.7", *DYNAMICVIT, "mstm:keep=0.7"]
 
@@ -64,9 +68,9 @@ PROFILES = {
     "default": {
         "data_source": "proxy",
         "cost_models": COST_MODELS,
-        "cost_configs": PAPER_CONFIGS,
+        "cost_configs": COST_CONFIGS,
         "speed": {"batch_size": 8, "precision": "fp32", "warmup": 1, "iters": 2, "repeats": 3,
-                  "models": COST_MODELS,
+                  "models": COST_MODELS, "configs": PAPER_CONFIGS,
                   # DeiT-B on 2 CPU cores: the paper configurations only, smaller batch
                   "per_model": {"deit_base_patch16_224": {"batch_size": 4, "repeats": 3, "iters": 1,
                                                           "configs": ["none", "pm:keep=0.6", "tome:r=13",
@@ -86,9 +90,9 @@ PROFILES = {
     "paper": {
         "data_source": "real",
         "cost_models": COST_MODELS + ["vit_base_patch16_224"],
-        "cost_configs": PAPER_CONFIGS,
+        "cost_configs": COST_CONFIGS,
         "speed": {"batch_size": 256, "precision": "amp", "warmup": 50, "iters": 100, "repeats": 5,
-                  "models": COST_MODELS, "also_precisions": ["fp32"]},
+                  "models": COST_MODELS, "configs": PAPER_CONFIGS, "also_precisions": ["fp32"]},
         "accuracy_models": COST_MODELS,
         "accuracy_configs": PAPER_CONFIGS,
         "finetune_configs": FINETUNE_CONFIGS,
@@ -119,7 +123,7 @@ def fixture_variant(p: dict) -> dict:
     p["cost_models"] = [TINY_MODEL]
     p["accuracy_models"] = [TINY_MODEL]
     p["speed"] = {"batch_size": 2, "precision": "fp32", "warmup": 1, "iters": 1, "repeats": 2,
-                  "models": [TINY_MODEL], "also_precisions": ["bf16"]}
+                  "models": [TINY_MODEL], "configs": PAPER_CONFIGS, "also_precisions": ["bf16"]}
     p["finetune_epochs"] = 1
     p["finetune_configs"] = ["pm:keep=0.6", "tome:r=13", "evit:keep=0.7", "dynamicvit:rho=0.7", "mstm:keep=0.7"]
     p["ablations"] = PM_ABLATIONS[:2]

@@ -124,13 +124,29 @@ def normalise_spec(spec: str) -> str:
         return re.sub(r"\s+", "", spec)
 
 
+# Sources whose GFLOPs a method's own publication made with a rule other than the suite's count
+# (Reducer.paper_count_macs): (source, method).  DynamicViT's NeurIPS figures (and the ToMe paper's
+# copy of one) come from the official per-layer formula without predictors; its T-PAMI README's come
+# from fvcore, i.e. the suite's count.  The PM README uses PM's code formula (pm.md §1.4).
+PAPER_COUNT_SOURCES = {
+    ("DynamicViT paper (secondary copy)", "dynamicvit"),
+    ("ToMe paper (secondary copy)", "dynamicvit"),
+    ("PM README", "pm"),
+}
+
+
+def uses_paper_count(row: dict) -> bool:
+    """Whether a comparable row's GFLOPs were made with its method's own rule (see above)."""
+    return (row["source"], row["spec"].split(":", 1)[0]) in PAPER_COUNT_SOURCES
+
+
 def gmacs_agreement(ours: Optional[float], published: Optional[float]) -> Optional[str]:
     """How our GMACs relate to a published one-decimal figure.
 
     ``within 0.05``: the figure is ours rounded (or closer).  ``ours truncated``: the figure is our
-    count cut to one decimal (published <= ours < published + 0.1), the convention every DynamicViT
-    figure of its paper and README follows (tests/test_dynamicvit.py); no single count *rounds* to
-    all of them.  ``differs``: neither (e.g. the secondary copy's DeiT-B 11.2)."""
+    count cut to one decimal (published <= ours < published + 0.1), as DynamicViT's README prints its
+    fvcore counts (tests/test_dynamicvit.py) and as some baseline rows are copied.  ``differs``:
+    neither (e.g. the PM README's DeiT-S 3.0)."""
     if ours is None or published is None:
         return None
     if abs(ours - published) <= 0.05 + 1e-9:

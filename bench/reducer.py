@@ -352,6 +352,13 @@ class Reducer:
         """MACs of the method's own modules (predictors, merge matrices, fusion)."""
         return 0
 
+    def paper_count_macs(self, info: ModelInfo) -> Optional[int]:
+        """The count the method's own publication made its GFLOPs with, where that is not the suite's
+        count (``bench.flops.analytic``); None when it is.  The suite's tables always use its own count;
+        this one only lets the published-vs-reproduced table compare a paper's figure with the number
+        the paper's own rule gives (``bench.published.PAPER_COUNT_SOURCES``) and say so."""
+        return None
+
     # -- training --------------------------------------------------------------------------
     def extra_losses(self, model, outputs, targets, state: Optional[TokenState], teacher_out=None) -> dict:
         """Extra training losses (already weighted), e.g. DynamicViT's ratio loss.

@@ -15,6 +15,8 @@ def _published_table(ctx) -> None:
     speed_rows = ctx.tables.get("throughput", {}).get("rows", [])
     acc_rows = ctx.tables.get("accuracy", {}).get("rows", [])
     ours_gmacs = {(r["timm_model"], published.normalise_spec(r["config"])): r["gmacs"] for r in flops_rows}
+    paper_gmacs = {(r["timm_model"], published.normalise_spec(r["config"])): r.get("paper_count_gmacs")
+                   for r in flops_rows}
     ours_speed = {}
     for r in speed_rows:
         ours_speed.setdefault((r["model"], published.normalise_spec(r["config"])), r["speedup"])
@@ -28,6 +30,9 @@ def _published_table(ctx) -> None:
         spec = published.normalise_spec(p["spec"])
         key = (p["timm_model"], spec)
         og = ours_gmacs.get(key)
+        count = "suite"
+        if published.uses_paper_count(p) and paper_gmacs.get(key) is not None:
+            og, count = paper_gmacs[key], "method paper's rule"
         osp = ours_speed.get((short_model(p["timm_model"]), spec))
         psp = pub_sp.get((p["source"], p["timm_model"], p["spec"]))
         if og is None and osp is None:
@@ -35,7 +40,7 @@ def _published_table(ctx) -> None:
         row = {
             "model": p["model"], "config": spec, "source": p["source"], "confidence": p["confidence"],
             "trained": p["trained"],
-            "published_gmacs": p["gmacs_f"], "ours_gmacs": og,
+            "published_gmacs": p["gmacs_f"], "ours_gmacs": og, "ours_count": count if og is not None else None,
             "gmacs_diff": round(og - p["gmacs_f"], 3) if (og is not None and p["gmacs_f"] is not None) else None,
             "gmacs_agree": published.gmacs_agreement(og, p["gmacs_f"]),
             "published_speedup": round(psp, 3) if psp else None, "published_hw": p["hardware"],
@@ -52,14 +57,17 @@ def _published_table(ctx) -> None:
         notes.append("Proxy profile: only GMACs (counted at the real DeiT sizes) and speed-up ratios are comparable; "
                      "published top-1 is shown for reference only; our proxy accuracy is not an ImageNet accuracy.")
     notes.append("Speed-ups: ours on this run's device and batch size; published ones on the source's hardware.")
+    notes.append("ours_count: 'suite' = the flops table's count; \"method paper's rule\" = the count the method's "
+                 "own publication used, where it differs (flops table, paper_count_gmacs): DynamicViT's paper summed "
+                 "the official per-layer formula without the predictors; the PM README uses PM's code formula.")
     notes.append("gmacs_agree: 'within 0.05' = the published figure is ours rounded; 'ours truncated' = it is our "
-                 "count cut to one decimal (DynamicViT's paper and README print every figure that way; its README "
-                 "counts with fvcore, predictors included); 'differs' = neither.")
+                 "count cut to one decimal (DynamicViT's README prints its fvcore counts, predictors included, that "
+                 "way); 'differs' = neither.")
     ctx.add_table("published_vs_reproduced", "Published vs reproduced", rows,
                   ctx.meta(data_source=ctx.profile["data_source"], notes=notes),
                   ["model", "config", "source", "confidence", "trained", "published_gmacs", "ours_gmacs",
-                   "gmacs_diff", "gmacs_agree", "published_speedup", "ours_speedup", "published_hw", "published_top1",
-                   "ours_top1"])
+                   "ours_count", "gmacs_diff", "gmacs_agree", "published_speedup", "ours_speedup", "published_hw",
+                   "published_top1", "ours_top1"])
 
 
 ORDER = ["accuracy", "flops", "throughput", "segmentation", "pm_ablations", "pm_structure", "published_vs_reproduced"]

@@ -395,17 +395,24 @@ class PruneAndMerge(Reducer):
                     total += N * N * D
         return total
 
+    @staticmethod
+    def _pm_code_formula(info: ModelInfo, tokens_per_block: list[int]) -> int:
+        """pm.md §2.1: 12ND^2 + 2N^2D + hN^2 per block, head as n_patches * classes * D, no patch embed."""
+        D, h = info.dim, info.num_heads
+        return info.n_patches * info.num_classes * D + sum(12 * n * D * D + 2 * n * n * D + h * n * n
+                                                           for n in tokens_per_block)
+
+    def paper_count_macs(self, info: ModelInfo) -> int:
+        """The PM README's convention (pm.md §1.4): the official code's formula, merge/reconstruct excluded."""
+        return self._pm_code_formula(info, self.tokens_per_block(info))
+
     def flops_report(self, info: ModelInfo) -> dict:
         """The official PM code's count (pm.md §2.1) and the full counts."""
-        D, h, N = info.dim, info.num_heads, info.n_tokens
+        D, N = info.dim, info.n_tokens
         counts = self.tokens_per_block(info)
         layers = self.compressed_layers(info.depth)
-
-        def formula(ns):
-            return info.n_patches * info.num_classes * D + sum(12 * n * D * D + 2 * n * n * D + h * n * n for n in ns)
-
-        base = formula([N] * info.depth)
-        pm = formula(counts)
+        base = self._pm_code_formula(info, [N] * info.depth)
+        pm = self.paper_count_macs(info)
         mr = sum(2 * counts[l] * N * D for l in layers)
         diag = len(layers) * N * N * D
         g = lambda v: round(v / 1e9, 4)  # noqa: E731

@@ -100,6 +100,39 @@ def zero_blocks():
 
 
 @pytest.fixture
+def patched_vit(make_vit):
+    """``patched_vit(spec, seed=0)``: (a tiny ViT patched with ``spec``, its reducer, an unpatched
+    copy with the same weights)."""
+    import copy
+
+    from bench import patch, registry
+
+    def make(spec: str, seed: int = 0):
+        m = make_vit(seed=seed)
+        base = copy.deepcopy(m)
+        r = registry.build(spec)
+        patch.apply(m, r)
+        return m, r, base
+
+    return make
+
+
+@pytest.fixture
+def assert_spec_rejected():
+    """``assert_spec_rejected([(spec, message regex), ...])``: building each spec raises a ConfigError
+    whose message matches (bad option values are caught before any model exists)."""
+    from bench import registry
+    from bench.reducer import ConfigError
+
+    def check(cases):
+        for spec, msg in cases:
+            with pytest.raises(ConfigError, match=msg):
+                registry.build(spec)
+
+    return check
+
+
+@pytest.fixture
 def assert_patch_rejected():
     """``assert_patch_rejected(model, [(spec, message regex), ...])``: each spec builds but fails
     ``patch.apply`` on ``model`` with a ConfigError matching the message, leaving it unpatched."""

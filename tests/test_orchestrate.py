@@ -163,6 +163,17 @@ def test_paper_profile_cost_needs_no_data(tmp_path):
     assert by[("DeiT-S", "none")] == pytest.approx(4.599, abs=1e-3)
     assert by[("DeiT-S", "tome:r=13")] == pytest.approx(2.703, abs=1e-3)
     assert any("uniform structure" in n for n in t["meta"]["notes"])
+    # every published DynamicViT figure is compared with the count its source used (tests/test_dynamicvit.py)
+    paper = {(x["model"], x["config"]): x["paper_count_gmacs"] for x in t["rows"]}
+    assert paper[("DeiT-S", "dynamicvit:rho=0.5")] == pytest.approx(2.181, abs=1e-3)
+    assert paper[("DeiT-S", "tome:r=13")] is None
+    pub = [x for x in json.loads((out / "published_vs_reproduced.json").read_text())["rows"]
+           if x["config"].startswith("dynamicvit") and x["published_gmacs"] is not None]
+    count = {(x["source"], x["model"], x["config"]): (x["ours_count"], x["gmacs_agree"]) for x in pub}
+    assert len(count) == 9
+    for (source, _, _), (ours_count, agree) in count.items():
+        assert (ours_count, agree) == (("suite", "ours truncated") if source == "DynamicViT README"
+                                       else ("method paper's rule", "within 0.05"))
 
 
 @pytest.mark.slow

@@ -339,6 +339,7 @@ def test_flops_report_matches_the_pm_code_formula(dim, heads, base, k6):
     assert rep["structure_source"].startswith("uniform")
     assert rep["pm_code_formula_baseline_gmacs"] == pytest.approx(base, abs=1e-4)
     assert rep["pm_code_formula_gmacs"] == pytest.approx(k6, abs=1e-3)
+    assert r.paper_count_macs(info) / 1e9 == pytest.approx(k6, abs=1e-3)  # what the PM README rows compare with
     assert rep["tokens_per_block"] == [118] * 12
     if dim == 192:
         assert rep["merge_reconstruct_dense_gmacs"] == pytest.approx(0.107, abs=1e-3)

@@ -34,6 +34,9 @@ def run(args):
     info = ModelInfo.from_model(model, img)
     rep = flops.analytic(info, red, args.model)
     out = rep.to_dict()
+    paper = red.paper_count_macs(info)
+    if paper is not None:
+        out["paper_count_gmacs"] = round(paper / 1e9, 4)
     extra = getattr(red, "flops_report", None)
     if callable(extra):
         out["method_conventions"] = extra(info)
@@ -51,6 +54,9 @@ def run(args):
                      f"{b['attn_macs'] / 1e9:10.4f}  {b['mlp_macs'] / 1e9:9.4f}")
     if args.measure:
         lines.append(f"measured (FlopCounterMode): {out['measured_gmacs']:.3f} GMACs")
+    if paper is not None:
+        lines.append(f"the method paper's own count (for comparison with its published figures): "
+                     f"{out['paper_count_gmacs']:.3f}")
     if "method_conventions" in out:
         for k, v in out["method_conventions"].items():
             lines.append(f"{k}: {v}")

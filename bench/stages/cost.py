@@ -17,15 +17,16 @@ def run(ctx) -> None:
             red = reducer_for(ctx, spec)
             red.check(info)
             rep = flops.analytic(info, red, model_name)
+            paper = red.paper_count_macs(info)
             res = {"gmacs": rep.gmacs, "reducer_gmacs": rep.reducer_extra / 1e9, "spec": red.spec(),
-                   "blocks": rep.blocks}
+                   "blocks": rep.blocks, "paper_count_gmacs": None if paper is None else paper / 1e9}
             conv = getattr(red, "flops_report", None)
             if callable(conv):
                 res["method_conventions"] = conv(info)
             return res
 
-        try:
-            r = ctx.job({"kind": "cost", "model": model_name, "spec": spec,
+        try:  # rev 2: results carry paper_count_gmacs, so older cached results are not reused
+            r = ctx.job({"kind": "cost", "rev": 2, "model": model_name, "spec": spec,
                          "structure": getattr(ctx, "structure_key", lambda s: None)(spec)},
                         measure, f"cost {short_model(model_name)} {spec}", 0.5)
         except Exception as e:  # a method that cannot be built is reported, not hidden
@@ -35,7 +36,9 @@ def run(ctx) -> None:
             base_gmacs[model_name] = r["gmacs"]
         rows.append({"model": short_model(model_name), "timm_model": model_name, "method": method_of(spec),
                      "config": spec, "canonical": r["spec"], "gmacs": round(r["gmacs"], 3),
-                     "reducer_gmacs": round(r["reducer_gmacs"], 4)})
+                     "reducer_gmacs": round(r["reducer_gmacs"], 4),
+                     "paper_count_gmacs": None if r.get("paper_count_gmacs") is None
+                     else round(r["paper_count_gmacs"], 3)})
         blocks.append({"model": model_name, "config": spec,
                        "attn_tokens": [b["attn_tokens"] for b in r["blocks"]],
                        "mlp_tokens": [b["mlp_tokens"] for b in r["blocks"]]})
@@ -47,7 +50,11 @@ def run(ctx) -> None:
         ctx.meta(data_source="none (analytic count at the real model sizes)", batch_size=1, precision="n/a",
                  notes=["Counted from per-block token counts: patch embedding + attention (qkv, proj, QK^T, AV) "
                         "+ MLP + head + the method's own modules; norms/softmax not counted (as fvcore).",
+                        "paper_count_gmacs: the count the method's own publication used, where it differs "
+                        "(DynamicViT paper: the official per-layer formula, predictors excluded; PM README: "
+                        "the official code's formula, no patch embedding, merge/reconstruct excluded); "
+                        "for comparison with published figures only.",
                         *pm_structure_note(ctx, prof["cost_configs"])]),
-        ["model", "method", "config", "gmacs", "gmacs_ratio", "reducer_gmacs"],
+        ["model", "method", "config", "gmacs", "gmacs_ratio", "reducer_gmacs", "paper_count_gmacs"],
     )
     ctx.block_tokens = blocks

@@ -11,7 +11,7 @@ def run(ctx) -> None:
     rows = []
     for model_name in sp["models"]:
         over = sp.get("per_model", {}).get(model_name, {})
-        configs = over.get("configs", prof["cost_configs"])
+        configs = over.get("configs", sp.get("configs", prof["cost_configs"]))
         precisions = [sp["precision"]] + list(sp.get("also_precisions", []))
         for prec in precisions:
             cfg = speed.SpeedConfig(batch_size=over.get("batch_size", sp["batch_size"]), precision=prec,
