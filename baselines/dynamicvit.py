@@ -43,8 +43,9 @@ per-layer complexities in question are in the repository: the ``flops(s)``
 methods of ``Block`` and ``PatchEmbed*`` in its LV-ViT model file
 (``models/dylvvit.py``, inherited from LV-ViT).  Those count, per token, the
 matmuls plus fixed costs for softmax, dropout, scaling, biases, residuals,
-LayerNorm and GELU, and ``PredictorLG`` has no such method, so the paper's sums
-leave the predictors out.  :func:`paper_formula_macs` is that rule;
+LayerNorm and GELU; ``PredictorLG`` has no such method, and the paper's figures
+agree with the sum without a predictor term, not with any sum that has one.
+:func:`paper_formula_macs` is that rule;
 :meth:`DynamicViT.paper_count_macs` applies it to the eval token schedule.  It
 gives DeiT-S rho 0.9..0.5 3.98 / 3.40 / 2.92 / 2.51 / 2.18 and DeiT-B rho 0.7
 11.16 against the paper's 4.0 / 3.4 / 2.9 / 2.5 / 2.2 and 11.2, and, on the LV-ViT
