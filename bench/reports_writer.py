@@ -14,9 +14,7 @@ def _published_table(ctx) -> None:
     flops_rows = ctx.tables.get("flops", {}).get("rows", [])
     speed_rows = ctx.tables.get("throughput", {}).get("rows", [])
     acc_rows = ctx.tables.get("accuracy", {}).get("rows", [])
-    ours_gmacs = {(r["timm_model"], published.normalise_spec(r["config"])): r["gmacs"] for r in flops_rows}
-    paper_gmacs = {(r["timm_model"], published.normalise_spec(r["config"])): r.get("paper_count_gmacs")
-                   for r in flops_rows}
+    ours_flops = {(r["timm_model"], published.normalise_spec(r["config"])): r for r in flops_rows}
     ours_speed = {}
     for r in speed_rows:
         ours_speed.setdefault((r["model"], published.normalise_spec(r["config"])), r["speedup"])
@@ -29,10 +27,10 @@ def _published_table(ctx) -> None:
     for p in pub:
         spec = published.normalise_spec(p["spec"])
         key = (p["timm_model"], spec)
-        og = ours_gmacs.get(key)
-        count = "suite"
-        if published.uses_paper_count(p) and paper_gmacs.get(key) is not None:
-            og, count = paper_gmacs[key], "method paper's rule"
+        fr = ours_flops.get(key, {})
+        og, count = fr.get("gmacs"), "suite"
+        if published.uses_paper_count(p) and fr.get("paper_count_gmacs") is not None:
+            og, count = fr["paper_count_gmacs"], "method paper's rule"
         osp = ours_speed.get((short_model(p["timm_model"]), spec))
         psp = pub_sp.get((p["source"], p["timm_model"], p["spec"]))
         if og is None and osp is None:

@@ -412,7 +412,7 @@ class PruneAndMerge(Reducer):
         counts = self.tokens_per_block(info)
         layers = self.compressed_layers(info.depth)
         base = self._pm_code_formula(info, [N] * info.depth)
-        pm = self.paper_count_macs(info)
+        pm = self._pm_code_formula(info, counts)
         mr = sum(2 * counts[l] * N * D for l in layers)
         diag = len(layers) * N * N * D
         g = lambda v: round(v / 1e9, 4)  # noqa: E731

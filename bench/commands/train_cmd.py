@@ -88,13 +88,11 @@ def build_student(args, n_classes: int):
 def run(args):
     dist.init(args.device)
     main = dist.is_main()
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig, seed_everything, train
 
     info_data = data_mod.describe_data(args.data)
     # Seed before the model exists: a from-scratch run's initial weights come from the global RNG,
     # and an unseeded init made two identical `pmbench train` commands disagree.
-    from ..train import seed_everything
-
     seed_everything(args.seed if args.seed is not None else TrainConfig().seed)
     model, red, base = build_student(args, info_data["num_classes"])
     img = args.img_size or model.patch_embed.img_size[0]

@@ -170,7 +170,7 @@ class ProxySource(Source):
         # fine-tunes at batch 32: the profile's step budget then fits the 20-minute default run
         self.train_batch = 32
         if size == "smoke":
-            self.eval_batch, self.train_batch, self.calib_iters, self.calib_batch = 40, 32, 2, 16
+            self.eval_batch, self.calib_iters, self.calib_batch = 40, 2, 16
 
     def ensure_backbone(self) -> Path:
         from .. import proxy
