@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.patch import reducer_modules
+from bench.patch import gather_tokens, reducer_modules
 from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
 
 _KEY = "dynamicvit"  # name of the ModuleList under model.reducer_modules
@@ -96,11 +96,17 @@ class PredictorLG(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor]) -> torch.Tensor:
+        """``policy`` (B, N, 1) keep decisions; None = all ones (inference), where the masked mean is the
+        plain mean: ``x * 1`` and a sum of N ones are exact, so the numbers are the same, without the
+        multiply and the policy sum."""
         x = self.in_conv(x)
         B, N, C = x.shape
         local_x = x[:, :, : C // 2]
-        global_x = (x[:, :, C // 2:] * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
+        if policy is None:
+            global_x = x[:, :, C // 2:].sum(dim=1, keepdim=True) / float(N)
+        else:
+            global_x = (x[:, :, C // 2:] * policy).sum(dim=1, keepdim=True) / policy.sum(dim=1, keepdim=True)
         x = torch.cat([local_x, global_x.expand(B, N, C - C // 2)], dim=-1)
         return self.out_conv(x)
 
@@ -225,7 +231,7 @@ class DynamicViT(Reducer):
             sc["dvit_prev"] = x.new_ones(B, n_p, 1)
             sc["dvit_policy"] = x.new_ones(B, N, 1)
             sc["dvit_decisions"] = []
-        else:
+        elif state.track:  # original patch index of every kept token, per stage (tracking only)
             sc["dvit_orig"] = torch.arange(n_p, device=x.device).expand(B, -1)
             sc["dvit_kept"] = []
 
@@ -253,19 +259,21 @@ class DynamicViT(Reducer):
         n = N - p
         k = self.keep_counts(sc["dvit_n0"])[s]
         if k >= n:
-            sc["dvit_kept"].append(sc["dvit_orig"])
+            if state.track:
+                sc["dvit_kept"].append(sc["dvit_orig"])
             return x
-        logp = pred(x[:, p:], x.new_ones(B, n, 1))  # prev decision is all ones in eval
+        logp = pred(x[:, p:], None)  # prev decision is all ones in eval: the plain mean (same numbers)
         idx = torch.topk(logp[:, :, 0], k, dim=1, largest=True, sorted=True).indices
-        sc["dvit_orig"] = torch.gather(sc["dvit_orig"], 1, idx)
-        sc["dvit_kept"].append(sc["dvit_orig"])
         if state.track:
+            sc["dvit_orig"] = torch.gather(sc["dvit_orig"], 1, idx)
+            sc["dvit_kept"].append(sc["dvit_orig"])
             old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
             old_to_new[:, :p] = torch.arange(p, device=x.device)
             old_to_new.scatter_(1, idx + p, (p + torch.arange(k, device=x.device)).expand(B, -1))
             state.remap(x, old_to_new)
-        kept = torch.gather(x[:, p:], 1, idx.unsqueeze(-1).expand(-1, -1, C))
-        return torch.cat([x[:, :p], kept], dim=1)
+        # prefix + kept tokens in one exact row copy (bench.patch.gather_tokens)
+        keep = torch.cat([torch.arange(p, device=x.device).expand(B, -1), idx + p], dim=1)
+        return gather_tokens(x, keep)
 
     def attn_request(self, i, block, x, state: TokenState) -> AttnRequest:
         if state.scratch.get("dvit_train"):

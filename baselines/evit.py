@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from bench.patch import gather_tokens
 from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState, keep_count
 
 
@@ -117,12 +118,12 @@ class EViT(Reducer):
             return x
         cls_attn = extras["cls_attn"][:, p:]
         _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
-        rest = x[:, p:]
-        kept = torch.gather(rest, 1, idx.unsqueeze(-1).expand(-1, -1, C))
-        parts = [x[:, :p], kept]
+        # prefix tokens + the kept ones in one row copy (bench.patch.gather_tokens: exact, no broadcast gather)
+        keep = torch.cat([torch.arange(p, device=x.device).expand(B, -1), idx + p], dim=1)
+        parts = [gather_tokens(x, keep)]
         if self.cfg["fuse"]:
             compl = complement_idx(idx, n)
-            others = torch.gather(rest, 1, compl.unsqueeze(-1).expand(-1, -1, C))
+            others = gather_tokens(x, compl + p)
             w = torch.gather(cls_attn, 1, compl)
             parts.append((others * w.unsqueeze(-1)).sum(dim=1, keepdim=True))
         if state.track:
@@ -130,7 +131,7 @@ class EViT(Reducer):
             old_to_new[:, :p] = torch.arange(p, device=x.device)
             old_to_new.scatter_(1, idx + p, (p + torch.arange(left, device=x.device)).expand(B, -1))
             state.remap(x, old_to_new)
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     # -- declarations -----------------------------------------------------------------------
     def token_schedule(self, info: ModelInfo) -> list[BlockTokens]:

@@ -78,7 +78,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.evit import complement_idx
-from bench.patch import reducer_modules
+from bench.patch import gather_tokens, reducer_modules
 from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState, keep_count
 
 _KEY = "mstm"
@@ -126,12 +126,14 @@ def merge_into_crucial(x, w, size, idx, metric, assign: str = "hard", tau: float
     """
     B, n, C = x.shape
     k = idx.shape[1]
-    g = lambda t, i: torch.gather(t, 1, i.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
-    xc, wc, sc = g(x, idx), g(w, idx), g(size, idx)
+    g = gather_tokens  # exact row copies
+    xc, wc = g(x, idx), g(w, idx)
+    sc = g(size, idx) if size is not None else None  # size None: not tracked (inference), size_new None
     if metric is None or k >= n:
         return xc, sc, wc, None
     compl = complement_idx(idx, n)
-    xu, wu, su = g(x, compl), g(w, compl), g(size, compl)
+    xu, wu = g(x, compl), g(w, compl)
+    su = g(size, compl) if size is not None else None
     m = metric / metric.norm(dim=-1, keepdim=True)
     sim = g(m, compl) @ g(m, idx).transpose(1, 2)  # (B, n-k, k)
     dest = sim.argmax(dim=-1)
@@ -139,12 +141,12 @@ def merge_into_crucial(x, w, size, idx, metric, assign: str = "hard", tau: float
     if assign == "hard":
         num = num.scatter_add(1, dest.unsqueeze(-1).expand(-1, -1, C), wu * xu)
         den = den.scatter_add(1, dest.unsqueeze(-1), wu)
-        size_new = sc.scatter_add(1, dest.unsqueeze(-1), su)
+        size_new = sc.scatter_add(1, dest.unsqueeze(-1), su) if sc is not None else None
     else:
         a = (sim / tau).softmax(dim=-1).transpose(1, 2)  # (B, k, n-k), columns sum to 1
         num = num + a @ (wu * xu)
         den = den + a @ wu
-        size_new = sc + a @ su
+        size_new = sc + a @ su if sc is not None else None
     return num / den, size_new, den, dest
 
 
@@ -228,6 +230,11 @@ class MSTM(Reducer):
     def begin(self, model, x, state: TokenState):
         if self.cfg["multiscale"]:
             state.scratch["mstm_fusion"] = model.reducer_modules[_KEY]
+        # token sizes are bookkeeping unless something reads them: the merge weights, the log-size
+        # bias, size-weighted average pooling (bench.patch) or tracking (dense prediction, tests)
+        c = self.cfg
+        state.scratch["mstm_sizes"] = bool(state.track or c["weights"] == "size" or c["prop_attn"]
+                                           or getattr(model, "global_pool", None) == "avg")
 
     def pre_block(self, i, block, x, state: TokenState):
         if i != self.fuse_at():
@@ -260,25 +267,27 @@ class MSTM(Reducer):
         s = extras["cls_attn"][:, p:]
         idx = torch.topk(s, k, dim=1, largest=True, sorted=True).indices
         rest = x[:, p:]
-        size = state.ensure_size(x)[:, p:]
+        sized = state.scratch.get("mstm_sizes", True)
+        size = state.ensure_size(x)[:, p:] if sized else None
         if c["weights"] == "importance":
             w = s.unsqueeze(-1).to(x.dtype)
         elif c["weights"] == "size":
             w = size
         else:
-            w = torch.ones_like(size)
+            w = x.new_ones(B, n, 1)
         metric = None
         if c["merge"] == "sim":
             metric = extras["keys"][:, p:] if c["sim"] == "keys" else rest
         kept, size_k, weight_k, dest = merge_into_crucial(rest, w, size, idx, metric, c["assign"], c["tau"])
-        parts, sizes = [x[:, :p], kept], [state.size[:, :p], size_k]
+        parts, sizes = [x[:, :p], kept], ([state.size[:, :p], size_k] if sized else None)
         weights = [weight_k]
         if c["extra_token"]:
             compl = complement_idx(idx, n)
-            others = torch.gather(rest, 1, compl.unsqueeze(-1).expand(-1, -1, C))
+            others = gather_tokens(rest, compl)
             wu = torch.gather(s, 1, compl).unsqueeze(-1).to(x.dtype)
             parts.append((others * wu).sum(dim=1, keepdim=True))
-            sizes.append(torch.gather(size, 1, compl.unsqueeze(-1)).sum(dim=1, keepdim=True))
+            if sized:
+                sizes.append(torch.gather(size, 1, compl.unsqueeze(-1)).sum(dim=1, keepdim=True))
             weights.append(wu.sum(dim=1, keepdim=True))
         if state.track:
             old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
@@ -288,8 +297,10 @@ class MSTM(Reducer):
                 old_to_new.scatter_(1, complement_idx(idx, n) + p, p + dest)
             # else: -1, the token left the sequence and the restore keeps its features from here
             state.remap(x, old_to_new)
-        state.size = torch.cat(sizes, dim=1)
-        state.scratch["mstm_weight"] = torch.cat(weights, dim=1)
+        if sized:
+            state.size = torch.cat(sizes, dim=1)
+        if state.track:  # carried merge weights: bookkeeping for inspection only
+            state.scratch["mstm_weight"] = torch.cat(weights, dim=1)
         return torch.cat(parts, dim=1)
 
     # -- training ---------------------------------------------------------------------------------

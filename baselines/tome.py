@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from bench.patch import gather_tokens
 from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
 
 
@@ -44,12 +45,18 @@ def parse_r(num_layers: int, r: list[int], inflect: Optional[float]) -> list[int
     return [int(min_val + step * i) for i in range(num_layers)]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool):
+def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool,
+                            with_map: bool = True):
     """ToMe's matching (pure function).
 
-    Returns ``(merge, old_to_new)`` where ``merge(x, mode)`` merges a (B, T, C)
-    tensor and ``old_to_new`` (B, T) gives each old token's new index, or
-    ``(None, None)`` when nothing can be merged.
+    Returns ``(merge, old_to_new)`` where ``merge(x, mode)`` merges a (B, T, C) tensor and
+    ``old_to_new`` (B, T) gives each old token's new index, or ``(None, None)`` when nothing can be
+    merged.  The index map only serves source tracking (dense prediction, visualisation): with
+    ``with_map=False`` (inference) it is not built and ``old_to_new`` is None.
+
+    ``merge`` computes exactly the official ``[unm, dst.scatter_reduce(src)]`` (bit for bit) as one
+    row copy of the kept tokens into the output, one of the r sources and one ``scatter_reduce_`` into
+    the output's destination part (no concatenation, no copy of ``dst``).
     """
     protected = int(class_token) + int(distill_token)
     T = metric.shape[1]
@@ -72,22 +79,29 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
         if class_token:
             unm_idx = unm_idx.sort(dim=1)[0]
 
-    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        n, t1, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-        if distill_token:
-            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-        return torch.cat([unm, dst], dim=1)
-
-    # old index -> new index (for source tracking / unmerging)
     B = metric.shape[0]
     t1 = (T + 1) // 2
     t2 = T // 2
     n_unm = t1 - r
     dev = metric.device
+    # positions in the full sequence (A token j sits at 2j, B token j at 2j+1) of the output tokens
+    # [unmerged A..., B...] and of the sources
+    keep_pos = torch.cat([unm_idx[..., 0] * 2, (2 * torch.arange(t2, device=dev) + 1).expand(B, -1)], dim=1)
+    src_pos = src_idx[..., 0] * 2
+    dst_out = dst_idx[..., 0] + n_unm  # the destination's index in the output
+
+    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        n, _, c = x.shape
+        out = gather_tokens(x, keep_pos)
+        out.scatter_reduce_(-2, dst_out.expand(n, r).unsqueeze(-1).expand(n, r, c), gather_tokens(x, src_pos),
+                            reduce=mode)
+        if distill_token:  # [unm0, dst0, unm1.., dst1..]: CLS and the distillation token stay at 0 and 1
+            return torch.cat([out[:, :1], out[:, n_unm:n_unm + 1], out[:, 1:n_unm], out[:, n_unm + 1:]], dim=1)
+        return out
+
+    if not with_map:
+        return merge, None
+    # old index -> new index (for source tracking / unmerging)
     a_new = torch.empty(B, t1, dtype=torch.long, device=dev)
     a_new.scatter_(1, unm_idx[..., 0], torch.arange(n_unm, device=dev).expand(B, -1))
     a_new.scatter_(1, src_idx[..., 0], n_unm + dst_idx[..., 0])
@@ -180,11 +194,12 @@ class ToMe(Reducer):
         if r <= 0:
             return x
         merge, old_to_new = bipartite_soft_matching(
-            extras["keys"], r, state.scratch["cls"], state.scratch["dist"]
+            extras["keys"], r, state.scratch["cls"], state.scratch["dist"], with_map=state.track
         )
         if merge is None:
             return x
-        state.remap(x, old_to_new)
+        if state.track:  # the index map only serves source tracking; inference skips it
+            state.remap(x, old_to_new)
         x_new, state.size = merge_wavg(merge, x, state.ensure_size(x))
         return x_new
 

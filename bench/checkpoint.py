@@ -7,18 +7,19 @@ Format (a plain dict, loadable with ``torch.load(weights_only=True)``)::
      "optimizer": ..., "scheduler": ..., "epoch": int, "step": int, "extra": {...}}
 
 Written atomically (temporary file + ``os.replace``) so an interrupted run never
-leaves a truncated checkpoint.  ``load_model`` also accepts plain timm/DeiT
+leaves a truncated checkpoint; the temporary file is removed on every exit path
+(:func:`bench.outputs.temp_file`).  ``load_model`` also accepts plain timm/DeiT
 state dicts (``{"model": ...}`` wrapping included).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from . import patch, registry
+from .outputs import temp_file
 from .reducer import ConfigError, Reducer
 
 FORMAT = "pmbench-checkpoint-1"
@@ -69,10 +70,8 @@ def save_checkpoint(path, model, *, optimizer=None, scheduler=None, epoch=None, 
     if scheduler is not None:
         ck["scheduler"] = scheduler.state_dict() if hasattr(scheduler, "state_dict") else scheduler
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(ck, tmp)
-    os.replace(tmp, path)
+    with temp_file(path) as tmp:  # removed on every exit path; stale ones of killed runs too
+        torch.save(ck, tmp)
     return path
 
 

@@ -64,9 +64,23 @@ def main(argv=None) -> int:
     try:
         rc = args.func(args)
     except (ConfigError, UserError, FileNotFoundError) as e:
-        print(f"pmbench {args.command}: error: {e}", file=sys.stderr)
+        print(f"pmbench {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pmbench {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
+
+
+def one_line(e: BaseException) -> str:
+    """The reason of an error as one line.  An error raised in a DataLoader worker reaches the main
+    process with the worker's traceback in its message; the reason is its last line."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
+        head, sep, rest = last.partition(": ")
+        msg = rest if sep and head.split(".")[-1] == type(e).__name__ else last
+    return " ".join(ln.strip() for ln in msg.splitlines() if ln.strip())
 
 
 if __name__ == "__main__":

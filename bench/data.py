@@ -7,15 +7,16 @@ CPU torch here), so the proxy exercises the real code path.
 Data specs: ``proxy`` (the default proxy set, generated on first use),
 ``proxy:smoke`` (the tiny one), ``imagenet:/path/to/root``.
 
-Transforms (measurement.md §3):
+Transforms come from a :class:`bench.preprocess.Preprocess` resolved from the
+model (its timm ``pretrained_cfg``: mean/std, interpolation, input size; the
+papers' 0.875 centre crop); without one, DeiT's input (ImageNet mean/std,
+bicubic, 0.875).  See docs/preprocessing.md.
 
-* eval: DeiT's ``Resize(int(img_size / crop_pct), bicubic)``, ``CenterCrop(img_size)``,
-  ImageNet mean/std; ``crop_pct`` defaults to the papers' 0.875 (timm's cfgs use 0.9);
-* train (real data): DeiT's augmentation through ``timm.data.create_transform``
-  (RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1, colour jitter 0.3,
-  random erasing 0.25); mixup / cutmix / label smoothing are applied by the trainer;
-* train (proxy): RandomResizedCrop(scale 0.5-1) and colour jitter, *no flip*
-  (a horizontal flip turns the "diag45" texture class into "diag135").
+Labels (docs/preprocessing.md): class folders that are ImageNet-1k synsets
+(``n01440764`` ...) are indexed in ImageNet-1k's canonical order, for train and
+val alike, so a subset of classes (or a train split with other classes than
+val) still lines up with a 1000-way head; other folder names are indexed in
+sorted order and both splits must hold the same folders.
 
 Distributed: training shards a per-epoch seeded permutation over ranks (padded so
 every rank takes the same number of steps, as DDP needs); evaluation shards
@@ -31,6 +32,9 @@ import hashlib
 import json
 import math
 import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -39,11 +43,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import preprocess as pp
 from .reducer import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = pp.IMAGENET_MEAN, pp.IMAGENET_STD
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+SYNSET = re.compile(r"^n\d{8}$")
+LABEL_MODES = ("auto", "imagenet-1k", "folders")
 
 
 # --------------------------------------------------------------------------- data specs
@@ -78,9 +84,40 @@ def data_root(data: str) -> Path:
     return d["root"]
 
 
-# --------------------------------------------------------------------------- folder dataset
-def scan_split(root: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes and (path, label) samples of ``root/split``; clear errors for bad layouts."""
+# --------------------------------------------------------------------------- labels
+@lru_cache(maxsize=1)
+def imagenet1k_synsets() -> tuple[str, ...]:
+    """ImageNet-1k's class order (index -> WordNet id), as timm ships it."""
+    from timm.data import ImageNetInfo
+
+    return tuple(ImageNetInfo("imagenet-1k").label_names())
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """How class folders map to label indices.
+
+    ``imagenet-1k``: folders are ImageNet-1k synsets, indexed in the canonical order (1000 labels,
+    whatever subset of folders a split holds).  ``folders``: index = position in the sorted folder list.
+    """
+
+    kind: str
+    names: tuple  # index -> class folder name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def index(self) -> dict:
+        return {n: i for i, n in enumerate(self.names)}
+
+    def describe(self) -> str:
+        return ("ImageNet-1k synsets in the canonical 1000-class order" if self.kind == "imagenet-1k"
+                else f"{len(self.names)} class folders in sorted order")
+
+
+def _class_folders(root: Path, split: str) -> list[str]:
+    """Sorted class folder names of ``root/split``, with clear errors for bad layouts."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist; pass the folder that holds train/ and val/")
@@ -99,14 +136,80 @@ def scan_split(root: Path, split: str) -> tuple[list[str], list[tuple[str, int]]
     if loose:
         raise ConfigError(f"{d} mixes class folders with {len(loose)} loose images (e.g. {loose[0]}); "
                           "move every image into its class folder")
-    samples = []
-    for label, c in enumerate(classes):
-        files = sorted(f for f in (d / c).iterdir() if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
-        if not files:
-            raise ConfigError(f"class folder {d / c} holds no images ({', '.join(IMG_EXTENSIONS)}); "
-                              "remove the folder or add its images")
-        samples.extend((str(f), label) for f in files)
-    return classes, samples
+    return classes
+
+
+def _is_in1k(folders) -> bool:
+    known = set(imagenet1k_synsets())
+    return all(SYNSET.match(f) and f in known for f in folders)
+
+
+def resolve_labels(root: Path, num_classes: Optional[int] = None, mode: str = "auto") -> LabelSpace:
+    """The label space of the folders under ``root`` (val, and train where present), checked against
+    each other and against a model with ``num_classes`` outputs.  Lists folder names only (cheap).
+
+    ``auto``: ImageNet-1k synset folders -> canonical indices when the model has 1000 classes (or is
+    not known yet); any other folder names (or a head of another size) -> sorted folder order.
+    """
+    if mode not in LABEL_MODES:
+        raise ConfigError(f"unknown label mode '{mode}'; use one of {', '.join(LABEL_MODES)}")
+    root = Path(root)
+    splits = {s: _class_folders(root, s) for s in ("val", "train") if (root / s).is_dir()}
+    if not splits:
+        _class_folders(root, "val")  # raises the layout error
+    syn = {s: _is_in1k(f) for s, f in splits.items()}
+    if len(set(syn.values())) > 1:
+        a, b = ("val", "train") if syn.get("val") else ("train", "val")
+        raise ConfigError(f"{root}/{a} holds ImageNet synset folders but {root}/{b} does not "
+                          f"(e.g. '{splits[b][0]}'); both splits need the same kind of class folders")
+    canonical = all(syn.values()) and (mode == "imagenet-1k" or (mode == "auto" and num_classes in (None, 1000)))
+    if mode == "imagenet-1k" and not all(syn.values()):
+        bad = next(f for fs in splits.values() for f in fs if not (SYNSET.match(f) and f in set(imagenet1k_synsets())))
+        raise ConfigError(f"--labels imagenet-1k: folder '{bad}' is not an ImageNet-1k synset")
+    if canonical:
+        space = LabelSpace("imagenet-1k", imagenet1k_synsets())
+    else:
+        names = splits.get("val") or splits["train"]
+        if "train" in splits and "val" in splits and splits["train"] != splits["val"]:
+            only_t = sorted(set(splits["train"]) - set(splits["val"]))
+            only_v = sorted(set(splits["val"]) - set(splits["train"]))
+            raise ConfigError(
+                f"{root}/train and {root}/val hold different class folders (only in train: {only_t[:5]}, only in "
+                f"val: {only_v[:5]}); labels are the sorted folder order here ("
+                + ("a head of " + str(num_classes) + " classes, not ImageNet-1k's 1000" if all(syn.values())
+                   else "folder names that are not ImageNet-1k synsets")
+                + "), so both splits need the same folders (keep empty folders to hold an index)")
+        space = LabelSpace("folders", tuple(names))
+    if num_classes is not None and space.num_classes != num_classes:
+        hint = (" (the folders are ImageNet synsets: a 1000-class model indexes them canonically)"
+                if all(syn.values()) else "")
+        raise ConfigError(f"the model has {num_classes} classes but {root} has {space.num_classes} class folders"
+                          f"{hint}; use a model whose head matches the data (--num-classes) or the matching data")
+    return space
+
+
+# --------------------------------------------------------------------------- folder dataset
+def scan_split(root: Path, split: str, labels: Optional[LabelSpace] = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class folders of ``root/split`` that hold images, [(path, label)]) with labels from ``labels``
+    (default: :func:`resolve_labels` of ``root``).  Empty class folders are allowed (they keep their
+    index); a split without any image is an error."""
+    root = Path(root)
+    folders = _class_folders(root, split)
+    labels = labels or resolve_labels(root)
+    index = labels.index()
+    unknown = [c for c in folders if c not in index]
+    if unknown:
+        raise ConfigError(f"{root / split} has class folders outside the label space ({labels.describe()}): "
+                          f"{unknown[:5]}")
+    samples, present = [], []
+    for c in folders:
+        files = sorted(f for f in (root / split / c).iterdir() if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+        if files:
+            present.append(c)
+        samples.extend((str(f), index[c]) for f in files)
+    if not samples:
+        raise ConfigError(f"{root / split} holds no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+    return present, samples
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -119,14 +222,12 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class FolderDataset(Dataset):
-    """``root/split/<class>/*`` decoded with PIL."""
+    """``root/split/<class>/*`` decoded with PIL, labelled by a :class:`LabelSpace`."""
 
-    def __init__(self, root: Path, split: str, transform=None, classes: Optional[list[str]] = None):
+    def __init__(self, root: Path, split: str, transform=None, labels: Optional[LabelSpace] = None):
         self.root, self.split, self.transform = Path(root), split, transform
-        self.classes, self.samples = scan_split(self.root, split)
-        if classes is not None and classes != self.classes:
-            raise ConfigError(f"{self.root / split} has {len(self.classes)} classes that differ from the "
-                              f"training split's {len(classes)}; both splits need the same class folders")
+        self.labels = labels or resolve_labels(self.root)
+        self.classes, self.samples = scan_split(self.root, split, self.labels)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -140,6 +241,8 @@ class FolderDataset(Dataset):
 class Subset(Dataset):
     def __init__(self, base: Dataset, indices: list[int]):
         self.base, self.indices = base, list(indices)
+        if hasattr(base, "samples"):
+            self.samples = [base.samples[i] for i in self.indices]
 
     def __len__(self):
         return len(self.indices)
@@ -149,30 +252,15 @@ class Subset(Dataset):
 
 
 # --------------------------------------------------------------------------- transforms
-def eval_transform(img_size: int, crop_pct: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, to_tensor=True):
-    """DeiT's evaluation transform: resize int(img/crop_pct) bicubic, centre crop, normalise."""
-    from torchvision import transforms as T
-
-    t = [T.Resize(int(math.floor(img_size / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
-         T.CenterCrop(img_size)]
-    if to_tensor:
-        t += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(t)
+def eval_transform(img_size: int, crop_pct: float = pp.PROTOCOL_CROP_PCT, mean=IMAGENET_MEAN, std=IMAGENET_STD, *,
+                   to_tensor=True, interpolation: str = "bicubic"):
+    """Resize int(img/crop_pct), centre crop, normalise (see :meth:`Preprocess.eval_transform`)."""
+    return pp.Preprocess(img_size=int(img_size), crop_pct=crop_pct, interpolation=interpolation, mean=tuple(mean),
+                         std=tuple(std)).eval_transform(to_tensor=to_tensor)
 
 
-def train_transform(img_size: int, source: str):
-    if source == "proxy":
-        from torchvision import transforms as T
-
-        return T.Compose([
-            T.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.ColorJitter(0.3, 0.3, 0.3),
-            T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    from timm.data import create_transform
-
-    # DeiT (main.py defaults): --aa rand-m9-mstd0.5-inc1 --color-jitter 0.3 --reprob 0.25 bicubic
-    return create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.3,
-                            interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1)
+def train_transform(img_size: int, source: str, prep: Optional[pp.Preprocess] = None):
+    return (prep or pp.default(img_size)).with_size(img_size).train_transform(source)
 
 
 # --------------------------------------------------------------------------- samplers
@@ -216,15 +304,17 @@ class ShardedEpochSampler(Sampler):
 
 # --------------------------------------------------------------------------- validation cache
 class CachedEvalDataset(Dataset):
-    """Decoded, resized, centre-cropped uint8 images in a memory-mapped file (built once)."""
+    """Decoded, resized, centre-cropped uint8 images in a memory-mapped file (built once).
+    Normalisation is applied on reading; the key holds the whole preprocessing anyway."""
 
-    def __init__(self, base: FolderDataset, img_size: int, crop_pct: float, cache_root: Path):
+    def __init__(self, base: FolderDataset, prep: pp.Preprocess, cache_root: Path):
         self.samples = base.samples
-        key = hashlib.sha1(json.dumps([str(base.root.resolve()), base.split, img_size, crop_pct,
+        key = hashlib.sha1(json.dumps([str(base.root.resolve()), base.split, prep.key(), base.labels.kind,
                                        [(p, l, os.path.getsize(p)) for p, l in base.samples]]).encode()).hexdigest()[:16]
         self.path = Path(cache_root) / f"valcache-{key}.u8"
+        img_size = prep.img_size
         self.shape = (len(self.samples), img_size, img_size, 3)
-        self.norm = _normalizer()
+        self.norm = prep.normalizer()
         if not (self.path.with_suffix(".done")).exists():
             import fcntl
 
@@ -232,7 +322,7 @@ class CachedEvalDataset(Dataset):
             with open(self.path.with_suffix(".lock"), "w") as fh:  # one builder (torchrun ranks, users)
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 if not (self.path.with_suffix(".done")).exists():
-                    self._build(eval_transform(img_size, crop_pct, to_tensor=False))
+                    self._build(prep.eval_transform(to_tensor=False))
                 fcntl.flock(fh, fcntl.LOCK_UN)
         self.arr = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
 
@@ -255,68 +345,104 @@ class CachedEvalDataset(Dataset):
         return self.norm(x), self.samples[i][1]
 
 
-def _normalizer():
-    from torchvision import transforms as T
-
-    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-
-
 # --------------------------------------------------------------------------- public API
-def _subset_indices(n: int, max_images: Optional[int], seed: int) -> Optional[list[int]]:
-    if max_images is None or max_images >= n:
+def stratified_subset(labels: list[int], max_images: Optional[int], seed: int) -> Optional[list[int]]:
+    """A seeded, class-stratified sample of ``max_images`` indices (sorted), or None for all.
+
+    Classes are visited in a seeded order, one image each per round (each class's images in a seeded
+    order), so N images cover min(N, #classes) classes and no class gets two more than another."""
+    if max_images is None or max_images >= len(labels):
         return None
+    if max_images < 1:
+        raise ConfigError(f"--max-images must be >= 1, not {max_images}")
     g = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n, generator=g)[:max_images].tolist())
+    by_class: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(int(lab), []).append(i)
+    order = [sorted(by_class)[j] for j in torch.randperm(len(by_class), generator=g).tolist()]
+    queues = {c: [by_class[c][j] for j in torch.randperm(len(by_class[c]), generator=g).tolist()] for c in order}
+    picked: list[int] = []
+    r = 0
+    while len(picked) < max_images:
+        for c in order:
+            if r < len(queues[c]):
+                picked.append(queues[c][r])
+                if len(picked) == max_images:
+                    break
+        r += 1
+    return sorted(picked)
+
+
+def _prep_for(d: dict, img_size: Optional[int], crop_pct: Optional[float], prep: Optional[pp.Preprocess]):
+    if prep is not None:
+        if img_size is not None and img_size != prep.img_size:
+            prep = prep.with_size(img_size)
+        return prep
+    return pp.default(img_size or d["default_img_size"], pp.PROTOCOL_CROP_PCT if crop_pct is None else crop_pct)
 
 
 def build_dataset(data: str, split: str, *, train: bool = False, img_size: Optional[int] = None,
-                  crop_pct: float = 0.875, max_images: Optional[int] = None, seed: int = 0,
-                  cache: bool = False) -> Dataset:
+                  crop_pct: Optional[float] = None, max_images: Optional[int] = None, seed: int = 0,
+                  cache: bool = False, prep: Optional[pp.Preprocess] = None,
+                  labels: Optional[LabelSpace] = None) -> Dataset:
+    """``prep``: the model's preprocessing (:func:`bench.preprocess.resolve`); without it DeiT's input
+    at ``img_size`` / ``crop_pct``.  ``labels``: the label space (default: resolved from the folders)."""
     d = parse_data(data)
     root = data_root(data)
-    img = img_size or d["default_img_size"]
+    prep = _prep_for(d, img_size, crop_pct, prep)
+    labels = labels or resolve_labels(root)
     if train:
-        ds = FolderDataset(root, split, train_transform(img, d["source"]))
+        ds = FolderDataset(root, split, prep.train_transform(d["source"]), labels=labels)
     elif cache:
         from . import proxy
 
-        ds = CachedEvalDataset(FolderDataset(root, split), img, crop_pct, proxy.cache_dir().parent / "valcache")
+        ds = CachedEvalDataset(FolderDataset(root, split, labels=labels), prep, proxy.cache_dir().parent / "valcache")
     else:
-        ds = FolderDataset(root, split, eval_transform(img, crop_pct))
-    idx = _subset_indices(len(ds), max_images, seed)
+        ds = FolderDataset(root, split, prep.eval_transform(), labels=labels)
+    idx = stratified_subset([lab for _, lab in ds.samples], max_images, seed)
     return Subset(ds, idx) if idx is not None else ds
 
 
 def build_loader(data: str, split: str, batch_size: int, *, train: bool = False, img_size: Optional[int] = None,
-                 crop_pct: float = 0.875, workers: int = 0, distributed: bool = False,
-                 max_images: Optional[int] = None, seed: int = 0, cache: bool = False) -> DataLoader:
+                 crop_pct: Optional[float] = None, workers: int = 0, distributed: bool = False,
+                 max_images: Optional[int] = None, seed: int = 0, cache: bool = False,
+                 prep: Optional[pp.Preprocess] = None, labels: Optional[LabelSpace] = None,
+                 shuffle: Optional[bool] = None) -> DataLoader:
     """A DataLoader of (normalised float images, long labels).
 
     ``train=True``: augmentation, seeded per-epoch shuffling (call ``loader.sampler.set_epoch``),
-    full batches only.  ``distributed=True``: the sampler shards over the torch.distributed ranks
+    full batches only.  ``shuffle=True`` without ``train``: the evaluation transform in a seeded
+    shuffled order (calibration on the first N images then sees every class, not the first few).  ``distributed=True``: the sampler shards over the torch.distributed ranks
     (training pads to equal counts, evaluation does not).
     """
     from . import distributed as dist
 
-    ds = build_dataset(data, split, train=train, img_size=img_size, crop_pct=crop_pct,
-                       max_images=max_images, seed=seed, cache=cache and not train)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, not {batch_size}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0, not {workers}")
+    ds = build_dataset(data, split, train=train, img_size=img_size, crop_pct=crop_pct, max_images=max_images,
+                       seed=seed, cache=cache and not train, prep=prep, labels=labels)
     rank, world = (dist.rank(), dist.world_size()) if distributed else (0, 1)
-    sampler = ShardedEpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world=world, pad=train)
+    shuffle = train if shuffle is None else shuffle
+    sampler = ShardedEpochSampler(len(ds), shuffle=shuffle, seed=seed, rank=rank, world=world, pad=train)
     drop_last = bool(train and len(sampler) >= batch_size)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=False, persistent_workers=False)
 
 
-def describe_data(data: str, *, count_train: bool = True) -> dict:
-    """Source, path and split sizes of a data spec (stored in checkpoints and reports).
+def describe_data(data: str, *, count_train: bool = True, labels: Optional[LabelSpace] = None) -> dict:
+    """Source, path, label space and split sizes of a data spec (stored in checkpoints and reports).
     ``count_train=False`` skips listing the (large) training split: n_train is None."""
     d = parse_data(data)
     root = data_root(data)
+    labels = labels or resolve_labels(root)
     n_train = None
     if count_train and (Path(root) / "train").is_dir():
-        n_train = len(scan_split(root, "train")[1])
-    vclasses, val = scan_split(root, "val")
-    out = {"spec": data, "source": d["source"], "path": str(root), "num_classes": len(vclasses),
+        n_train = len(scan_split(root, "train", labels)[1])
+    present, val = scan_split(root, "val", labels)
+    out = {"spec": data, "source": d["source"], "path": str(root), "num_classes": labels.num_classes,
+           "n_classes_present": len(present), "labels": labels.kind,
            "n_train": n_train, "n_val": len(val), "img_size": d["default_img_size"]}
     if d["source"] == "proxy":
         out["proxy_size"] = d["size"]
@@ -325,4 +451,4 @@ def describe_data(data: str, *, count_train: bool = True) -> dict:
 
 
 def num_classes(data: str) -> int:
-    return len(scan_split(data_root(data), "val")[0])
+    return resolve_labels(data_root(data)).num_classes

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .reducer import ConfigError
+
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -51,8 +53,27 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def check_device(device: str | None) -> None:
+    """A device this machine has, or a ConfigError naming the ones it has."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device '{device}'; use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__} on this "
+                              "machine; use --device cpu (or leave it out)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ConfigError(f"--device {device} is not supported; use cpu or cuda")
+
+
 def device_for_rank(device: str | None = None) -> str:
     """``cuda:<local_rank>`` under torchrun with CUDA, else the given/auto device."""
+    check_device(device)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev == "cuda" and is_distributed():
         return f"cuda:{local_rank()}"
@@ -90,6 +111,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (a list of them, in rank order) on every rank; ``[obj]`` single-process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup() -> None:

@@ -32,3 +32,14 @@ def with_reducer(model, spec, img_size=None):
     red = registry.build(spec)
     patch.apply(model, red, img_size=img_size)
     return model, red
+
+
+def require_vit(model, name: str) -> None:
+    """The suite patches timm ``VisionTransformer``-style models (patch embedding + blocks with
+    ``attn.qkv``); anything else gets one clear error instead of an AttributeError deep inside."""
+    blocks = getattr(model, "blocks", None)
+    ok = (getattr(model, "patch_embed", None) is not None and blocks is not None and len(blocks) > 0
+          and hasattr(getattr(blocks[0], "attn", None), "qkv"))
+    if not ok:
+        raise ConfigError(f"'{name}' is a {type(model).__name__}, not a ViT: PM-Bench's token reducers work on "
+                          "timm VisionTransformer models (deit_*, vit_*, or a VisionTransformer subclass)")

@@ -121,6 +121,8 @@ class RunContext:
     def job(self, desc: dict, fn, label: str, est: float = 1.0) -> dict:
         """Run ``fn`` unless the cache holds ``desc``; returns the result dict."""
         desc = {**desc, "profile": self.profile["name"], "versions": self.versions}
+        if isinstance(desc.get("spec"), str):  # the key says exactly what is measured, defaults included
+            desc["spec_full"] = full_spec(desc["spec"])
         t = time.time()
         rec, cached = self.cache.get_or_run(desc, fn)
         self.progress.finished(label, est, time.time() - t, cached)
@@ -143,7 +145,21 @@ class RunContext:
         return m
 
     def add_table(self, name: str, title: str, rows: list, meta: dict, columns=None) -> None:
+        """Register a table; every row naming a reducer ``config`` also carries ``config_full``
+        (every option resolved) in the CSV/JSON, next to the short spec."""
+        for r in rows:
+            if isinstance(r.get("config"), str) and "config_full" not in r:
+                try:
+                    r["config_full"] = full_spec(r["config"])
+                except ConfigError:
+                    pass
         self.tables[name] = {"title": title, "rows": rows, "meta": meta, "columns": columns}
+
+
+def full_spec(spec: str) -> str:
+    from . import registry
+
+    return registry.build(spec).full_spec()
 
 
 def parse_args(argv=None):

@@ -114,6 +114,21 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
     return probs.type_as(max_att)
 
 
+# --------------------------------------------------------------------------- token selection
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b]]`` for every b: (B, N, C) and (B, K) long -> (B, K, C).
+
+    Exactly ``torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, C))`` (a copy, bit for bit), done as
+    one ``index_select`` of whole rows of the flattened tokens, which on CPU is an order of magnitude
+    faster than ``gather`` with a broadcast index.  ``idx`` may have batch 1 (shared by every image).
+    """
+    B, N, C = x.shape
+    if idx.shape[0] != B:
+        idx = idx.expand(B, -1)
+    flat = idx + (torch.arange(B, device=idx.device) * N).unsqueeze(1)
+    return x.reshape(B * N, C).index_select(0, flat.reshape(-1)).view(B, idx.shape[1], C)
+
+
 # --------------------------------------------------------------------------- shared block
 class ReducedBlockMixin:
     """Forward of a timm ``Block`` with the reducer's hook points."""

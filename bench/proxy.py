@@ -45,7 +45,7 @@ import fcntl
 import json
 import math
 import os
-import shutil
+import re
 import subprocess
 import sys
 import time
@@ -283,23 +283,40 @@ def _write_split(out: Path, split: str, per_class: int, seed: int) -> None:
             render(c, rng).save(d / f"{split}_{idx:06d}.JPEG", format="JPEG", quality=90)
 
 
+MANIFEST = "proxy.json"
+MANIFEST_KIND = "pmbench-proxy-classification"
+_GENERATED = re.compile(r"(train|val)/\d\d_[A-Za-z0-9]+/(train|val)_\d{6}\.JPEG")
+
+
+def _read_meta(root: Path) -> Optional[dict]:
+    """The manifest of a proxy folder, or None (absent, unreadable or not ours)."""
+    try:
+        meta = json.loads((Path(root) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("kind") == MANIFEST_KIND else None
+
+
 def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
-    """Write the proxy set to ``out`` (overwrites); a ``proxy.json`` marker is written last."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    _write_split(tmp, "train", train_per_class, seed)
-    _write_split(tmp, "val", val_per_class, seed)
-    meta = {"kind": "pmbench-proxy-classification", "version": DATA_VERSION, "seed": seed,
-            "classes": CLASSES, "image_size": GEN_SIZE, "model_input": IMG_SIZE,
-            "train_per_class": train_per_class, "val_per_class": val_per_class,
-            "n_train": train_per_class * len(CLASSES), "n_val": val_per_class * len(CLASSES)}
-    (tmp / "proxy.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    """Write the proxy set to ``out``; a ``proxy.json`` manifest is written last.
+
+    The set is built in a fresh temporary folder beside ``out`` and renamed into place.  ``out``
+    may be absent, an empty folder or an earlier proxy set (its manifest says so and it holds
+    only generated images), which is replaced; anything else is a ConfigError and nothing is
+    touched (:func:`bench.outputs.build_dir`)."""
+    from .outputs import build_dir
+
+    def build(tmp: Path) -> None:
+        _write_split(tmp, "train", train_per_class, seed)
+        _write_split(tmp, "val", val_per_class, seed)
+        meta = {"kind": MANIFEST_KIND, "version": DATA_VERSION, "seed": seed,
+                "classes": CLASSES, "image_size": GEN_SIZE, "model_input": IMG_SIZE,
+                "train_per_class": train_per_class, "val_per_class": val_per_class,
+                "n_train": train_per_class * len(CLASSES), "n_val": val_per_class * len(CLASSES)}
+        (tmp / MANIFEST).write_text(json.dumps(meta, indent=1))
+
+    return build_dir(out, build, manifest=MANIFEST, is_ours=lambda m: m.get("kind") == MANIFEST_KIND,
+                     allowed=lambda rel: bool(_GENERATED.fullmatch(rel.replace(os.sep, "/"))))
 
 
 def ensure_proxy_data(root: Optional[Path] = None, *, size: str = "default", seed: int = 0) -> Path:
@@ -312,15 +329,17 @@ def ensure_proxy_data(root: Optional[Path] = None, *, size: str = "default", see
     sz = SIZES[size]
 
     def ready() -> bool:
-        marker = out / "proxy.json"
-        if not marker.exists():
+        meta = _read_meta(out)
+        if meta is None:
             return False
-        meta = json.loads(marker.read_text())
         return (meta.get("version") == DATA_VERSION and meta.get("seed") == seed
                 and meta.get("train_per_class") == sz.train_per_class and meta.get("val_per_class") == sz.val_per_class)
 
     if ready():
         return out
+    from .outputs import check_out_dir
+
+    check_out_dir(out, "--out" if root is not None else "the proxy data folder", manifest=MANIFEST)
     with _locked(f"data-{size}"):
         if ready():  # made by another process while we waited
             return out

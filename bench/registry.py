@@ -82,22 +82,30 @@ def get(name: str) -> type:
     return cls
 
 
-def _split_top(s: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
+def _split_top(s: str, spec: str = "") -> list[str]:
+    """Split on commas that are not inside brackets; empty items (``r=13,,``) and unbalanced
+    brackets are errors, not silently dropped."""
     parts, depth, cur = [], 0, []
     for ch in s:
         if ch in "[(":
             depth += 1
         elif ch in "])":
             depth -= 1
+            if depth < 0:
+                raise ConfigError(f"unbalanced '{ch}' in spec '{spec or s}'")
         if ch == "," and depth == 0:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
-    if cur:
-        parts.append("".join(cur))
-    return [p.strip() for p in parts if p.strip()]
+    if depth != 0:
+        raise ConfigError(f"unclosed bracket in spec '{spec or s}'")
+    parts.append("".join(cur))
+    if not s.strip():
+        return []
+    if any(not p.strip() for p in parts):
+        raise ConfigError(f"empty option in spec '{spec or s}' (a stray comma?); write name:key=value,key=value")
+    return [p.strip() for p in parts]
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -107,11 +115,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()
     opts: dict[str, str] = {}
-    for item in _split_top(rest):
+    if not name:
+        raise ConfigError(f"spec '{spec}' names no reducer; use e.g. 'tome:r=13'")
+    for item in _split_top(rest, spec):
         key, eq, val = item.partition("=")
         if not eq:
             raise ConfigError(f"bad option '{item}' in spec '{spec}': expected key=value")
         key = key.strip()
+        if not key:
+            raise ConfigError(f"option '{item}' in spec '{spec}' has no name: expected key=value")
         if key in opts:
             raise ConfigError(f"option '{key}' given twice in spec '{spec}'")
         opts[key] = val.strip()

@@ -56,19 +56,32 @@ def _fmt(v):
     return "" if v is None else v
 
 
+def _full_specs(df: pd.DataFrame) -> list[str]:
+    """A footnote giving every short reducer spec of the table with all its options resolved."""
+    if "config" not in df.columns or "config_full" not in df.columns:
+        return []
+    pairs = dict(zip(df["config"], df["config_full"]))
+    lines = ["", "Reducer specs with every option resolved:", ""]
+    lines += [f"- `{k}`: `{v}`" for k, v in pairs.items() if isinstance(v, str)]
+    return lines
+
+
 def write_table(out_dir: Path, name: str, title: str, rows: list[dict], meta: dict,
                 columns: Optional[list[str]] = None) -> pd.DataFrame:
     """Write ``name``.md/.csv/.json under ``out_dir``; returns the DataFrame."""
     out_dir = Path(out_dir)
-    df = pd.DataFrame(rows)
+    full = pd.DataFrame(rows)
+    df = full
     if columns:
-        cols = [c for c in columns if c in df.columns]
-        df = df[cols]
+        cols = [c for c in columns if c in full.columns]
+        df = full[cols + [c for c in full.columns if c not in cols]]  # CSV/JSON: every field of the rows
+    md_df = full[[c for c in columns if c in full.columns]] if columns else full
     md = header_lines(title, meta)
     if df.empty:
         md.append("_no rows (nothing measured for this table in this profile)_")
     else:
-        md.append(df.map(_fmt).to_markdown(index=False))
+        md.append(md_df.map(_fmt).to_markdown(index=False))
+        md += _full_specs(full)
     md.append("")
     atomic_write_text(out_dir / f"{name}.md", "\n".join(md))
     stamp_cols = {k: meta.get(k) for k in ("profile", "data_source", "device", "commit")}

@@ -17,6 +17,8 @@ def _published_table(ctx) -> None:
     ours_flops = {(r["timm_model"], published.normalise_spec(r["config"])): r for r in flops_rows}
     ours_speed = {}
     for r in speed_rows:
+        if r.get("variant", "eager") != "eager":  # plain-timm baselines (compile, channels-last) are not configs
+            continue
         ours_speed.setdefault((r["model"], published.normalise_spec(r["config"])), r["speedup"])
     from .stages.common import short_model
 
@@ -80,7 +82,8 @@ def _join_speedups(ctx) -> None:
         return
     models = [r["model"] for r in sp_rows]
     ref = "DeiT-S" if "DeiT-S" in models else models[0]
-    sp = {r["config"]: r["speedup"] for r in sp_rows if r["model"] == ref}
+    sp = {r["config"]: r["speedup"] for r in sp_rows
+          if r["model"] == ref and r.get("variant", "eager") == "eager"}
     for r in acc:
         r["speedup"] = sp.get(r["config"])
     ctx.tables["accuracy"]["meta"].setdefault("notes", []).append(

@@ -77,14 +77,37 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # stored in checkpoints (e.g. data description)
 
     def validate(self) -> None:
+        """Every value checked up front: 0 and negative counts and non-finite rates are errors,
+        never read as "not given"."""
         if self.distill not in ("none", "soft", "hard"):
             raise ConfigError(f"distill must be none, soft or hard, not {self.distill!r}")
         if self.distill_form not in ("deit", "add"):
             raise ConfigError(f"distill_form must be deit or add, not {self.distill_form!r}")
-        if self.epochs <= 0 and not self.max_steps:
-            raise ConfigError("epochs must be > 0")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be >= 1")
+        for name in ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr", "weight_decay", "label_smoothing",
+                     "mixup", "cutmix", "distill_alpha", "distill_tau", "clip_grad"):
+            v = getattr(self, name)
+            if v is None and name == "clip_grad":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+            if v < 0:
+                raise ConfigError(f"{name} must be >= 0, got {v}")
+        for name in ("batch_size", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+        for name in ("max_steps", "ckpt_every_steps"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a whole number >= 1 (or not given), got {v!r}")
+        if self.epochs == 0 and self.max_steps is None:
+            raise ConfigError("epochs must be > 0 (epochs 0 needs max_steps, which then sets the schedule)")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError(f"clip_grad must be > 0 (or not given), got {self.clip_grad}")
+        if self.distill_tau <= 0:
+            raise ConfigError(f"distill_tau must be > 0, got {self.distill_tau}")
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -95,7 +118,19 @@ class TrainConfig:
         return cls(**d)
 
 
+class TrainingDiverged(ConfigError):
+    """The loss or the updated weights became non-finite; no checkpoint was written after it."""
+
+
 # --------------------------------------------------------------------------- pieces
+def nonfinite_weights(model) -> Optional[str]:
+    """Name of the first floating-point weight or buffer holding NaN/inf, or None."""
+    for name, t in model.state_dict().items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -210,7 +245,7 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
     # the schedule spans cfg.epochs; max_steps only stops early (so a capped run equals the
     # first steps of the full one)
     sched_steps = max(1, int(round(cfg.epochs * spe))) if cfg.epochs > 0 else int(cfg.max_steps)
-    total_steps = min(sched_steps, cfg.max_steps) if cfg.max_steps else sched_steps
+    total_steps = min(sched_steps, cfg.max_steps) if cfg.max_steps is not None else sched_steps
     # The reducers' schedule hooks get the schedule length in (possibly fractional) epochs and the
     # fractional epoch of each step, so fractions of a schedule (DynamicViT's 1/6 freeze) hold for
     # a schedule shorter than one epoch too.
@@ -221,6 +256,7 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
     start_step = 0
+    last_good: Optional[tuple] = None  # (path, step) of the newest checkpoint known finite
     if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
         ck = read_checkpoint(cfg.ckpt_path)
         unwrap(model).load_state_dict(ck["model"], strict=True)
@@ -231,6 +267,11 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
         start_step = int(ck.get("step") or 0)
         if scaler is not None and "scaler" in ck.get("extra", {}):
             scaler.load_state_dict(ck["extra"]["scaler"])
+        bad = nonfinite_weights(unwrap(model))
+        if bad is not None:
+            raise ConfigError(f"cannot resume from {cfg.ckpt_path}: its weights are not finite ({bad}); "
+                              "start again from an earlier checkpoint")
+        last_good = (cfg.ckpt_path, start_step)
 
     ddp_model = model
     if dist.is_distributed():
@@ -268,11 +309,44 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
     cur_epoch = -1
     run_loss, run_n = 0.0, 0
     model_obj = unwrap(model)
+
+    def diverged(what: str, at: int):
+        """The error for a divergence in (1-based) step ``at``; nothing is saved after it."""
+        if pbar is not None:
+            pbar.close()
+        log.write(event="diverged", step=at, reason=what)
+        log.close()
+        if last_good is not None:
+            where = (f"the last good checkpoint {last_good[0]} (step {last_good[1]}) is intact: resume it with "
+                     "--resume and a lower --lr or --clip-grad")
+        elif cfg.ckpt_path:
+            where = (f"no checkpoint was written by this run ({cfg.ckpt_path} untouched); "
+                     "lower --lr or enable --clip-grad")
+        else:
+            where = "lower --lr or enable --clip-grad"
+        return TrainingDiverged(f"training diverged at step {at} of {total_steps}: {what}; {where}")
+
+    def check_weights():
+        bad = nonfinite_weights(model_obj)
+        if bad is not None:
+            raise diverged(f"its update made the weights non-finite ({bad})", step)
+
+    def end_epoch(e: int):
+        check_weights()  # validation of NaN weights would report a meaningless score
+        _end_epoch(e, history, log, model_obj, val_loader, device, amp, run_loss, run_n)
+
+    def save_checked(done_steps: int):
+        nonlocal last_good
+        check_weights()
+        if cfg.ckpt_path:
+            _save(cfg, model_obj, opt, sched, done_steps, spe, scaler)
+            last_good = (cfg.ckpt_path, done_steps)
+
     while step < total_steps:
         epoch = step // spe
         if epoch != cur_epoch:
             if cur_epoch >= 0:
-                _end_epoch(cur_epoch, history, log, model_obj, val_loader, device, amp, run_loss, run_n)
+                end_epoch(cur_epoch)
                 run_loss, run_n = 0.0, 0
             cur_epoch = epoch
             if reducer is not None:
@@ -329,7 +403,9 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
                     terms[k if k not in terms else f"reducer_{k}"] = v
             loss = sum(terms.values())
         if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()} at step {step}; lower --lr or enable --clip-grad")
+            bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v.detach()).all()}
+            raise diverged(f"the loss is {loss.item()}" + (f" ({', '.join(f'{k} {v}' for k, v in bad.items())})"
+                                                            if len(terms) > 1 and bad else ""), step + 1)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -357,13 +433,12 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
             history["steps"].append(rec)
             log.write(**rec)
         if cfg.ckpt_path and cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and step < total_steps:
-            _save(cfg, model_obj, opt, sched, step, spe, scaler)
+            save_checked(step)  # only after the loss and the updated weights are checked finite
     if cur_epoch >= 0:
-        _end_epoch(cur_epoch, history, log, model_obj, val_loader, device, amp, run_loss, run_n)
+        end_epoch(cur_epoch)
+    save_checked(step)  # the final weights are checked even without a checkpoint path
     if pbar is not None:
         pbar.close()
-    if cfg.ckpt_path:
-        _save(cfg, model_obj, opt, sched, step, spe, scaler)
     history["wall_s"] = time.time() - t_start
     history["final_step"] = step
     log.write(event="done", wall_s=history["wall_s"], step=step)

@@ -109,6 +109,7 @@ def load_pretrained(name: str, weights: Optional[str] = None, *, num_classes: Op
                 raise FileNotFoundError(f"no weights for {base} in {w} (looked for {', '.join(c.name for c in cands)})")
             w = found[0]
         model = models.create(base, num_classes=num_classes, img_size=img_size, **kwargs)
+        models.require_vit(model, base)
         return load_file_weights(model, w)
     if not hub_reachable():
         _set_offline()

@@ -35,7 +35,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.reducer import AttnRequest, ModelInfo
+from bench.reducer import AttnRequest, ConfigError, ModelInfo
 
 from .reducer import PruneAndMerge
 
@@ -134,6 +134,9 @@ def collect_scores(
                 continue
             images = images.requires_grad_(True)  # the probabilities need a graph even with frozen weights
             loss = F.cross_entropy(model(images), targets)
+            if not torch.isfinite(loss):  # NaN/inf scores would silently decide the structure
+                raise ConfigError(f"PM calibration: the loss is {loss.item()} at iteration {it + 1}; the weights "
+                                  "or the inputs are not finite (check --init/--weights and the data)")
             if opt is not None:  # official: AdamW at lr 1e-6 steps while scoring
                 for A in acc.probs.values():
                     A.retain_grad()
@@ -149,6 +152,13 @@ def collect_scores(
         reducer._calib = None
         model.train(was_training)
     scores = all_reduce_scores(acc.scores)
+    if not torch.isfinite(scores).all():
+        raise ConfigError("PM calibration produced non-finite scores (NaN/inf attention or gradients); the "
+                          "weights or the inputs are not finite (check --init/--weights and the data)")
+    from bench import distributed as bd
+
+    if acc.iterations == 0 and bd.world_size() == 1:
+        raise ConfigError("PM calibration saw no batch (empty split, or --iters/--max-images too small?)")
     return scores, {"iterations": acc.iterations, "images": acc.images, "score": kind,
                     "opt_step": opt_step, "seconds": round(time.time() - t0, 2)}
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from bench import preprocess as pp
+from bench.data import LABEL_MODES
+
 
 def add_parser(sub):
     p = sub.add_parser("pm-calibrate", help="Prune and Merge: gradient-weighted scores -> per-layer structure -> checkpoint")
@@ -38,10 +41,16 @@ def add_parser(sub):
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs the hub or its cache)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
+    pp.add_arguments(p)
+    p.add_argument("--labels", default="auto", choices=LABEL_MODES,
+                   help="label indices: auto (ImageNet synset folders in canonical order for a 1000-class "
+                        "model, else sorted folders), imagenet-1k or folders")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled calibration order")
     p.add_argument("--eval", action="store_true", help="also report val top-1 before and after compression")
     p.add_argument("--eval-images", type=int, default=None, help="limit the evaluation to this many val images")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=run)
 
@@ -138,7 +147,23 @@ def save(path, model, reducer, model_name: str, meta: dict) -> None:
 
 
 # --------------------------------------------------------------------------- command
+def check_args(args) -> None:
+    """Counts >= 1 and a writable --out file, before any data, model or compute."""
+    from bench.outputs import check_out_file, positive
+
+    for flag, dest in (("--iters", "iters"), ("--max-images", "max_images"), ("--batch-size", "batch_size"),
+                       ("--num-classes", "num_classes"), ("--img-size", "img_size"),
+                       ("--eval-images", "eval_images")):
+        positive(getattr(args, dest), flag)
+    check_out_file(args.out, "--out")
+
+
 def run(args):
+    check_args(args)
+    from bench import models
+    from bench.data import data_root, resolve_labels
+
+    pp.merge_size_flags(args)
     from bench import patch, registry
     from bench.cli import emit
     from bench.data import build_loader
@@ -164,24 +189,42 @@ def run(args):
             _prepare(args)
         bd.barrier()
     model, model_name = build_model(args, describe_data(args.data)["num_classes"])
+    models.require_vit(model, model_name or "model")
     model = model.to(device).eval()
-    img = args.img_size or tuple(model.patch_embed.img_size)[0]
-    loader = build_loader(args.data, args.split, args.batch_size, train=args.train_aug, img_size=img,
-                          distributed=world > 1, max_images=None)
-    res: dict = {"model": model_name, "data": args.data, "spec": reducer.spec(), "world_size": world}
+    # labels checked against the model's head and the model's own preprocessing, before any compute
+    labels = resolve_labels(data_root(args.data), model.num_classes, args.labels)
+    prep = pp.from_args(args, model_name, model)
+    # shuffled (seeded): the first --max-images / --iters batches cover the classes, as the official
+    # code's shuffled loader does, instead of the first classes in folder order
+    loader = build_loader(args.data, args.split, args.batch_size, train=args.train_aug, prep=prep, labels=labels,
+                          distributed=world > 1, max_images=None, shuffle=True, seed=args.seed)
+    res: dict = {"model": model_name, "data": args.data, "spec": reducer.spec(), "reducer_full": reducer.full_spec(),
+                 "preprocess": prep.as_dict(), "labels": labels.kind, "world_size": world}
     val = None
     if args.eval:
-        val = build_loader(args.data, "val", args.batch_size, img_size=img, max_images=args.eval_images,
+        val = build_loader(args.data, "val", args.batch_size, prep=prep, labels=labels, max_images=args.eval_images,
                            distributed=world > 1)
         res["top1_unreduced"] = top1(model, val, device)
 
-    def progress(it, n, secs):
-        if not args.json and rank == 0 and it % 10 == 0:
-            print(f"  calibration iter {it}: {n} images, {secs:.1f}s", file=sys.stderr)
+    bar = None
+    if rank == 0 and not args.no_progress:  # on stderr, also with --json
+        from tqdm import tqdm
 
-    max_images = args.max_images // world if args.max_images else None
-    summ = calibrate(model, reducer, loader, iters=args.iters, max_images=max_images,
-                     opt_step=args.opt_step, device=device, progress=progress)
+        bar = tqdm(total=args.iters or (args.max_images and -(-args.max_images // args.batch_size)) or len(loader),
+                   desc="pm-calibrate", unit="batch", file=sys.stderr, mininterval=2.0, dynamic_ncols=True)
+
+    def progress(it, n, secs):
+        if bar is not None:
+            bar.update(it - bar.n)
+            bar.set_postfix(images=n, refresh=False)
+
+    max_images = max(1, args.max_images // world) if args.max_images is not None else None
+    try:
+        summ = calibrate(model, reducer, loader, iters=args.iters, max_images=max_images,
+                         opt_step=args.opt_step, device=device, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     res.update(summ)
     info = patch.get_context(model).info
     res["flops"] = reducer.flops_report(info)

@@ -273,13 +273,16 @@ class PruneAndMerge(Reducer):
         mats = PMMatrices()
         self._layers = {}
         width = info.grid[1]
-        for s in self.structs:
-            M = matrices.merge_matrix(s.centers, s.pruned, s.score, width, info.n_prefix, self.cfg["assign"])
-            R = matrices.reconstruct_matrix(M)
-            self._layers[s.layer] = _Layer(s, M, info.n_prefix)
-            tr = self.cfg["trainable"]
-            mats.merge[str(s.layer)] = nn.Parameter(M.to(ref.dtype).to(ref.device), requires_grad=tr)
-            mats.recover[str(s.layer)] = nn.Parameter(R.to(ref.dtype).to(ref.device), requires_grad=tr)
+        # Normal tensors even when patched (or loaded) inside torch.inference_mode(): M and R stay
+        # trainable and keep their version counters (the gather/matmul choice is cached on them).
+        with torch.inference_mode(False):
+            for s in self.structs:
+                M = matrices.merge_matrix(s.centers, s.pruned, s.score, width, info.n_prefix, self.cfg["assign"])
+                R = matrices.reconstruct_matrix(M)
+                self._layers[s.layer] = _Layer(s, M, info.n_prefix)
+                tr = self.cfg["trainable"]
+                mats.merge[str(s.layer)] = nn.Parameter(M.to(ref.dtype).to(ref.device), requires_grad=tr)
+                mats.recover[str(s.layer)] = nn.Parameter(R.to(ref.dtype).to(ref.device), requires_grad=tr)
         reducer_modules(model)["pm"] = mats
         self._mats = mats
         self._exact_cache = {}
@@ -301,8 +304,10 @@ class PruneAndMerge(Reducer):
 
     def _gather_exact(self, i: int) -> bool:
         M, R = self._mats.merge[str(i)], self._mats.recover[str(i)]
-        key = (M._version, R._version, M.data_ptr(), R.data_ptr())
-        if self._exact_cache.get(i, (None,))[0] == key:
+        # inference tensors (e.g. M, R replaced by a load with assign=True inside inference_mode)
+        # have no version counter: check them every time instead of caching
+        key = None if (M.is_inference() or R.is_inference()) else (M._version, R._version, M.data_ptr(), R.data_ptr())
+        if key is not None and self._exact_cache.get(i, (None,))[0] == key:
             return self._exact_cache[i][1]
         lay = self._layers[i].to(M.device)
         with torch.no_grad():
@@ -310,6 +315,24 @@ class PruneAndMerge(Reducer):
             ok = ok and not R.masked_fill(lay.support_mask_M.t(), 0).any().item()
         self._exact_cache[i] = (key, ok)
         return ok
+
+    def _support_weights(self, i: int, lay, dtype):
+        """Inference bookkeeping of the gather path, computed once per parameter version: the merge
+        weights ``M[rows, cols]`` and the reconstruct weights ``R[n, seg(n)] * m_n`` (the same numbers
+        the per-forward indexing gives)."""
+        M, R = self._mats.merge[str(i)], self._mats.recover[str(i)]
+        cache = self.__dict__.setdefault("_weights_cache", {})
+        key = None if (M.is_inference() or R.is_inference()) else \
+            (M._version, R._version, M.data_ptr(), R.data_ptr(), dtype)
+        hit = cache.get(i)
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            w = (M[lay.rows, lay.cols].to(dtype),
+                 R[lay.arange, lay.segc].to(dtype) * lay.keep_mask.to(dtype))
+        if key is not None:
+            cache[i] = (key, w)
+        return w
 
     def pre_block(self, i, block, x, state: TokenState):
         if self._calib is not None or i not in self._layers:
@@ -319,7 +342,8 @@ class PruneAndMerge(Reducer):
         impl = self._impl(i, block.training)
         state.scratch["pm"] = (x, impl)
         if impl == "gather":
-            w = M[lay.rows, lay.cols].to(x.dtype)
+            w = self._support_weights(i, lay, x.dtype)[0] if not torch.is_grad_enabled() else \
+                M[lay.rows, lay.cols].to(x.dtype)
             src = x.index_select(1, lay.cols) * w[:, None]
             return x.new_zeros(x.shape[0], lay.C, x.shape[2]).index_add_(1, lay.rows, src)
         if impl == "dense":
@@ -334,6 +358,12 @@ class PruneAndMerge(Reducer):
         R = self._mats.recover[str(i)]
         sc = self.cfg["shortcut"]
         if impl == "gather":
+            if not torch.is_grad_enabled():  # inference: cached weights; pruned rows copied, not selected
+                w = self._support_weights(i, lay, y.dtype)[1]
+                out = y.index_select(1, lay.segc) * w[:, None]
+                if sc and lay.pruned_idx.numel():
+                    out.index_copy_(1, lay.pruned_idx, x.index_select(1, lay.pruned_idx))
+                return out
             w = R[lay.arange, lay.segc].to(y.dtype) * lay.keep_mask.to(y.dtype)
             out = y.index_select(1, lay.segc) * w[:, None]
             if sc and lay.pruned_idx.numel():

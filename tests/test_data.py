@@ -83,9 +83,22 @@ def test_flat_val_folder_is_explained(folder):
         data.build_loader(f"imagenet:{folder}", "val", 2)
 
 
-def test_empty_class_folder(folder):
-    (folder / "val" / "c99").mkdir()
-    with pytest.raises(ConfigError, match="c99 holds no images"):
+def test_empty_class_folder_keeps_its_index(folder):
+    """An empty class folder holds its label index (a val subset that lacks some classes still
+    evaluates); a class folder present in one split only is an error for non-synset names."""
+    (folder / "val" / "c00a").mkdir()
+    with pytest.raises(ConfigError, match=r"different class folders .*only in val: \['c00a'\]"):
+        data.build_loader(f"imagenet:{folder}", "val", 2)
+    (folder / "train" / "c00a").mkdir()
+    ys = torch.cat([y for _, y in data.build_loader(f"imagenet:{folder}", "val", 4, img_size=32)]).tolist()
+    assert ys == [0, 0, 0, 2, 2, 2, 3, 3, 3]  # c00 -> 0, (empty c00a -> 1), c01 -> 2, c02 -> 3
+    info = data.describe_data(f"imagenet:{folder}")
+    assert info["num_classes"] == 4 and info["n_classes_present"] == 3
+    for split in ("train", "val"):
+        for f in (folder / split / "c01").iterdir():
+            f.unlink()
+    (folder / "val" / "c00").rename(folder / "val" / "tmp")
+    with pytest.raises(ConfigError, match="different class folders"):
         data.build_loader(f"imagenet:{folder}", "val", 2)
 
 

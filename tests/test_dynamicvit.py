@@ -35,6 +35,10 @@ def test_rho_one_reproduces_unpatched_model(patched_vit, fused):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(m(x), base(x), rtol=0, atol=1e-6)
+    assert "dvit_kept" not in patch.last_state(m).scratch  # inference keeps no bookkeeping unless tracking
+    patch.set_tracking(m, True)
+    with torch.no_grad():
+        m(x)
     st = patch.last_state(m)
     assert [k.shape[1] for k in st.scratch["dvit_kept"]] == [64, 64, 64]
 
@@ -82,6 +86,7 @@ def test_training_mask_equals_inference_gather(patched_vit):
         for pr in DynamicViT.predictors(m):
             pr.out_conv[-2].weight.mul_(50)
     x = torch.randn(3, 3, 64, 64)
+    patch.set_tracking(m, True)  # records the kept indices per stage
     with torch.no_grad():
         ref = m(x)
     kept = patch.last_state(m).scratch["dvit_kept"]

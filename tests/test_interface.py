@@ -311,3 +311,64 @@ def test_training_backward_reaches_every_block(make_vit, spec):
         for p in (blk.attn.qkv.weight, blk.mlp.fc2.weight):
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     assert model.cls_token.grad is not None and model.pos_embed.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- inference fast path (issue 14)
+FAST_PATH_SPECS = ["tome:r=8", "tome:r=[6,6,4],prop_attn=false", "evit:keep=0.7", "evit:keep=0.5,fuse=false",
+                   "dynamicvit:rho=0.7", "mstm:keep=0.7", "mstm:assign=soft", "mstm:weights=size,prop_attn=true",
+                   "mstm:merge=none,extra_token=true", "pm:keep=0.6", "pm:keep=0.6,impl=matmul"]
+
+
+# the distillation-token variant only for the methods that handle one (ToMe and PM)
+FAST_PATH_CASES = [(s, v) for s in FAST_PATH_SPECS for v in ("plain", "distilled", "avg_pool")
+                   if v != "distilled" or s.startswith(("tome", "pm"))]
+
+
+@pytest.mark.parametrize("spec, variant", FAST_PATH_CASES)
+def test_inference_fast_path_equals_tracking_path(make_vit, spec, variant):
+    """Bookkeeping only dense prediction or training needs (index maps, sizes nobody reads, kept-index
+    lists, per-forward weight gathers) is skipped at inference; the logits are bit-identical to the
+    tracking path, which computes all of it."""
+    kw, img = VARIANTS[variant]
+    model = make_vit(**kw)
+    patch.apply(model, registry.build(spec))
+    x = torch.randn(3, 3, *img)
+    with torch.inference_mode():
+        fast = model(x)
+        st = patch.last_state(model)
+        assert st.origin is None and st.last is None  # no grid tracking was built
+        patch.set_tracking(model, True)
+        tracked = model(x)
+        if not spec.startswith("pm"):  # PM keeps the full sequence after every block: nothing to track
+            assert patch.last_state(model).origin is not None
+    assert torch.equal(fast, tracked)
+
+
+def test_fast_path_skips_the_bookkeeping(make_vit):
+    from baselines.tome import bipartite_soft_matching
+
+    metric = torch.randn(2, 11, 4)
+    merge, old_to_new = bipartite_soft_matching(metric, 3, True, False, with_map=False)
+    assert old_to_new is None and merge(torch.randn(2, 11, 5)).shape == (2, 8, 5)
+    m = make_vit()
+    patch.apply(m, registry.build("mstm:keep=0.7"))
+    with torch.inference_mode():
+        m(torch.randn(2, 3, 64, 64))
+    st = patch.last_state(m)
+    assert st.size is None and "mstm_weight" not in st.scratch  # MSTM's defaults read no sizes
+    patch.apply(m, registry.build("dynamicvit:rho=0.7"))
+    with torch.inference_mode():
+        m(torch.randn(2, 3, 64, 64))
+    assert "dvit_kept" not in patch.last_state(m).scratch
+
+
+@pytest.mark.parametrize("shape", [(3, 10, 5), (1, 7, 1)])
+def test_gather_tokens_is_gather(shape):
+    B, N, C = shape
+    x = torch.randn(B, N, C)
+    idx = torch.stack([torch.randperm(N)[:4] for _ in range(B)])
+    want = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, C))
+    assert torch.equal(patch.gather_tokens(x, idx), want)
+    assert torch.equal(patch.gather_tokens(x[:, 1:], idx.clamp(max=N - 2)),
+                       torch.gather(x[:, 1:], 1, idx.clamp(max=N - 2).unsqueeze(-1).expand(-1, -1, C)))
+    assert torch.equal(patch.gather_tokens(x, idx[:1]), torch.gather(x, 1, idx[:1].unsqueeze(-1).expand(B, -1, C)))

@@ -93,6 +93,7 @@ def test_merge_conserves_total_weight_and_size(assign):
                                   "mstm:merge=none,extra_token=true"])
 def test_sizes_conserved_in_the_model(patched_vit, spec):
     m, r, _ = patched_vit(spec)
+    patch.set_tracking(m, True)  # sizes and carried weights are bookkeeping kept while tracking
     _fwd(m)
     st = patch.last_state(m)
     torch.testing.assert_close(st.size[:, 1:].sum((1, 2)), torch.full((2,), 64.0))

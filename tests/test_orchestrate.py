@@ -108,6 +108,56 @@ def test_gate_cli_prints_what_regressed_and_how_to_accept(tmp_path):
     assert "1 failed" in out.stdout
 
 
+def _speed_row(base_s, reduced_s, **extra):
+    """A throughput row built from constructed per-repeat timings, as bench.speed reports them."""
+    import statistics
+
+    ratios = sorted(b / t for b, t in zip(base_s, reduced_s))
+    return {"model": "DeiT-T", "config": "tome:r=13", "precision": "fp32", "batch_size": 8,
+            "speedup": round(statistics.median(ratios), 3), "speedup_min": round(ratios[0], 3),
+            "speedup_max": round(ratios[-1], 3), **extra}
+
+
+def test_gate_speed_rule_on_constructed_timings():
+    floor = 0.8
+    base = [0.10, 0.10, 0.10]
+    # quiet machine, fast enough: pass
+    assert gate.judge_speedup(1.33, floor, (1.30, 1.36, "min..max"))[0] == "pass"
+    # quiet machine, every repeat well below the floor: a real regression
+    r = _speed_row(base, [0.16, 0.155, 0.165])  # speed-ups 0.61..0.65
+    v, why = gate.judge_speedup(r["speedup"], floor, gate.speedup_interval(r))
+    assert v == "fail" and "entirely below" in why
+    # busy machine (the issue: ToMe 0.52-0.79x per repeat against a 0.798 floor, spread > 40%):
+    # not judged, not failed
+    r = _speed_row(base, [0.19, 0.14, 0.095])  # 0.53, 0.71, 1.05
+    v, why = gate.judge_speedup(r["speedup"], floor, gate.speedup_interval(r))
+    assert v == "noisy" and "machine too noisy to judge speed" in why
+    # median a little below the floor, the run's own spread reaches it: pass
+    r = _speed_row(base, [0.13, 0.127, 0.118])  # 0.77, 0.79, 0.85
+    assert gate.judge_speedup(r["speedup"], floor, gate.speedup_interval(r))[0] == "pass"
+    # no spread recorded (old reports): the floor alone decides
+    assert gate.judge_speedup(0.7, floor, None)[0] == "fail"
+    # a bootstrap interval of the median, when present, is preferred over min..max
+    r = _speed_row(base, [0.19, 0.14, 0.095], speedup_ci_low=0.70, speedup_ci_high=0.72)
+    lo, hi, _ = gate.speedup_interval(r)
+    assert (lo, hi) == (0.70, 0.72)
+    assert gate.judge_speedup(r["speedup"], floor, (lo, hi, "interval"))[0] == "fail"
+
+
+def test_gate_cli_says_machine_too_noisy_without_failing(tmp_path, capsys):
+    exp = tmp_path / "smoke.json"
+    gate.accept(_report(tmp_path, sp=1.33), exp)  # floor 0.798
+    bad = _report(tmp_path)
+    atomic_write_json(bad / "throughput.json", {"rows": [_speed_row([0.1] * 3, [0.19, 0.14, 0.095])]})
+    assert gate.main([str(bad), "--expect", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert "machine too noisy to judge speed" in out and "0 failed" in out and "1 not judged" in out
+    # the same median with a tight spread fails
+    atomic_write_json(bad / "throughput.json", {"rows": [_speed_row([0.1] * 3, [0.142, 0.14, 0.138])]})
+    assert gate.main([str(bad), "--expect", str(exp)]) == 1
+    assert "speed-up DeiT-T|tome:r=13|fp32|bs8" in capsys.readouterr().out
+
+
 def test_committed_expectations_exist_and_cover_every_table_type():
     e = json.loads((ROOT / "tests" / "expectations" / "smoke.json").read_text())
     assert e["gmacs"] and e["accuracy"] and e["speedup_floor"]
@@ -191,5 +241,12 @@ def test_paper_profile_runs_on_fixtures(tmp_path):
     assert ("none", "off-the-shelf") in kinds and ("tome:r=13", "fine-tuned") in kinds
     assert ("pm:keep=0.6", "fine-tuned") in kinds
     assert all(0.0 <= x["top1"] <= 100.0 for x in acc["rows"])
+    # the fixture model's own (AugReg-style) normalisation, paired drops, resolved specs, per-image file
+    assert acc["meta"]["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert all(x["drop_ci95"].startswith("[") for x in acc["rows"] if x["config"] != "none")
+    assert all(x["config_full"].startswith(x["config"].split(":")[0]) for x in acc["rows"])
+    per_image = (out / "accuracy_per_image.csv").read_text().splitlines()
+    assert len(per_image) == 1 + acc["rows"][0]["n_images"]
+    assert "drop_ci95" in (out / "accuracy.md").read_text()
     sp = json.loads((out / "throughput.json").read_text())["rows"]
     assert {x["precision"] for x in sp} == {"fp32", "bf16"}

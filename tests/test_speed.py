@@ -40,18 +40,77 @@ def test_measure_interleaved(make_vit, precision):
     c = res["config"]
     assert (c["batch_size"], c["precision"], c["repeats"], c["iters"], c["warmup"]) == (2, precision, 3, 1, 1)
     assert c["precision_desc"] == ("float32" if precision == "fp32" else "autocast bfloat16")
-    assert "interleaved" in c["protocol"] and "median" in c["protocol"]
+    assert "interleaved" in c["protocol"] and "median" in c["protocol"] and "bootstrap" in c["protocol"]
     base, red = res["models"]["baseline"], res["models"]["tome:r=8"]
+    assert len(base["times_s"]) == 4 and len(red["times_s"]) == 3  # the baseline brackets every repeat
     for m in (base, red):
-        assert len(m["times_s"]) == 3 and all(t > 0 for t in m["times_s"])
+        assert all(t > 0 for t in m["times_s"]) and m["iters"] == 1
         assert 0 < m["img_s_min"] <= m["img_s"] <= m["img_s_max"] and m["step_ms"] > 0
+        assert m["attn_kernel"] == "flash (cpu)" and m["fused_sdpa"] is True
     assert "speedup" not in base
-    assert 0 < red["speedup_min"] <= red["speedup"] <= red["speedup_max"]
-    ratios = sorted(b / t for b, t in zip(base["times_s"], red["times_s"]))
-    assert red["speedup"] == pytest.approx(ratios[1])  # median of per-pair ratios
-    # warm-up (1 each), then per repeat both models, order alternating
+    assert 0 < red["speedup_min"] <= red["speedup_ci_low"] <= red["speedup"] <= red["speedup_ci_high"] <= red["speedup_max"]
+    assert isinstance(red["noisy"], bool)
+    # per pair: the mean of the two baseline timings around the model's timing, over its timing
+    bt, rt = base["times_s"], red["times_s"]
+    ratios = [(bt[i] + bt[i + 1]) / 2 / rt[i] for i in range(3)]
+    assert red["ratios"] == pytest.approx(ratios)
+    assert red["speedup"] == pytest.approx(sorted(ratios)[1])  # median of per-pair ratios
+    # warm-up (1 each) + calibration (1 each), then B R B R B R B
     k0, k1 = "baseline", "tome:r=8"
-    assert order == [k0, k1] + [k0, k1] + [k1, k0] + [k0, k1]
+    assert order == [k0, k0, k1, k1] + [k0, k1, k0, k1, k0, k1, k0]
+
+
+def test_schedule_chunks_and_alternation():
+    names = ["B", "a", "b", "c"]
+    assert [n for _, n in speed.schedule(names, "B", 2)] == ["B", "a", "b", "c", "B", "c", "b", "a", "B"]
+    assert [n for _, n in speed.schedule(names, "B", 1, pair_every=2)] == ["B", "a", "b", "B", "c", "B"]
+    assert [n for _, n in speed.schedule(["a", "b"], None, 2)] == ["a", "b", "b", "a"]
+
+
+def test_calibrated_iterations_reach_min_time():
+    cfg = speed.SpeedConfig(min_time=1.0, min_iters=1).resolved()
+    assert speed.calibrate_iters(0.15, cfg) == 7  # 7 x 0.15 s >= 1 s
+    assert speed.calibrate_iters(3.0, cfg) == 1
+    assert speed.calibrate_iters(0.001, speed.SpeedConfig(device="cuda", min_time=0.05).resolved()) == 50
+    assert speed.calibrate_iters(0.5, speed.SpeedConfig(device="cuda", min_time=0.05).resolved()) == 10  # min_iters
+    assert speed.calibrate_iters(0.01, speed.SpeedConfig(iters=4).resolved()) == 4  # fixed count wins
+
+
+def test_bootstrap_interval_is_seeded_and_flags_noise():
+    tight = [1.50, 1.51, 1.49, 1.50, 1.52]
+    lo, hi = speed.bootstrap_median_ci(tight, 2000, seed=0)
+    assert (lo, hi) == speed.bootstrap_median_ci(tight, 2000, seed=0)  # repeatable
+    assert min(tight) <= lo <= 1.50 <= hi <= max(tight)
+    cfg = speed.SpeedConfig().resolved()
+    assert speed.speedup_stats(tight, cfg)["noisy"] is False
+    wide = speed.speedup_stats([1.2, 1.5, 1.8, 1.4, 1.6], cfg)
+    assert wide["noisy"] is True and wide["speedup"] == 1.5
+    assert wide["speedup_ci_low"] < 1.5 * 0.95 or wide["speedup_ci_high"] > 1.5 * 1.05
+
+
+def test_kernel_labels():
+    assert speed.kernels_from_names(["aten::_scaled_dot_product_flash_attention_for_cpu"]) == \
+        {"attn_kernel": "flash (cpu)", "fused_sdpa": True}
+    assert speed.kernels_from_names(["aten::_scaled_dot_product_efficient_attention", "aten::addmm"]) == \
+        {"attn_kernel": "mem-efficient", "fused_sdpa": True}
+    assert speed.kernels_from_names(["aten::_scaled_dot_product_attention_math"])["fused_sdpa"] is False
+    assert speed.kernels_from_names(["aten::softmax"]) == {"attn_kernel": "none seen", "fused_sdpa": False}
+
+
+def test_variants_and_failures_are_reported(make_vit):
+    """A plain-timm variant (channels-last) is timed next to the eager baseline; a model that cannot
+    run is left out with its reason instead of failing the measurement."""
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    base = make_vit()
+    cfg = speed.SpeedConfig(batch_size=2, warmup=1, iters=1, repeats=2, img_size=(64, 64))
+    res = speed.measure({"none": base, "none [cl]": copy.deepcopy(base), "bad": Broken()}, cfg, baseline="none",
+                        variants={"none [cl]": {"channels_last": True}})
+    assert set(res["models"]) == {"none", "none [cl]"} and res["models"]["none [cl]"]["channels_last"] is True
+    assert "boom" in res["failed"]["bad"] and "speedup" in res["models"]["none [cl]"]
 
 
 def test_autocast_labels():
@@ -63,9 +122,9 @@ def test_autocast_labels():
 
 def test_defaults_follow_device():
     c = speed.SpeedConfig().resolved()
-    assert (c.warmup, c.iters) == (2, 3)
+    assert (c.warmup, c.iters, c.min_time, c.min_iters, c.repeats) == (2, None, 1.0, 1, 5)
     g = speed.SpeedConfig(device="cuda").resolved()
-    assert (g.warmup, g.iters) == (20, 50)
+    assert (g.warmup, g.iters, g.min_time, g.min_iters) == (10, None, 0.2, 10)
 
 
 def test_cli_speed_json_vs_baseline_sweep(capsys):
@@ -91,3 +150,120 @@ def test_cli_speed_single_model_text(capsys):
     text = capsys.readouterr().out
     assert "img/s" in text and "evit:keep=0.5" in text and "speed-up" not in text
     assert "torch" in text and "timm" in text and "precision fp32" in text
+
+
+# --------------------------------------------------------------------------- the speed stage, paper settings on CPU
+class _Ctx:
+    """The parts of bench.orchestrate.RunContext the speed stage uses; results go through a JSON round
+    trip as they do through the result cache."""
+
+    def __init__(self, prof):
+        import io
+
+        from bench.orchestrate import Progress
+
+        self.profile, self.device, self.failures, self.tables = prof, "cpu", [], {}
+        self.progress = Progress(io.StringIO())
+
+    def job(self, desc, fn, label, est=1.0):
+        json.dumps(desc, default=str)
+        out = json.loads(json.dumps(fn(), default=str))
+        self.progress.finished(label, est, 0.0, False)
+        return out
+
+    def meta(self, **kw):
+        return kw
+
+    def add_table(self, name, title, rows, meta, columns=None):
+        self.tables[name] = {"rows": rows, "meta": meta, "columns": columns}
+
+
+@pytest.mark.parametrize("compile_ok", [True, False], ids=["compile", "compile-fails"])
+def test_paper_speed_settings_on_cpu(monkeypatch, compile_ok):
+    """The GPU table's machinery (batch sweep, AMP/fp32/bf16, timm baselines, compiled configs, kernel
+    check, budget) run on CPU with a tiny model and tiny counts.  torch.compile is stubbed: identity
+    (the rows appear) or an error (the rows say why, the run goes on)."""
+    from bench import fixtures, profiles
+    from bench.stages import speed as stage
+
+    def fake_compile(model, **kw):
+        if not compile_ok:
+            raise RuntimeError("no C++ compiler (stub)")
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    prof = profiles.get("paper")
+    sp = prof["speed"]
+    assert sp["batch_sizes"] == [256, 64, 1] and {"fp32", "bf16"} <= set(sp["also_precisions"])
+    assert "compile" in sp["timm_baselines"] and "channels_last" in sp["timm_baselines"]
+    sp.update(models=[fixtures.TINY_MODEL], configs=["none", "tome:r=13", "pm:keep=0.6"],
+              batch_sizes=[2, 1], warmup=1, iters=1, repeats=2, compile_configs=["tome:r=13"],
+              compile_batch_sizes=[2])
+    ctx = _Ctx(prof)
+    stage.run(ctx)
+    rows = ctx.tables["throughput"]["rows"]
+    assert not ctx.failures
+    precs = {r["precision"] for r in rows}
+    assert precs == {"amp", "fp32", "bf16"} and {r["batch_size"] for r in rows} == {1, 2}
+    eager = [r for r in rows if r["variant"] == "eager"]
+    assert len(eager) == 3 * 3 * 2  # configs x precisions x batch sizes
+    for r in eager:
+        assert r["img_s"] > 0 and r["attn_kernel"] == "flash (cpu)" and r["fused_sdpa"] is True
+        assert r["speedup_ci_low"] <= r["speedup"] <= r["speedup_ci_high"] and isinstance(r["noisy"], bool)
+        if r["config"] != "none":
+            assert r["mac_speedup"] > 1 and r["efficiency"] == pytest.approx(r["speedup"] / r["mac_speedup"], abs=2e-3)
+    cl = [r for r in rows if r["variant"] == "channels-last"]
+    assert len(cl) == 6 and all(r["config"] == "none" and r["img_s"] > 0 for r in cl)
+    comp = [r for r in rows if r["variant"] == "compile"]
+    assert {(r["config"], r["batch_size"]) for r in comp} == {("none", 2), ("tome:r=13", 2)} and len(comp) == 6
+    if compile_ok:
+        assert all(r["img_s"] > 0 and r["mac_speedup"] is None for r in comp)
+    else:
+        assert all(r["img_s"] is None and "no C++ compiler" in r["note"] for r in comp)
+    notes = " ".join(ctx.tables["throughput"]["meta"]["notes"])
+    assert "bootstrap" in notes and "channels-last" in notes
+
+
+def test_budget_skips_later_groups(monkeypatch):
+    from bench import fixtures, profiles
+    from bench.stages import speed as stage
+
+    prof = profiles.get("paper")
+    prof["speed"].update(models=[fixtures.TINY_MODEL], configs=["none", "tome:r=13"], batch_sizes=[2, 1],
+                         also_precisions=[], warmup=1, iters=1, repeats=2, timm_baselines=[], compile_configs=[],
+                         budget_s=0.0)
+    ctx = _Ctx(prof)
+    stage.run(ctx)
+    rows = ctx.tables["throughput"]["rows"]
+    assert {r["batch_size"] for r in rows} == {2}  # the first group always runs, the next is over budget
+    assert any("time budget" in n for n in ctx.tables["throughput"]["meta"]["notes"])
+
+
+def test_default_profile_speed_protocol():
+    from bench import profiles
+
+    for name in ("default", "smoke"):
+        sp = profiles.get(name)["speed"]
+        assert sp["repeats"] >= 5 and sp.get("iters") is None and sp["min_time"] > 0
+    d = profiles.get("default")["speed"]
+    assert d["min_time"] >= 1.0  # DeiT-S/B, whose rows the agreement benchmark compares
+    assert "compile" in d["per_model"]["deit_small_patch16_224"]["timm_baselines"]
+
+
+def test_cli_speed_timm_baselines(capsys):
+    rc = main(["speed", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--reducer", "tome:r=4",
+               "--vs", "baseline", "--timm-baselines", "channels-last", "--batch-size", "1", "--repeats", "2",
+               "--min-time", "0.01", "--warmup", "1", "--device", "cpu", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)["runs"][0]
+    assert set(r["models"]) == {"baseline", "tome:r=4", "baseline [channels-last]"}
+    cl = r["models"]["baseline [channels-last]"]
+    assert cl["channels_last"] is True and cl["speedup"] > 0 and "speedup_ci_low" in cl
+    assert r["config"]["min_time"] == 0.01 and r["config"]["iters"] is None
+
+
+@pytest.mark.parametrize("argv", [["--timm-baselines", "compile"], ["--vs", "baseline", "--timm-baselines", "jit"],
+                                  ["--min-time", "0"]])
+def test_cli_speed_bad_flags(capsys, argv):
+    rc = main(["speed", "--model", "deit_tiny_patch16_224", "--reducer", "tome:r=4", *argv])
+    assert rc == 2

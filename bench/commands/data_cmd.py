@@ -30,7 +30,15 @@ def add_parser(sub):
 
 def run_proxy(args):
     from .. import proxy
+    from ..outputs import check_out_dir
+    from ..reducer import ConfigError
 
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    if args.size not in proxy.SIZES:
+        raise ConfigError(f"unknown proxy size '{args.size}'; available: {', '.join(proxy.SIZES)}")
+    # before any work: a file, or a folder holding anything but an earlier proxy set, is refused
+    check_out_dir(Path(args.out) if args.out else None, "--out", manifest=proxy.MANIFEST)
     root = proxy.ensure_proxy_data(Path(args.out) if args.out else None, size=args.size, seed=args.seed)
     spec = "proxy" if args.size == "default" else f"proxy:{args.size}"
     cls, train = data_mod.scan_split(root, "train")
@@ -48,6 +56,10 @@ def run_info(args):
 
 
 def run_cache(args):
+    from ..outputs import finite, positive
+
+    positive(args.img_size, "--img-size")
+    finite(args.crop_pct, "--crop-pct", low=0.0, low_open=True)
     ds = data_mod.build_dataset(args.data, "val", img_size=args.img_size, crop_pct=args.crop_pct, cache=True)
     path = getattr(ds, "path", None)
     emit({"data": args.data, "n_images": len(ds), "cache": str(path)}, args.json,

@@ -16,15 +16,30 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def check_args(args) -> None:
+    """0 and negative sizes are errors, never read as "the model's default"."""
+    from ..outputs import positive
+
+    positive(args.img_size, "--img-size")
+    positive(args.num_classes, "--num-classes")
+
+
 def build(args):
+    check_args(args)
     kw = {}
-    if args.img_size:
+    if args.img_size is not None:
         kw["img_size"] = args.img_size
     red = registry.build(args.reducer)  # spec errors before any model is built
     model = models.create(args.model, num_classes=args.num_classes, **kw)
     if args.checkpoint and hasattr(red, "load_structure"):
         red.load_structure(args.checkpoint)
     img = img_size_of(args, model)
+    ps = tuple(model.patch_embed.patch_size)
+    if img[0] < ps[0] or img[1] < ps[1]:
+        from ..reducer import ConfigError
+
+        raise ConfigError(f"--img-size {img[0]} is smaller than {args.model}'s {ps[0]}x{ps[1]} patch: "
+                          "no patch token would remain")
     patch.apply(model, red, img_size=img)
     return model, red, img
 

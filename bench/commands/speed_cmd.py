@@ -22,9 +22,16 @@ def add_parser(sub):
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--vs", choices=["baseline"], default=None,
                    help="also time the unreduced model interleaved and report the speed-up")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2 on CPU, 20 on CUDA)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations per repeat (default 3 CPU, 50 CUDA)")
-    p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported (default 5)")
+    p.add_argument("--timm-baselines", default=None, metavar="LIST",
+                   help="with --vs baseline, also time the unreduced model as plain timm baselines: "
+                        "compile, channels_last or both (comma list); eager baseline stays the reference")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2 on CPU, 10 on CUDA)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="fixed timed iterations per timing (default: calibrated to --min-time)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds per timing the iteration count is calibrated to (default 1.0 CPU, 0.2 CUDA)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved repeats; the median and a bootstrap interval are reported (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--checkpoint", default=None, help="reducer checkpoint (methods whose structure is learned)")
     p.set_defaults(func=run)
@@ -40,8 +47,23 @@ def _batch_sizes(text) -> list[int]:
     return batches
 
 
+def _timm_baselines(text) -> list[str]:
+    if not text:
+        return []
+    out = [t.strip().replace("-", "_") for t in str(text).split(",") if t.strip()]
+    bad = [t for t in out if t not in ("compile", "channels_last")]
+    if bad:
+        raise ConfigError(f"--timm-baselines takes compile and/or channels_last, got {', '.join(bad)}")
+    return out
+
+
 def run(args):
     batches = _batch_sizes(args.batch_size)  # user errors before any model is built
+    extra = _timm_baselines(args.timm_baselines)
+    if extra and not args.vs:
+        raise ConfigError("--timm-baselines needs --vs baseline (they are compared with the eager unreduced model)")
+    if args.min_time is not None and args.min_time <= 0:
+        raise ConfigError(f"--min-time must be > 0 seconds, got {args.min_time}")
     red = registry.build(args.reducer)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,15 +79,19 @@ def run(args):
     runs = []
     for bs in batches:
         cfg = speed.SpeedConfig(batch_size=bs, precision=args.precision, device=device, warmup=args.warmup,
-                                iters=args.iters, repeats=args.repeats, channels_last=args.channels_last,
-                                compile=args.compile, img_size=img)
-        ms = {label: reduced}
+                                iters=args.iters, min_time=args.min_time, repeats=args.repeats,
+                                channels_last=args.channels_last, compile=args.compile, img_size=img)
+        ms, variants = {label: reduced}, {}
         if args.vs:
             ms = {"baseline": base, label: reduced}
+            for v in extra:  # the unreduced model as a plain timm baseline, on its own copy
+                name = f"baseline [{v.replace('_', '-')}]"
+                ms[name] = copy.deepcopy(base)
+                variants[name] = {v: True}
         if not args.json:
             print(f"timing {args.model} [{', '.join(ms)}] batch {bs} {args.precision} on {env.device_name(device)} ...",
                   file=sys.stderr)
-        res = speed.measure(ms, cfg, baseline="baseline" if args.vs else None)
+        res = speed.measure(ms, cfg, baseline="baseline" if args.vs else None, variants=variants)
         res["batch_size"] = bs
         runs.append(res)
     out = {"model": args.model, "reducer": label, "runs": runs, "stamp": runs[0]["stamp"]}
@@ -75,9 +101,13 @@ def run(args):
              f"protocol: {runs[0]['config']['protocol']}"]
     for r in runs:
         for k, m in r["models"].items():
-            s = f"  bs {r['batch_size']:4d}  {k:28s} {m['img_s']:9.2f} img/s  (min {m['img_s_min']:.2f}, max {m['img_s_max']:.2f})"
+            s = (f"  bs {r['batch_size']:4d}  {k:28s} {m['img_s']:9.2f} img/s  (min {m['img_s_min']:.2f}, "
+                 f"max {m['img_s_max']:.2f}; {m['iters']} it/timing; attention {m.get('attn_kernel', '?')})")
             if "speedup" in m:
-                s += f"  speed-up {m['speedup']:.3f}x (min {m['speedup_min']:.3f}, max {m['speedup_max']:.3f})"
+                s += (f"  speed-up {m['speedup']:.3f}x [95% CI {m['speedup_ci_low']:.3f}-{m['speedup_ci_high']:.3f}]"
+                      + ("  NOISY" if m["noisy"] else ""))
             lines.append(s)
+        for k, why in r.get("failed", {}).items():
+            lines.append(f"  bs {r['batch_size']:4d}  {k:28s} not measured: {why}")
     emit(out, args.json, "\n".join(lines))
     return 0

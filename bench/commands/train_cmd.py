@@ -13,6 +13,7 @@ from dataclasses import asdict, fields
 from .. import data as data_mod
 from .. import distributed as dist
 from .. import env, models, patch, registry
+from .. import preprocess as pp
 from ..cli import emit
 from ..reducer import ConfigError, ModelInfo
 
@@ -34,7 +35,10 @@ def add_parser(sub):
     p.add_argument("--reducer", default="none", help="reducer spec (default: none)")
     p.add_argument("--data", default="proxy", help="proxy | proxy:smoke | imagenet:PATH (default: proxy)")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--crop-pct", type=float, default=0.875)
+    pp.add_arguments(p)
+    p.add_argument("--labels", default="auto", choices=data_mod.LABEL_MODES,
+                   help="label indices: auto (ImageNet synset folders in canonical order for a 1000-class "
+                        "model, else sorted folders), imagenet-1k or folders")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--init", default=None, help="start from this pmbench checkpoint (e.g. the proxy backbone)")
     src.add_argument("--weights", default=None, help="start from a local timm/DeiT .pth/.safetensors file")
@@ -85,7 +89,37 @@ def build_student(args, n_classes: int):
     return model, red, base
 
 
+def check_args(args) -> None:
+    """Bad values fail here, before any data, model or compute: 0 and negative counts are errors,
+    never read as "not given"; --out / --log must be writable file paths."""
+    from ..outputs import check_out_file, finite, positive
+
+    for flag, dest in (("--batch-size", "batch_size"), ("--max-steps", "max_steps"),
+                       ("--ckpt-every-steps", "ckpt_every_steps"), ("--img-size", "img_size"),
+                       ("--max-train-images", "max_train_images"), ("--max-val-images", "max_val_images")):
+        positive(getattr(args, dest), flag)
+    positive(args.epochs, "--epochs", kind="float")
+    positive(args.lr, "--lr", kind="float")
+    for flag, dest in (("--min-lr", "min_lr"), ("--warmup-epochs", "warmup_epochs"),
+                       ("--weight-decay", "weight_decay"), ("--mixup", "mixup"), ("--cutmix", "cutmix"),
+                       ("--distill-alpha", "distill_alpha")):
+        finite(getattr(args, dest), flag, low=0.0)
+    finite(args.label_smoothing, "--label-smoothing", low=0.0, high=0.999999)
+    finite(args.clip_grad, "--clip-grad", low=0.0, low_open=True)
+    finite(args.distill_tau, "--distill-tau", low=0.0, low_open=True)
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    check_out_file(args.out, "--out")
+    check_out_file(args.log_path, "--log")
+    if args.resume and not args.out:
+        raise ConfigError("--resume continues from --out; give --out CHECKPOINT")
+
+
 def run(args):
+    check_args(args)
+    pp.merge_size_flags(args)
     dist.init(args.device)
     main = dist.is_main()
     from ..train import TrainConfig, seed_everything, train
@@ -95,7 +129,11 @@ def run(args):
     # and an unseeded init made two identical `pmbench train` commands disagree.
     seed_everything(args.seed if args.seed is not None else TrainConfig().seed)
     model, red, base = build_student(args, info_data["num_classes"])
-    img = args.img_size or model.patch_embed.img_size[0]
+    models.require_vit(model, args.model)
+    # labels checked against the model's head, preprocessing from the model, before any compute
+    labels = data_mod.resolve_labels(data_mod.data_root(args.data), model.num_classes, args.labels)
+    info_data = data_mod.describe_data(args.data, labels=labels)
+    prep = pp.from_args(args, args.model, model)
     minfo = ModelInfo.from_model(model)
 
     cfg_d = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
@@ -112,7 +150,7 @@ def run(args):
         cfg_d["train_mode"] = False
     cfg_d.update(device=args.device, ckpt_path=args.out, resume=args.resume, progress=not args.no_progress)
     cfg_d["extra"] = {"data": info_data, "model_name": args.model, "reducer": red.spec(), "init": args.init,
-                      "weights": args.weights}
+                      "weights": args.weights, "reducer_full": red.full_spec(), "preprocess": prep.as_dict()}
     cfg = TrainConfig.from_dict(cfg_d)
 
     teacher = None
@@ -134,13 +172,13 @@ def run(args):
     if wants_teacher and teacher is None:
         raise ConfigError(f"distill={cfg.distill} / reducer '{red.spec()}' needs a teacher: --teacher self or PATH")
 
-    train_loader = data_mod.build_loader(args.data, "train", cfg.batch_size, train=True, img_size=img,
+    train_loader = data_mod.build_loader(args.data, "train", cfg.batch_size, train=True, prep=prep, labels=labels,
                                          workers=args.workers, distributed=dist.is_distributed(),
                                          max_images=args.max_train_images, seed=cfg.seed)
     val_loader = None
     if not args.no_val:
-        val_loader = data_mod.build_loader(args.data, "val", max(1, cfg.batch_size * 2), img_size=img,
-                                           crop_pct=args.crop_pct, workers=args.workers,
+        val_loader = data_mod.build_loader(args.data, "val", max(1, cfg.batch_size * 2), prep=prep, labels=labels,
+                                           workers=args.workers,
                                            distributed=dist.is_distributed(), max_images=args.max_val_images)
     if main and not args.json:
         print(f"training {args.model} reducer {red.spec()} on {info_data['source']} data "
@@ -149,7 +187,8 @@ def run(args):
     hist = train(model, train_loader, cfg, teacher=teacher, val_loader=val_loader)
     last = hist["epochs"][-1] if hist["epochs"] else {}
     out = {
-        "model": args.model, "reducer": red.spec(), "data": info_data, "checkpoint": args.out,
+        "model": args.model, "reducer": red.spec(), "reducer_full": red.full_spec(), "data": info_data,
+        "preprocess": prep.as_dict(), "checkpoint": args.out,
         "wall_s": round(hist["wall_s"], 2), "steps": hist["final_step"], "epochs": cfg.epochs,
         "world_size": dist.world_size(), "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
         "history": hist["epochs"], "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},

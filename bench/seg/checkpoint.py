@@ -70,20 +70,35 @@ def load_weights(path, trust: bool = False) -> dict:
     p = Path(s).expanduser()
     if not p.is_file():
         raise ConfigError(f"checkpoint file {p} not found")
+    def unreadable(e: Exception) -> ConfigError:
+        msg = str(e).splitlines()[0].split(". ")[0][:160] if str(e) else type(e).__name__
+        return ConfigError(f"cannot read checkpoint {p} ({msg}): the file is truncated or not a torch "
+                           "checkpoint; re-download or re-save it")
+
     if trust or os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == "1":
-        return torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - one line for any unreadable file
+            raise unreadable(e) from None
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # a damaged pickle, not a refused global
+            raise unreadable(e) from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, empty file, not a checkpoint
+        raise unreadable(e) from None
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise unreadable(e) from None
         raise ConfigError(
             f"{p} holds Python objects that torch's weights_only loading refuses ({str(e).splitlines()[0][:200]}); "
             f"if you trust the file, pass --trust-checkpoint (or set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1)"
         ) from None
+    except Exception as e:  # noqa: BLE001
+        raise unreadable(e) from None
 
 
 def _segmenter_decoder_rules() -> list[tuple[str, str]]:
@@ -123,6 +138,8 @@ def segmenter_release_to_mmseg(model_sd: dict) -> dict:
 
 def model_state(ckpt: dict) -> dict:
     """The EncoderDecoder state dict inside any supported checkpoint format."""
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"unrecognised checkpoint: a {type(ckpt).__name__}, not a dict of weights")
     if "state_dict" in ckpt:
         return ckpt["state_dict"]
     if "model" in ckpt and isinstance(ckpt["model"], dict) and any(k.startswith("encoder.") for k in ckpt["model"]):
@@ -157,10 +174,10 @@ def load_into(model, path, trust: bool = False, strict: bool = True) -> dict:
 
 def save_clean(model, path, meta: dict | None = None) -> Path:
     """Save ``{'state_dict', 'meta'}`` only: loads with plain ``weights_only=True``."""
+    from bench.outputs import temp_file
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    torch.save({"state_dict": sd, "meta": meta or {}}, tmp)
-    os.replace(tmp, p)
+    with temp_file(p) as tmp:  # removed on every exit path
+        torch.save({"state_dict": sd, "meta": meta or {}}, tmp)
     return p

@@ -75,7 +75,29 @@ def add_parser(sub):
     c.set_defaults(func=run_cost)
 
 
+def _check(args, *flags) -> None:
+    """Counts >= 1 (0 and negative values are errors, never "not given"), before any work."""
+    from bench.outputs import positive
+
+    for flag in ("--threads",) + flags:
+        positive(getattr(args, flag[2:].replace("-", "_")), flag)
+
+
+def _fps_batches(text: str) -> tuple:
+    from bench.reducer import ConfigError
+
+    try:
+        out = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--fps-batches must be comma-separated whole numbers, got {text!r}") from None
+    if not out or any(b < 1 for b in out):
+        raise ConfigError(f"--fps-batches must list batch sizes >= 1, got {text!r}")
+    return out
+
+
 def run_eval(args):
+    _check(args, "--max-images", "--iters", "--repeats")
+    fps_batches = _fps_batches(args.fps_batches)
     import torch
 
     from bench.cli import emit
@@ -87,7 +109,7 @@ def run_eval(args):
     with _stdout_to_stderr(args.json):
         res = seg_eval(args.config, args.reducer, args.data, args.checkpoint, random_weights=args.random_weights,
                        trust=args.trust_checkpoint, speed=args.speed,
-                       fps_batches=tuple(int(b) for b in args.fps_batches.split(",") if b.strip()),
+                       fps_batches=fps_batches,
                        speed_iters=args.iters, speed_repeats=args.repeats, device=args.device,
                        max_images=args.max_images, reducer_structure=args.reducer_structure,
                        log=lambda m: print(m, file=sys.stderr))
@@ -115,6 +137,12 @@ def run_train(args):
     import torch
 
     from bench.cli import emit
+    from bench.outputs import check_out_file
+
+    _check(args, "--max-iters")
+    check_out_file(args.out, "--out")
+    if args.out is not None:
+        check_out_file(str(args.out) + ".json", "--out (its metadata file)")
 
     from . import train
 
@@ -143,6 +171,7 @@ def run_train(args):
 def run_cost(args):
     from bench.cli import emit
 
+    _check(args, "--img-size")
     from .configs import build_config
     from .cost import measured_window_macs, window_macs
     from .evaluate import build_segmentor

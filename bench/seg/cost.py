@@ -21,11 +21,11 @@ On a small CPU the iteration counts are tiny and are stated in the result.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from bench import flops as bflops
+from bench import speed as bspeed
 
 
 def head_macs(head, n_patches: int) -> int:
@@ -84,11 +84,6 @@ def measured_window_macs(segmentor, hw) -> int:
     return fcm.get_total_flops() // 2
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def fps(segmentor, crop: torch.Tensor, batch: int, warmup: int = 1, iters: int = 2, repeats: int = 3,
         device: str = "cpu") -> dict:
@@ -99,14 +94,8 @@ def fps(segmentor, crop: torch.Tensor, batch: int, warmup: int = 1, iters: int =
     metas = [dict(img_shape=hw, ori_shape=hw, pad_shape=hw)] * batch
     for _ in range(warmup):
         segmentor.encode_decode(x, metas)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            segmentor.encode_decode(x, metas)
-        _sync(device)
-        times.append((time.perf_counter() - t0) / iters)
+    # the suite's one timing loop (bench.speed.timed_loop: device sync before and after the clock)
+    times = [bspeed.timed_loop(lambda: segmentor.encode_decode(x, metas), iters, device) for _ in range(repeats)]
     ips = sorted(batch / t for t in times)
     return {"img_s": statistics.median(ips), "img_s_min": ips[0], "img_s_max": ips[-1], "batch": batch,
             "window": list(hw), "protocol": f"ALGM-style: {batch} copies of one real {hw[0]}x{hw[1]} crop, "

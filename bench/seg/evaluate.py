@@ -83,6 +83,9 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
     from mmengine.runner import Runner
     from mmseg.evaluation import IoUMetric
 
+    for name, v in (("max_images", max_images), ("speed_iters", speed_iters), ("speed_repeats", speed_repeats)):
+        if v is not None and (isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{name} must be >= 1 (or not given), got {v}")
     red = registry.build(reducer)
     cfg = segconfigs.build_config(config, red.spec(), data, num_workers=num_workers,
                                   reducer_structure=reducer_structure)
@@ -134,12 +137,12 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
             n += len(batch["inputs"])
             if log and n % 20 == 0:
                 log(f"  {n} images")
-            if max_images and n >= max_images:
+            if max_images is not None and n >= max_images:
                 break
     eval_s = time.perf_counter() - t0
     if n == 0:
         raise ConfigError("the evaluation set is empty")
-    metrics = evaluator.evaluate(n if not max_images else min(n, len(loader.dataset)))
+    metrics = evaluator.evaluate(n if max_images is None else min(n, len(loader.dataset)))
     win = cost.window_macs(model, crop)
     res = {
         "config": str(config),

@@ -58,9 +58,10 @@ def calibrate(segmentor, loader, iters: int = 20, out: Optional[Path] = None, pr
     summary = red.per_layer()
     summary["calibration"] = meta
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"reducer_state": red.export_state()}, out)
+        from bench.outputs import temp_file
+
+        with temp_file(Path(out)) as tmp:  # atomic; the temporary is removed on every exit path
+            torch.save({"reducer_state": red.export_state()}, tmp)
     return summary
 
 

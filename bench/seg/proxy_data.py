@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ import numpy as np
 CLASSES = ("sky", "ground", "disc", "box", "triangle", "ring")
 PALETTE = [[120, 170, 230], [120, 90, 60], [220, 60, 50], [50, 80, 220], [60, 190, 70], [230, 200, 40]]
 FORMAT_VERSION = 2
+MANIFEST = "proxy_seg.json"
+_GENERATED = re.compile(r"(images/(training|validation)/proxy_\d{5}\.jpg|annotations/(training|validation)/proxy_\d{5}\.png)")
 
 SIZES = {
     # name: (train images, val images, height, width)
@@ -133,27 +137,38 @@ def ensure_proxy_seg(size: str = "default", seed: int = 0, root=None, force: boo
 
         raise ConfigError(f"unknown proxy segmentation size '{size}'; available: {', '.join(SIZES)}")
     n_train, n_val, h, w = SIZES[size]
+    in_cache = not root
     root = Path(root) if root else cache_root() / f"{size}-seed{seed}"
     spec = {"version": FORMAT_VERSION, "size": size, "seed": seed, "n_train": n_train, "n_val": n_val,
             "h": h, "w": w, "classes": list(CLASSES)}
-    done = root / "proxy_seg.json"
+    done = root / MANIFEST
     if done.exists() and not force:
         try:
             if json.loads(done.read_text()).get("spec") == spec:
                 return root
         except (OSError, ValueError):
             pass
-    digest = hashlib.sha256()
-    for split, n in (("training", n_train), ("validation", n_val)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            img, lab = render(seed, split, i, h, w)
-            ip = root / "images" / split / f"proxy_{i:05d}.jpg"
-            lp = root / "annotations" / split / f"proxy_{i:05d}.png"
-            Image.fromarray(img).save(ip, format="JPEG", quality=92)
-            Image.fromarray(lab, mode="L").save(lp, format="PNG")
-            digest.update(ip.read_bytes())
-            digest.update(lp.read_bytes())
-    done.write_text(json.dumps({"spec": spec, "sha256": digest.hexdigest()}, indent=1))
-    return root
+
+    def build(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        for split, n in (("training", n_train), ("validation", n_val)):
+            (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
+            (tmp / "annotations" / split).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img, lab = render(seed, split, i, h, w)
+                ip = tmp / "images" / split / f"proxy_{i:05d}.jpg"
+                lp = tmp / "annotations" / split / f"proxy_{i:05d}.png"
+                Image.fromarray(img).save(ip, format="JPEG", quality=92)
+                Image.fromarray(lab, mode="L").save(lp, format="PNG")
+                digest.update(ip.read_bytes())
+                digest.update(lp.read_bytes())
+        (tmp / MANIFEST).write_text(json.dumps({"spec": spec, "sha256": digest.hexdigest()}, indent=1))
+
+    # A fresh temporary folder renamed into place: an existing folder is replaced only when it is
+    # an earlier output of this generator (manifest + generated files only), never a user's.
+    from bench.outputs import build_dir
+
+    return build_dir(root, build, manifest=MANIFEST,
+                     is_ours=lambda m: isinstance(m.get("spec"), dict) and "sha256" in m,
+                     allowed=lambda rel: bool(_GENERATED.fullmatch(rel.replace(os.sep, "/"))),
+                     flag="the proxy segmentation folder", partial_ok=in_cache)

@@ -29,7 +29,7 @@ def run(ctx) -> None:
             ctx.failures.append(f"ablation {label} ({spec}) calibration: {e}")
             continue
         desc = {"kind": "pm-ablation", "spec": spec, "backbone": file_hash(bb), "ckpt": file_hash(ck),
-                "epochs": epochs, "max_steps": max_steps, "data": src.data_desc}
+                "epochs": epochs, "max_steps": max_steps, "data": src.input_key()}
 
         def measure(spec=spec, ck=ck, label=label):
             model, red = src.load_checkpoint(ck)

@@ -2,20 +2,31 @@
 
 Proxy profiles: the proxy backbone (trained by the suite, cached) is the
 starting point of every row.  Off-the-shelf rows patch it as is (PM: after
-calibration, before fine-tuning; DynamicViT is skipped: untrained predictors
-mean nothing).  Fine-tuned rows run the method's own recipe
-(``Reducer.recipe``) through the shared trainer with the unreduced backbone
-as teacher, for the profile's number of epochs.
+calibration, before fine-tuning; methods that declare ``needs_training``, i.e.
+DynamicViT's untrained predictors, get no off-the-shelf row: the number would
+not measure the method).  Fine-tuned rows run the method's own recipe
+(``Reducer.recipe``) through the shared trainer with the unreduced backbone as
+teacher, for the profile's number of epochs.
+
+Every row keeps each image's outcome, so every reduced row's drop against the
+unreduced model is given on the same images with a paired 95% interval and the
+exact McNemar p-value (:mod:`bench.stats`); the per-image outcomes are written
+to ``accuracy_per_image.csv``.
 
 Paper profile: the same with pretrained DeiT weights on ImageNet.
 """
 from __future__ import annotations
 
-from .. import flops
+import pandas as pd
+
+from .. import flops, registry, stats
 from ..reducer import ModelInfo
-from ..results import file_hash
+from ..results import atomic_write_text, file_hash
 from .common import method_of, short_model
 from .sources import Source
+
+COLUMNS = ["model", "method", "config", "kind", "top1", "drop", "drop_ci95", "mcnemar_p", "top5", "gmacs", "speedup",
+           "n_images", "steps", "finetune_s"]
 
 
 def _eval_row(ctx, src: Source, model, spec: str, kind: str, red, extra=None) -> dict:
@@ -23,26 +34,68 @@ def _eval_row(ctx, src: Source, model, spec: str, kind: str, red, extra=None) ->
     gm = flops.analytic(info, red, src.model_name).gmacs
     res = src.evaluate(model)
     row = {"model": short_model(src.model_name), "timm_model": src.model_name, "method": method_of(spec),
-           "config": spec, "kind": kind, "top1": round(res["top1"], 2), "top5": round(res["top5"], 2),
-           "n_images": res["n_images"], "gmacs": round(gm, 4)}
+           "config": spec, "config_full": red.full_spec(), "kind": kind, "top1": round(res["top1"], 2),
+           "top5": round(res["top5"], 2), "n_images": res["n_images"], "gmacs": round(gm, 4),
+           "correct": res["correct"]}
     if extra:
         row.update(extra)
     return row
 
 
+def add_paired_drops(rows: list[dict]) -> None:
+    """Each reduced row's drop vs the unreduced row of the same model, on the same images, with a
+    paired-bootstrap 95% interval and the exact McNemar p-value (in place)."""
+    base = {r["timm_model"]: r for r in rows if r["config"] == "none" and r["kind"] == "off-the-shelf"}
+    for r in rows:
+        ref = base.get(r["timm_model"])
+        if ref is None or r is ref or not r.get("correct") or len(r["correct"]) != len(ref.get("correct", "")):
+            continue
+        s = stats.paired_drop(ref["correct"], r["correct"])
+        r["drop"] = round(s["drop"], 2)
+        r["drop_ci95"] = stats.format_interval(s["ci_low"], s["ci_high"])
+        r["drop_ci_low"], r["drop_ci_high"] = round(s["ci_low"], 2), round(s["ci_high"], 2)
+        r["mcnemar_p"] = float(f"{s['mcnemar_p']:.3g}")
+
+
+def write_per_image(ctx, src: Source, rows: list[dict]) -> None:
+    """``accuracy_per_image.csv``: one line per validation image, one 0/1 column per row."""
+    cols = {f"{r['model']}|{r['config']}|{r['kind']}": list(r["correct"]) for r in rows if r.get("correct")}
+    if not cols:
+        return
+    n = len(next(iter(cols.values())))
+    samples = src.val_loader().dataset.samples
+    if any(len(v) != n for v in cols.values()) or len(samples) != n:
+        return
+    df = pd.DataFrame({"image": [p.split("/val/", 1)[-1] for p, _ in samples], "label": [lab for _, lab in samples],
+                       **{k: [int(c) for c in v] for k, v in cols.items()}})
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(ctx.out_dir / "accuracy_per_image.csv", df.to_csv(index=False))
+
+
 def run(ctx) -> None:
     rows = []
-    for src in Source.for_profile(ctx):
+    sources = Source.for_profile(ctx)
+    for src in sources:
         rows += run_source(ctx, src)
-    src = Source.for_profile(ctx)[0]
+    add_paired_drops(rows)
+    src = sources[0]
+    write_per_image(ctx, src, rows)
+    skipped = sorted({method_of(s) for s in ctx.profile["accuracy_configs"] if registry.build(s).needs_training})
+    notes = [f"model: {src.model_name} ({src.describe()})",
+             f"input: {src.prep.describe()}; labels: {src.labels.describe()}",
+             "kind: off-the-shelf = reducer applied to the trained backbone as is (PM: calibrated, "
+             "not fine-tuned); fine-tuned = the method's recipe through the shared trainer",
+             "drop = top-1 of the row minus the unreduced model's, on the same images (points); drop_ci95 = paired "
+             "bootstrap 95% interval (10,000 resamples of the images); mcnemar_p = exact McNemar test of the "
+             "per-image outcomes (a drop whose interval excludes 0 is real on these images)",
+             "config_full (CSV/JSON) = the reducer spec with every option resolved"]
+    if skipped:
+        notes.append(f"no off-the-shelf rows for {', '.join(skipped)}: its own modules are untrained before "
+                     "fine-tuning, so such a number would not measure the method")
     meta = ctx.meta(data_source=ctx.profile["data_source"], batch_size=src.eval_batch, precision="fp32",
-                    notes=[f"model: {src.model_name} ({src.describe()})",
-                           "kind: off-the-shelf = reducer applied to the trained backbone as is (PM: calibrated, "
-                           "not fine-tuned); fine-tuned = the method's recipe through the shared trainer",
-                           ])
-    ctx.add_table("accuracy", f"Top-1 on {src.data_label}", rows, meta,
-                  ["model", "method", "config", "kind", "top1", "top5", "gmacs", "speedup", "n_images",
-                   "steps", "finetune_s"])
+                    preprocess=src.prep.as_dict(), notes=notes)
+    table_rows = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
+    ctx.add_table("accuracy", f"Top-1 on {src.data_label}", table_rows, meta, COLUMNS)
 
 
 def run_source(ctx, src) -> list:
@@ -53,7 +106,8 @@ def run_source(ctx, src) -> list:
     ft_configs = list(prof["finetune_configs"])
     ctx.progress.plan(len(configs) + len(ft_configs), 4.0 * len(configs) + 40.0 * len(ft_configs))
     rows = []
-    base_desc = {"kind": "accuracy", "model": src.model_name, "data": src.data_desc, "backbone": bb_hash}
+    base_desc = {"kind": "accuracy", "model": src.model_name, "data": src.input_key(), "backbone": bb_hash,
+                 "per_image": 1}
 
     # PM needs a calibrated structure before anything else (off-the-shelf = calibrated, not fine-tuned).
     pm_ckpts = {}
@@ -65,7 +119,7 @@ def run_source(ctx, src) -> list:
     ctx.pm_structures = pm_ckpts
 
     for spec in configs:
-        if method_of(spec) in ("dynamicvit",):
+        if registry.build(spec).needs_training:
             continue
 
         def measure(spec=spec):

@@ -40,24 +40,57 @@ class Source:
     def __init__(self, ctx):
         self.ctx = ctx
         self._val = None
+        self._input = None
 
     # -- data ----------------------------------------------------------------------------
+    def _resolve_input(self) -> None:
+        """The model's preprocessing (its pretrained_cfg) and the data's label space, checked
+        against the model's head before any compute."""
+        if self._input is None:
+            from .. import data as data_mod
+            from .. import models, preprocess
+
+            model = models.create(self.model_name)
+            prep = preprocess.resolve(self.model_name, model, img_size=self.img_size[0])
+            labels = data_mod.resolve_labels(data_mod.data_root(self.data), model.num_classes)
+            self._input = (prep, labels)
+
+    @property
+    def prep(self):
+        self._resolve_input()
+        return self._input[0]
+
+    @property
+    def labels(self):
+        self._resolve_input()
+        return self._input[1]
+
+    def input_key(self) -> dict:
+        """What the data and its preprocessing are (part of every job's cache key)."""
+        return {**self.data_desc, "preprocess": self.prep.key(), "labels": self.labels.kind}
+
     def val_loader(self):
         from ..data import build_loader
 
         if self._val is None:
-            self._val = build_loader(self.data, "val", self.eval_batch, img_size=self.img_size[0])
+            self._val = build_loader(self.data, "val", self.eval_batch, prep=self.prep, labels=self.labels)
         return self._val
 
     def train_loader(self, batch_size: int, aug: bool = True):
         from ..data import build_loader
 
-        return build_loader(self.data, "train", batch_size, train=aug, img_size=self.img_size[0])
+        # shuffled (seeded) also without augmentation: PM's calibration takes the first batches, and in
+        # folder order those would hold the first class or two only (the official code shuffles too)
+        return build_loader(self.data, "train", batch_size, train=aug, prep=self.prep, labels=self.labels,
+                            shuffle=True)
 
     def evaluate(self, model) -> dict:
-        from ..evaluate import evaluate
+        """Top-1 with every image's outcome (``correct``: a 0/1 string in dataset order)."""
+        from ..evaluate import correct_bits, evaluate
 
-        return evaluate(model, self.val_loader(), device=self.ctx.device)
+        res = evaluate(model, self.val_loader(), device=self.ctx.device, keep_preds=True)
+        res["correct"] = correct_bits(res.pop("preds"))
+        return res
 
     # -- models ----------------------------------------------------------------------------
     def patched_backbone(self, spec: str):
@@ -91,7 +124,7 @@ class Source:
         from pm.cli import save
 
         bb = self.ensure_backbone()
-        desc = {"kind": "pm-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.data_desc,
+        desc = {"kind": "pm-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.input_key(),
                 "iters": self.calib_iters, "batch": self.calib_batch}
         out = self._work(f"pm-{registry.build(spec).spec().replace(':', '_').replace('=', '').replace(',', '_')}"
                          f"-{file_hash(bb, 8)}.pt")
