@@ -35,9 +35,9 @@ STAGES = ["accuracy", "cost", "speed", "seg", "ablations"]
 class Progress:
     """Job counter with elapsed time and an ETA from per-job estimates corrected by measured pace."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream=None):
         self.t0 = time.time()
-        self.stream = stream
+        self.stream = stream or sys.stderr  # the stream of the moment (not the one at import)
         self.total_est = 0.0
         self.done_est = 0.0
         self.done_real = 0.0

@@ -204,7 +204,7 @@ def check_spec(spec: str, where: str) -> None:
     try:
         registry.build(spec)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: spec '{spec}': {e}") from None
 
 
 # --------------------------------------------------------------------------- applying

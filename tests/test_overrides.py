@@ -71,7 +71,7 @@ def test_profile_file_toml_and_json(tmp_path):
     ('finetune_epochs = true', "finetune_epochs: expected a whole number >= 1"),
     ('accuracy_configs = "tome"', "accuracy_configs: expected a list of reducer specs"),
     ('accuracy_configs = ["tome:q=1"]', "accuracy_configs: .*valid options"),
-    ('configs = ["nosuch"]', "configs: unknown reducer 'nosuch'"),
+    ('configs = ["nosuch"]', "configs: spec 'nosuch': unknown reducer 'nosuch'"),
     ('[add]\nfinetune_epochs = 3', r"\[add\] finetune_epochs: not a list setting"),
     ('[speed]\nprecision = "fp16"', "speed.precision: expected one of fp32, amp, bf16"),
     ('[speed.per_model.deit_tiny_patch16_224]\nrepeats = -1', "per_model.deit_tiny_patch16_224.repeats"),
@@ -98,9 +98,9 @@ def test_profile_file_path_errors(tmp_path):
 
 
 def test_bad_configs_spec():
-    with pytest.raises(ConfigError, match="--configs: .*valid options: inflect, prop_attn, r"):
+    with pytest.raises(ConfigError, match="--configs: spec 'tome:bogus=1': .*valid options: inflect, prop_attn, r"):
         overrides.apply(profiles.get("smoke"), ["tome:bogus=1"])
-    with pytest.raises(ConfigError, match="--configs: unknown reducer 'nosuch'"):
+    with pytest.raises(ConfigError, match="--configs: spec 'nosuch': unknown reducer 'nosuch'"):
         overrides.apply(profiles.get("smoke"), ["nosuch"])
 
 

@@ -13,8 +13,15 @@ QUIET_NAME = "pmbench-quiet"
 
 
 def set_verbose(verbose: bool) -> None:
+    """Quiet mode also drops the deprecation notices OpenMMLab's packages raise as Python warnings on
+    every run (``pkg_resources``, ``build_loss``, ``avg_non_ignore``); nothing the user can act on."""
     global _VERBOSE
     _VERBOSE = bool(verbose)
+    if not _VERBOSE:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(mmengine|mmseg|mmcv)(\.|$)")
 
 
 def level() -> str:
