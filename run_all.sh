@@ -2,9 +2,13 @@
 # PM-Bench entry point.
 #   ./run_all.sh                 regenerate every table (default profile: embedded proxy, CPU)
 #   ./run_all.sh --profile P ... regenerate for profile P (smoke | default | paper), see README
-#   ./run_all.sh test [pytest args]   run the test suite and the CI regression gate
+#   ./run_all.sh --configs SPEC[,SPEC...] / --profile-file FILE   add configurations (e.g. a plug-in's)
+#   ./run_all.sh test            run the test suite, the smoke profile and the CI regression gate
+#   ./run_all.sh test [pytest args]   pytest only (PMBENCH_GATE=1: also the smoke profile + gate)
 #   ./run_all.sh accept          re-measure the smoke profile and rewrite the gate's expectations
-# Both create/refresh .venv on first use; a current .venv is reused at once.
+#   ./run_all.sh setup           the environment only
+# All create/refresh .venv on first use; a current .venv is reused at once.
+# Ctrl-C: one line, exit code 130 (finished measurements stay cached).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${PMBENCH_VENV:-$ROOT/.venv}"
@@ -24,6 +28,7 @@ bootstrap() {
         return 0
     fi
     log "setting up $VENV (first use or changed requirements)"
+    trap 'printf "\n[run_all] set-up interrupted; the next run resumes it\n" >&2; exit 130' INT
     local t0=$SECONDS
     [[ -x "$PY" ]] || python3 -m venv "$VENV"
     local PIP=("$PY" -m pip install --disable-pip-version-check)
@@ -58,6 +63,7 @@ bootstrap() {
     "$PY" -m pip freeze --exclude-editable > "$VENV/pip-freeze.txt"
     echo "$want" > "$VENV/.pmbench-stamp"
     log "environment ready in $((SECONDS - t0)) s"
+    trap - INT
 }
 
 cmd="${1:-}"
@@ -66,7 +72,7 @@ case "$cmd" in
         shift
         bootstrap
         cd "$ROOT"
-        exec "$PY" -m bench.testrun "$@"
+        exec "$PY" -m bench.entry testrun "$@"
         ;;
     setup)
         bootstrap
@@ -75,12 +81,12 @@ case "$cmd" in
         # Re-measure the smoke profile and rewrite the CI gate's expectations (review the diff!).
         bootstrap
         cd "$ROOT"
-        "$PY" -m bench.orchestrate --profile smoke --force --out "$ROOT/.cache/reports/smoke"
-        exec "$PY" -m bench.gate "$ROOT/.cache/reports/smoke" --accept
+        "$PY" -m bench.entry orchestrate --profile smoke --force --out "$ROOT/.cache/reports/smoke"
+        exec "$PY" -m bench.entry gate "$ROOT/.cache/reports/smoke" --accept
         ;;
     *)
         bootstrap
         cd "$ROOT"
-        exec "$PY" -m bench.orchestrate "$@"
+        exec "$PY" -m bench.entry orchestrate "$@"
         ;;
 esac

@@ -1,8 +1,13 @@
 """``pmbench``: the command-line interface.
 
-Each sub-command lives in its own module exposing ``add_parser(subparsers)``;
-the module list below is the whole CLI.  ``--json`` prints exactly one JSON
-object on stdout (human text goes to stderr or is suppressed).
+Each sub-command lives in its own module exposing ``add_parser(subparsers)``.  ``COMMANDS`` below is
+the whole CLI: every command's name, its module and the one-line help ``pmbench --help`` shows.  Only
+the module of the command being run is imported (the others are listed from this table), so
+``pmbench --help`` and ``pmbench --version`` never load torch, timm or mmseg; the modules register
+their commands with the same help text (tests/test_cli.py checks that the two agree).
+
+``--json`` prints exactly one JSON object on stdout (human text goes to stderr or is suppressed).
+Bad input: one line on stderr, exit code 2.  Ctrl-C: one line, exit code 130.
 """
 from __future__ import annotations
 
@@ -11,29 +16,52 @@ import importlib
 import json
 import sys
 
-from .reducer import ConfigError
+from . import __version__
+from .errors import ConfigError
 
+# (command, module that registers it, help): the order is the order of `pmbench --help`
 COMMANDS = [
-    "bench.commands.list_cmd",
-    "bench.commands.flops_cmd",
-    "bench.commands.speed_cmd",
-    "bench.commands.train_cmd",
-    "bench.commands.eval_cmd",
-    "bench.commands.data_cmd",
-    "pm.cli",
-    "bench.seg.cli",
+    ("list", "bench.commands.list_cmd", "list reducers and their options"),
+    ("flops", "bench.commands.flops_cmd", "analytic GMACs of a model + reducer, with a per-block breakdown"),
+    ("speed", "bench.commands.speed_cmd", "measured throughput (img/s) and speed-up vs the unreduced model"),
+    ("train", "bench.commands.train_cmd", "train / fine-tune a model (+ reducer) with the suite's trainer"),
+    ("eval", "bench.commands.eval_cmd", "accuracy (top-1/top-5) of a model + reducer"),
+    ("data", "bench.commands.data_cmd", "proxy data generation and data-set checks"),
+    ("pm-calibrate", "pm.cli",
+     "Prune and Merge: gradient-weighted scores -> per-layer structure -> checkpoint"),
+    ("seg-eval", "bench.seg.cli", "Segmenter mIoU (sliding window, IoUMetric), GMACs and FPS with a reducer"),
+    ("seg-train", "bench.seg.cli",
+     "train / fine-tune a Segmenter with mmengine's Runner (CPU, torchrun gloo, CUDA); saves a clean checkpoint"),
+    ("seg-cost", "bench.seg.cli", "analytic Segmenter GMACs per 512x512 window (no weights, no data)"),
 ]
+COMMAND_NAMES = [c[0] for c in COMMANDS]
 
 
 class UserError(Exception):
     """Bad input: printed as one clear message, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pmbench", description="Token-reduction benchmark for Vision Transformers")
+def _load_module(name: str):
+    return importlib.import_module(name)
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The ``pmbench`` parser.  ``commands``: the names whose modules are imported and whose full
+    parsers are built (default: all); every other command is listed with its help only."""
+    p = argparse.ArgumentParser(
+        prog="pmbench", description="Token-reduction benchmark for Vision Transformers",
+        epilog="`pmbench COMMAND --help` lists a command's options. Bad input exits with code 2, Ctrl-C with 130.")
+    p.add_argument("--version", action="version", version=f"pmbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in COMMANDS:
-        importlib.import_module(mod).add_parser(sub)
+    full = set(COMMAND_NAMES if commands is None else commands)
+    loaded: set[str] = set()
+    for name, mod, help_text in COMMANDS:
+        if name in full:
+            if mod not in loaded:
+                loaded.add(mod)
+                _load_module(mod).add_parser(sub)
+        elif not any(m == mod and n in full for n, m, _ in COMMANDS):
+            sub.add_parser(name, help=help_text, add_help=False)  # listed only; built when it is run
     return p
 
 
@@ -59,15 +87,19 @@ def _json_default(o):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    name = f"pmbench {command}" if command in COMMAND_NAMES else "pmbench"
     try:
+        # only the command being run is imported (a typo or --help imports nothing heavy)
+        parser = build_parser([command] if command in COMMAND_NAMES else [])
+        args = parser.parse_args(argv)
         rc = args.func(args)
     except (ConfigError, UserError, FileNotFoundError) as e:
-        print(f"pmbench {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"pmbench {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # anywhere: imports, parsing, the command itself
+        print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
 
@@ -83,5 +115,7 @@ def one_line(e: BaseException) -> str:
     return " ".join(ln.strip() for ln in msg.splitlines() if ln.strip())
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m bench.cli`: run the one `bench.cli` the commands import
+    from bench.cli import main as _main
+
+    sys.exit(_main())

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from . import env, profiles
+from . import env, overrides, profiles
 from .reducer import ConfigError
 from .results import ResultCache
 
@@ -34,9 +35,9 @@ STAGES = ["accuracy", "cost", "speed", "seg", "ablations"]
 class Progress:
     """Job counter with elapsed time and an ETA from per-job estimates corrected by measured pace."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream=None):
         self.t0 = time.time()
-        self.stream = stream
+        self.stream = stream or sys.stderr  # the stream of the moment (not the one at import)
         self.total_est = 0.0
         self.done_est = 0.0
         self.done_real = 0.0
@@ -139,10 +140,25 @@ class RunContext:
             "mmseg": st["mmseg"],
             "commit": st["commit"],
             "date": st["date"],
-            "command": "./run_all.sh --profile " + self.profile["name"],
+            "command": self.command(),
         }
+        ov = self.profile.get("overrides") or {}
+        if ov:  # --configs / --profile-file: said in every table header, and in full in the JSON
+            m["profile_overrides"] = overrides.describe(ov)
+            m["profile_overrides_detail"] = ov
         m.update(kw)
         return m
+
+    def command(self) -> str:
+        """The command line that reproduces this run's tables (profile, fixture flag, overrides)."""
+        cmd = ["./run_all.sh", "--profile", self.profile["name"]]
+        if self.profile.get("fixture"):
+            cmd.append("--fixture")
+        for text in getattr(self.args, "configs", None) or []:
+            cmd += ["--configs", text]
+        if getattr(self.args, "profile_file", None):
+            cmd += ["--profile-file", self.args.profile_file]
+        return shlex.join(cmd)
 
     def add_table(self, name: str, title: str, rows: list, meta: dict, columns=None) -> None:
         """Register a table; every row naming a reducer ``config`` also carries ``config_full``
@@ -176,6 +192,13 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=None, help="paper profile: processes for torchrun (default: GPUs present)")
     p.add_argument("--fixture", action="store_true",
                    help="paper profile on small fixture data with tiny models (tests the real path)")
+    p.add_argument("--configs", action="append", default=None, metavar="SPEC[,SPEC...]",
+                   help="add reducer specs to every classification table (accuracy off-the-shelf and fine-tuned, "
+                        "FLOPs, throughput), e.g. a plug-in's: --configs droptail:n=20,at=3,tome:r=8 (an item "
+                        "key=value continues the spec before it; repeatable)")
+    p.add_argument("--profile-file", default=None, metavar="FILE",
+                   help="TOML/JSON/YAML file of profile keys to set, [add] lists to extend, [speed] settings to "
+                        "merge, configs to add everywhere (see bench/overrides.py and the README)")
     return p.parse_args(argv)
 
 
@@ -201,6 +224,7 @@ def main(argv=None) -> int:
             if args.profile != "paper":
                 raise ConfigError("--fixture applies to the paper profile")
             prof = profiles.fixture_variant(prof)
+        prof = overrides.apply(prof, args.configs, args.profile_file)
         out_dir = Path(args.out) if args.out else ROOT / "reports" / (args.profile + ("-fixture" if args.fixture else ""))
         cache_dir = Path(os.environ.get("PMBENCH_CACHE", ROOT / ".cache")) / "results" / (
             args.profile + ("-fixture" if args.fixture else ""))

@@ -27,9 +27,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A reducer spec or configuration that cannot work.  Raised before any compute."""
+from .errors import ConfigError  # defined torch-free, re-exported here (the plug-in contract)
 
 
 # --------------------------------------------------------------------------- options

@@ -35,6 +35,7 @@ def header_lines(title: str, meta: dict) -> list[str]:
         ("commit", "commit"),
         ("date", "date"),
         ("command", "command"),
+        ("profile overrides", "profile_overrides"),
     ]
     lines = [f"## {title}", ""]
     for label, k in keys:

@@ -1,4 +1,9 @@
-"""``./run_all.sh test``: the test suite, then the smoke profile and the CI regression gate.
+"""``./run_all.sh test [pytest args]``: the test suite, then the smoke profile and the CI regression gate.
+
+* ``./run_all.sh test``: pytest (the whole suite), then the smoke profile and the gate (what CI runs);
+* ``./run_all.sh test <pytest args>`` (e.g. ``tests/test_cli.py -k flops``): pytest with those
+  arguments only;
+* ``PMBENCH_GATE=1`` forces the smoke profile + gate after pytest, ``PMBENCH_GATE=0`` skips them.
 
 The smoke profile runs with ``--force`` (fresh measurements, never the cache) into
 ``.cache/reports/smoke`` so a test run leaves the committed reports untouched.
@@ -9,30 +14,43 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from . import env
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_DIR = ROOT / ".cache" / "reports" / "smoke"
 
-SMOKE_DIR = env.ROOT / ".cache" / "reports" / "smoke"
+
+def wants_gate(argv: list, environ=os.environ) -> bool:
+    """Smoke profile + gate: by default only for the whole suite (no pytest arguments);
+    ``PMBENCH_GATE=1`` forces it, ``PMBENCH_GATE=0`` skips it."""
+    flag = environ.get("PMBENCH_GATE", "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    return not argv
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     py = sys.executable
-    t0 = time.time()
-    rc_tests = subprocess.call([py, "-m", "pytest", "-q", *argv], cwd=env.ROOT)
-    if rc_tests == 5:
-        print("run_all test: pytest collected no tests", file=sys.stderr)
-    t1 = time.time()
-    if argv and os.environ.get("PMBENCH_GATE", "1") != "1":
-        return rc_tests
-    print(f"\n[run_all test] tests took {t1 - t0:.0f} s; running the smoke profile + regression gate", flush=True)
-    rc_smoke = subprocess.call([py, "-m", "bench.orchestrate", "--profile", "smoke", "--force",
-                                "--out", str(SMOKE_DIR)], cwd=env.ROOT)
-    rc_gate = subprocess.call([py, "-m", "bench.gate", str(SMOKE_DIR)], cwd=env.ROOT) if rc_smoke == 0 else 1
-    print(f"[run_all test] smoke + gate took {time.time() - t1:.0f} s")
-    failed = sum(rc != 0 for rc in (rc_tests, rc_smoke, rc_gate))
-    print(f"suites: {3 - failed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    try:
+        t0 = time.time()
+        rc_tests = subprocess.call([py, "-m", "pytest", "-q", *argv], cwd=ROOT)
+        if rc_tests == 5:
+            print("run_all test: pytest collected no tests", file=sys.stderr)
+        t1 = time.time()
+        if not wants_gate(argv):
+            return rc_tests
+        print(f"\n[run_all test] tests took {t1 - t0:.0f} s; running the smoke profile + regression gate", flush=True)
+        rc_smoke = subprocess.call([py, "-m", "bench.orchestrate", "--profile", "smoke", "--force",
+                                    "--out", str(SMOKE_DIR)], cwd=ROOT)
+        rc_gate = subprocess.call([py, "-m", "bench.gate", str(SMOKE_DIR)], cwd=ROOT) if rc_smoke == 0 else 1
+        print(f"[run_all test] smoke + gate took {time.time() - t1:.0f} s")
+        failed = sum(rc != 0 for rc in (rc_tests, rc_smoke, rc_gate))
+        print(f"suites: {3 - failed} passed, {failed} failed")
+        return 0 if failed == 0 else 1
+    except KeyboardInterrupt:
+        print("\nrun_all test: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

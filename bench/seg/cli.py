@@ -39,6 +39,14 @@ def _common(p):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--verbose", action="store_true",
+                   help="show mmengine's logs (default: its warnings and errors only)")
+
+
+def _logs(args) -> None:
+    from . import logs
+
+    logs.set_verbose(args.verbose)
 
 
 def add_parser(sub):
@@ -96,6 +104,7 @@ def _fps_batches(text: str) -> tuple:
 
 
 def run_eval(args):
+    _logs(args)
     _check(args, "--max-images", "--iters", "--repeats")
     fps_batches = _fps_batches(args.fps_batches)
     import torch
@@ -132,6 +141,7 @@ def run_eval(args):
 
 
 def run_train(args):
+    _logs(args)
     from pathlib import Path
 
     import torch
@@ -169,6 +179,7 @@ def run_train(args):
 
 
 def run_cost(args):
+    _logs(args)
     from bench.cli import emit
 
     _check(args, "--img-size")

@@ -106,6 +106,9 @@ def build_config(config, reducer: Optional[str] = None, data: Optional[str] = No
             dl.persistent_workers = bool(num_workers) and dl.get("persistent_workers", False)
     if work_dir is not None:
         cfg.work_dir = str(work_dir)
+    from . import logs
+
+    logs.apply(cfg)  # quiet mmengine unless --verbose
     return cfg
 
 

@@ -92,7 +92,9 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
     if checkpoint is None and _is_proxy(cfg) and not random_weights:
         from .train import ensure_proxy_segmenter
 
-        checkpoint = ensure_proxy_segmenter()
+        # the proxy Segmenter trained on the same proxy set (proxy:smoke -> its 30-iteration smoke model)
+        size = str(data or "proxy").partition(":")[2].strip() or "default"
+        checkpoint = ensure_proxy_segmenter(size=size, log=log or print)
     device = device or env.default_device()
     model, load_info = build_segmentor(cfg, checkpoint, random_weights=random_weights, trust=trust)
     model.to(device).eval()

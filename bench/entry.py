@@ -1,0 +1,29 @@
+"""``python -m bench.entry NAME [ARGS...]``: run ``bench.NAME.main(ARGS)`` the way ``run_all.sh`` does.
+
+Ctrl-C anywhere, the imports included (torch takes seconds to import), ends with one line and exit
+code 130 instead of a traceback.  Each entry module also handles Ctrl-C in its own ``main``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+NAMES = {"orchestrate": "run_all", "testrun": "run_all test", "gate": "gate"}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in NAMES:
+        print(f"usage: python -m bench.entry {{{','.join(NAMES)}}} [ARGS...]", file=sys.stderr)
+        return 2
+    name, rest = argv[0], argv[1:]
+    try:
+        mod = importlib.import_module(f"bench.{name}")
+        return int(mod.main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"\n{NAMES[name]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
