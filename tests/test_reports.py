@@ -222,7 +222,7 @@ def test_method_colours_are_fixed_and_distinct():
 
 def test_published_table_shows_the_explanation(tmp_path):
     """PM DeiT-S keep 0.6: 'differs' (3.0 vs ours) comes with the CSV note that says why."""
-    from bench import reports_writer
+    from bench import published, reports_writer
 
     ctx = _ctx(tmp_path, fixture=False)
     ctx.add_table("flops", "GMACs", [{"model": "DeiT-S", "timm_model": "deit_small_patch16_224", "method": "pm",
@@ -233,7 +233,9 @@ def test_published_table_shows_the_explanation(tmp_path):
                                       "paper_count_gmacs": 2.725}], ctx.meta(), None)
     reports_writer._published_table(ctx)
     t = ctx.tables["published_vs_reproduced"]
-    row = next(r for r in t["rows"] if r["source"] == "PM README" and r["config"] == "pm:keep=0.6"
+    # the table's config column holds the canonical spec (keep=0.6 is PM's default: 'pm')
+    want = published.normalise_spec("pm:keep=0.6")
+    row = next(r for r in t["rows"] if r["source"] == "PM README" and r["config"] == want
                and r["model"] == "DeiT-S")
     assert row["ours_gmacs"] == 2.725 and row["gmacs_agree"] == "differs"  # the calibrated row, paper rule
     assert "2.71" in row["note"] and "note" in t["columns"]

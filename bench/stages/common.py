@@ -55,7 +55,8 @@ def pm_finetuned_path(ctx, model_name: str, spec: str):
     if method_of(spec) != "pm" or not ft:
         return None
     want = registry.build(spec).spec()
-    hits = [(m, p) for (m, s), p in ft.items() if s == want]
+    # keys may be written as given ('pm:keep=0.6') or canonical ('pm'): compare canonical forms
+    hits = [(m, p) for (m, s), p in ft.items() if registry.build(s).spec() == want]
     for m, p in hits:
         if m == model_name:
             return p
