@@ -80,11 +80,17 @@ def speedup_interval(row: dict):
     return None
 
 
+def _ft(row: dict) -> str:
+    """Key suffix of PM's fine-tuned rows (their own GMACs and speed-up, next to the calibrated rows,
+    whose keys stay as they were)."""
+    return "|fine-tuned" if row.get("structure") == "fine-tuned" else ""
+
+
 def collect(report_dir: Path) -> dict:
     """The gated quantities of one smoke run, keyed by stable names."""
     out = {"gmacs": {}, "accuracy": {}, "speedup": {}, "speedup_interval": {}}
     for r in _load_table(report_dir, "flops"):
-        out["gmacs"][f"{r['model']}|{r['config']}"] = r["gmacs"]
+        out["gmacs"][f"{r['model']}|{r['config']}{_ft(r)}"] = r["gmacs"]
     for r in _load_table(report_dir, "accuracy"):
         if r.get("top1") is not None:
             out["accuracy"][f"{r['model']}|{r['config']}|{r['kind']}"] = r["top1"]
@@ -93,7 +99,7 @@ def collect(report_dir: Path) -> dict:
             out["accuracy"][f"seg|{r['config']}|{r.get('kind', '')}"] = r["miou"]
     for r in _load_table(report_dir, "throughput"):
         if r["config"] != "none":
-            key = f"{r['model']}|{r['config']}|{r['precision']}|bs{r['batch_size']}"
+            key = f"{r['model']}|{r['config']}{_ft(r)}|{r['precision']}|bs{r['batch_size']}"
             out["speedup"][key] = r["speedup"]
             iv = speedup_interval(r)
             if iv is not None:

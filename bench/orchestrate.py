@@ -89,6 +89,25 @@ class RunContext:
         self.device = args.device or env.default_device()
         self.versions = env.versions()
         self.failures: list[str] = []
+        self.stages: list[str] = list(STAGES)  # the stages this invocation runs (set by main)
+        self.skipped_stages: dict[str, str] = {}  # stage -> why it produced no table
+
+    @property
+    def fixture(self) -> bool:
+        return bool(self.profile.get("fixture") or getattr(self.args, "fixture", False))
+
+    def skip_stage(self, stage: str, why: str) -> None:
+        """Record that a stage ran but measured nothing (e.g. no data for it): every header says so."""
+        self.skipped_stages[stage] = why
+        self.progress.note(f"{stage}: skipped, {why}")
+
+    def stages_line(self) -> str:
+        """Which stages ran and which were skipped, and why (every table header of a fixture run)."""
+        ran = [s for s in self.stages if s not in self.skipped_stages]
+        skipped = [f"{s} ({self.skipped_stages[s]})" for s in STAGES if s in self.skipped_stages]
+        skipped += [f"{s} (not requested: --only {','.join(self.stages)})" for s in STAGES
+                    if s not in self.stages and s not in self.skipped_stages]
+        return f"run: {', '.join(ran) or 'none'}" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
 
     # -- learned structures (PM) shared between stages -------------------------------------------
     def _structure_path(self, spec: str):
@@ -146,6 +165,12 @@ class RunContext:
         if ov:  # --configs / --profile-file: said in every table header, and in full in the JSON
             m["profile_overrides"] = overrides.describe(ov)
             m["profile_overrides_detail"] = ov
+        if self.fixture:
+            from .fixtures import TINY_MODEL
+
+            m["fixture"] = (f"yes: small fixture data in the real formats and the tiny {TINY_MODEL} (random "
+                            "weights); tests the paper profile's code path, NOT paper results")
+            m["stages"] = self.stages_line()
         m.update(kw)
         return m
 
@@ -229,6 +254,7 @@ def main(argv=None) -> int:
         cache_dir = Path(os.environ.get("PMBENCH_CACHE", ROOT / ".cache")) / "results" / (
             args.profile + ("-fixture" if args.fixture else ""))
         ctx = RunContext(prof, args, out_dir, cache_dir)
+        ctx.stages = list(stages)
         t0 = time.time()
         ctx.progress.note(f"profile {args.profile} on {env.device_name(ctx.device)}; stages {', '.join(stages)}")
         for name in stages:

@@ -22,9 +22,17 @@ PROXY_WARNING = (
 )
 
 
+FIXTURE_WARNING = (
+    "**Fixture run.** `--profile paper --fixture` runs the paper profile's code on small fixture data with a tiny "
+    "random-weight model: it tests the real code path; none of its numbers is a result."
+)
+
+
 def header_lines(title: str, meta: dict) -> list[str]:
     keys = [
         ("profile", "profile"),
+        ("fixture run", "fixture"),
+        ("stages", "stages"),
         ("data source", "data_source"),
         ("device", "device"),
         ("precision", "precision"),
@@ -37,7 +45,8 @@ def header_lines(title: str, meta: dict) -> list[str]:
         ("command", "command"),
         ("profile overrides", "profile_overrides"),
     ]
-    lines = [f"## {title}", ""]
+    fixture = bool(meta.get("fixture"))
+    lines = [f"## {title}" + (" [fixture run]" if fixture else ""), ""]
     for label, k in keys:
         if k in meta and meta[k] not in (None, ""):
             lines.append(f"- {label}: {meta[k]}")
@@ -45,6 +54,8 @@ def header_lines(title: str, meta: dict) -> list[str]:
         lines.append(f"- {note}")
     if meta.get("data_source") == "proxy":
         lines += ["", PROXY_WARNING]
+    if fixture:
+        lines += ["", FIXTURE_WARNING]
     lines.append("")
     return lines
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from . import plots, published
-from .report import PROXY_WARNING, write_table
+from .report import FIXTURE_WARNING, PROXY_WARNING, _fmt, write_table
 from .results import atomic_write_json, atomic_write_text
 
 
@@ -14,10 +14,15 @@ def _published_table(ctx) -> None:
     flops_rows = ctx.tables.get("flops", {}).get("rows", [])
     speed_rows = ctx.tables.get("throughput", {}).get("rows", [])
     acc_rows = ctx.tables.get("accuracy", {}).get("rows", [])
-    ours_flops = {(r["timm_model"], published.normalise_spec(r["config"])): r for r in flops_rows}
+    # PM: the calibrated rows (the published counts exclude the merge/reconstruct products, so the
+    # fine-tuned rows' paper count is the same; their suite count is in the flops table)
+    ours_flops = {(r["timm_model"], published.normalise_spec(r["config"])): r for r in flops_rows
+                  if r.get("structure") != "fine-tuned"}
     ours_speed = {}
     for r in speed_rows:
         if r.get("variant", "eager") != "eager":  # plain-timm baselines (compile, channels-last) are not configs
+            continue
+        if r.get("structure") == "fine-tuned":
             continue
         ours_speed.setdefault((r["model"], published.normalise_spec(r["config"])), r["speedup"])
     from .stages.common import short_model
@@ -46,6 +51,7 @@ def _published_table(ctx) -> None:
             "published_speedup": round(psp, 3) if psp else None, "published_hw": p["hardware"],
             "ours_speedup": osp,
             "published_top1": p["top1_f"],
+            "note": (p.get("note") or "").strip() or None,
         }
         if not proxy:
             ours_top1 = next((a["top1"] for a in acc_rows if a.get("timm_model") == p["timm_model"]
@@ -62,12 +68,13 @@ def _published_table(ctx) -> None:
                  "the official per-layer formula without the predictors; the PM README uses PM's code formula.")
     notes.append("gmacs_agree: 'within 0.05' = the published figure is ours rounded; 'ours truncated' = it is our "
                  "count cut to one decimal (DynamicViT's README prints its fvcore counts, predictors included, that "
-                 "way); 'differs' = neither.")
+                 "way); 'differs' = neither. note = the source row's explanation from paper_numbers.csv (what "
+                 "the figure counts, configuration caveats), which says why a figure differs where it is known.")
     ctx.add_table("published_vs_reproduced", "Published vs reproduced", rows,
                   ctx.meta(data_source=ctx.profile["data_source"], notes=notes),
                   ["model", "config", "source", "confidence", "trained", "published_gmacs", "ours_gmacs",
                    "ours_count", "gmacs_diff", "gmacs_agree", "published_speedup", "ours_speedup", "published_hw",
-                   "published_top1", "ours_top1"])
+                   "published_top1", "ours_top1", "note"])
 
 
 ORDER = ["accuracy", "flops", "throughput", "segmentation", "pm_ablations", "pm_structure", "published_vs_reproduced"]
@@ -82,18 +89,67 @@ def _join_speedups(ctx) -> None:
         return
     models = [r["model"] for r in sp_rows]
     ref = "DeiT-S" if "DeiT-S" in models else models[0]
-    sp = {r["config"]: r["speedup"] for r in sp_rows
-          if r["model"] == ref and r.get("variant", "eager") == "eager"}
+    sp = {}
+    first = next(r for r in sp_rows if r["model"] == ref)
+    for r in sp_rows:  # the stage's first precision and batch size (several may have been measured)
+        if r["model"] == ref and r.get("variant", "eager") == "eager" and \
+                (r.get("precision"), r.get("batch_size")) == (first.get("precision"), first.get("batch_size")):
+            sp.setdefault((r["config"], r.get("structure") == "fine-tuned"), r["speedup"])
     for r in acc:
-        r["speedup"] = sp.get(r["config"])
+        # a fine-tuned PM row gets the speed-up of the fine-tuned matrices, never the calibrated one's
+        ft = r.get("structure") == "fine-tuned"
+        r["speedup"] = sp.get((r["config"], ft))
+    ctx.speedup_ref = ref
     ctx.tables["accuracy"]["meta"].setdefault("notes", []).append(
-        f"speedup column: measured at the {ref} size in this run (same 196-token geometry)")
+        f"speedup column: measured at the {ref} size in this run (same 196-token geometry; "
+        f"{first.get('precision')}, batch {first.get('batch_size')}); PM rows: with "
+        "their own matrices (calibrated or fine-tuned, see structure)")
+
+
+def _excerpt(rows: list[dict], columns: list[str]) -> list[str]:
+    """A markdown table of ``rows`` restricted to ``columns`` (those present in some row)."""
+    import pandas as pd
+
+    cols = [c for c in columns if any(r.get(c) is not None for r in rows)]
+    if not rows or not cols:
+        return []
+    df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
+    return [df.map(_fmt).to_markdown(index=False), ""]
+
+
+def _excerpts(ctx) -> list[str]:
+    """The results page's excerpts: every accuracy row in short, the GMACs of the reference model."""
+    lines = []
+    acc = ctx.tables.get("accuracy", {}).get("rows", [])
+    if acc:
+        t = ctx.tables["accuracy"]
+        lines += ["", f"## {t['title']} (excerpt)", "",
+                  f"Top-1, its drop vs the unreduced model (points), GMACs of the {acc[0].get('model', 'model')} and "
+                  f"the speed-up measured at the {getattr(ctx, 'speedup_ref', None) or 'speed stage'} size. "
+                  f"See [accuracy.md](accuracy.md) for the full table (intervals, McNemar p-values) and its "
+                  "provenance header.", ""]
+        lines += _excerpt(acc, ["model", "config", "kind", "structure", "top1", "drop", "gmacs", "speedup"])
+    fl = ctx.tables.get("flops", {}).get("rows", [])
+    if fl:
+        models = [r["model"] for r in fl]
+        ref = "DeiT-S" if "DeiT-S" in models else models[0]
+        t = ctx.tables["flops"]
+        lines += ["", f"## {t['title']} (excerpt)", "",
+                  f"{ref} only; see [flops.md](flops.md) for every model, the method papers' own counts and the "
+                  "provenance header.", ""]
+        lines += _excerpt([r for r in fl if r["model"] == ref],
+                          ["model", "config", "structure", "gmacs", "gmacs_ratio", "reducer_gmacs"])
+    return lines
 
 
 def write_all(ctx, wall_s: float) -> None:
     out: Path = ctx.out_dir
     out.mkdir(parents=True, exist_ok=True)
     _join_speedups(ctx)
+    if getattr(ctx, "fixture", False):  # the stages line is known only now (seg runs after the tables' stages)
+        fm = {k: v for k, v in ctx.meta().items() if k in ("fixture", "stages", "command")}
+        for t in ctx.tables.values():
+            t["meta"] = {**t["meta"], **fm}
     try:
         _published_table(ctx)
     except Exception as e:
@@ -114,7 +170,8 @@ def write_all(ctx, wall_s: float) -> None:
                 "tables": [n for n, _ in written],
                 "plots": figs, "meta": ctx.meta(), "failures": ctx.failures}
     atomic_write_json(out / "manifest.json", manifest)
-    lines = [f"# PM-Bench results: profile `{ctx.profile['name']}`", ""]
+    fixture = bool(getattr(ctx, "fixture", False))
+    lines = [f"# PM-Bench results: profile `{ctx.profile['name']}`" + (" (fixture run)" if fixture else ""), ""]
     m = ctx.meta()
     lines += [f"Generated by `{m['command']}` at commit `{m['commit']}` on {m['device']}, {m['date']} "
               f"(torch {m['torch']}, timm {m['timm']}, mmseg {m['mmseg']}); wall time {wall_s / 60:.1f} min "
@@ -123,6 +180,10 @@ def write_all(ctx, wall_s: float) -> None:
               "all).", ""]
     if ctx.profile["data_source"] == "proxy":
         lines += [PROXY_WARNING, ""]
+    if fixture:
+        lines += [FIXTURE_WARNING, ""]
+    if hasattr(ctx, "stages_line"):
+        lines += [f"Stages: {ctx.stages_line()}.", ""]
     lines += ["## Tables", ""]
     for name, title in written:
         lines.append(f"- [{title}]({name}.md) ([csv]({name}.csv), [json]({name}.json))")
@@ -130,10 +191,7 @@ def write_all(ctx, wall_s: float) -> None:
         lines += ["", "## Plots", ""]
         for f in figs:
             lines += [f"![{f}]({f})", ""]
-    for name in ("accuracy", "flops"):
-        if name in ctx.tables and ctx.tables[name]["rows"]:
-            lines += ["", f"## {ctx.tables[name]['title']} (excerpt)", "",
-                      f"See [{name}.md]({name}.md) for the full table and its provenance header.", ""]
+    lines += _excerpts(ctx)
     if ctx.failures:
         lines += ["", "## Failures in this run", ""] + [f"- {f}" for f in ctx.failures]
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")

@@ -250,3 +250,22 @@ def test_paper_profile_runs_on_fixtures(tmp_path):
     assert "drop_ci95" in (out / "accuracy.md").read_text()
     sp = json.loads((out / "throughput.json").read_text())["rows"]
     assert {x["precision"] for x in sp} == {"fp32", "bf16"}
+    # PM's fine-tuned rows carry their own GMACs and speed-up (its fine-tuned M, R are dense), next to
+    # the calibrated ones, and every table says which is which
+    fl = {(x["config"], x.get("structure")): x for x in json.loads((out / "flops.json").read_text())["rows"]}
+    cal, ft = fl[("pm:keep=0.6", "calibrated")], fl[("pm:keep=0.6", "fine-tuned")]
+    assert ft["gmacs"] > cal["gmacs"] and "dense" in ft["pm_matrices"] and cal["pm_matrices"] == "sparse (gather)"
+    spd = {(x["config"], x.get("structure")): x for x in sp if x["precision"] == "fp32" and x["variant"] == "eager"}
+    assert spd[("pm:keep=0.6", "fine-tuned")]["mac_speedup"] < spd[("pm:keep=0.6", "calibrated")]["mac_speedup"]
+    accr = {(x["config"], x["kind"]): x for x in acc["rows"]}
+    assert accr[("pm:keep=0.6", "fine-tuned")]["structure"] == "fine-tuned"
+    assert accr[("pm:keep=0.6", "fine-tuned")]["gmacs"] > accr[("pm:keep=0.6", "off-the-shelf")]["gmacs"]
+    assert accr[("pm:keep=0.6", "fine-tuned")]["speedup"] == spd[("pm:keep=0.6", "fine-tuned")]["speedup"]
+    # reports: 3 classes -> no top-5; every header says it is a fixture run and which stages it skipped
+    assert "top5" not in acc["rows"][0] and "top5" not in (out / "accuracy.md").read_text()
+    for name in ("accuracy", "flops", "throughput"):
+        md = (out / f"{name}.md").read_text()
+        assert "[fixture run]" in md.splitlines()[0] and "--fixture" in md
+        assert "skipped: seg (not requested" in md and "ablations (not requested" in md
+    readme = (out / "README.md").read_text()
+    assert "(fixture run)" in readme.splitlines()[0] and "Stages: run: accuracy, cost, speed" in readme

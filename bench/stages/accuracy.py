@@ -13,9 +13,15 @@ unreduced model is given on the same images with a paired 95% interval and the
 exact McNemar p-value (:mod:`bench.stats`); the per-image outcomes are written
 to ``accuracy_per_image.csv``.
 
+PM's fine-tuned checkpoints are handed to the cost and speed stages (``ctx.pm_finetuned``): free
+fine-tuning makes M and R dense, so the fine-tuned model costs more than the calibrated one, and its
+rows there (``structure`` = fine-tuned) are costed on its own matrices.
+
 Paper profile: the same with pretrained DeiT weights on ImageNet.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 
@@ -25,7 +31,7 @@ from ..results import atomic_write_text, file_hash
 from .common import method_of, short_model
 from .sources import Source
 
-COLUMNS = ["model", "method", "config", "kind", "top1", "drop", "drop_ci95", "mcnemar_p", "top5", "gmacs", "speedup",
+COLUMNS = ["model", "method", "config", "kind", "structure", "top1", "drop", "drop_ci95", "mcnemar_p", "top5", "gmacs", "speedup",
            "n_images", "steps", "finetune_s"]
 
 
@@ -92,10 +98,33 @@ def run(ctx) -> None:
     if skipped:
         notes.append(f"no off-the-shelf rows for {', '.join(skipped)}: its own modules are untrained before "
                      "fine-tuning, so such a number would not measure the method")
+    if any(r["method"] == "pm" for r in rows):
+        notes.append("structure (PM rows): calibrated = PM's calibrated structure with its calibrated merge/"
+                     "reconstruct matrices M, R (sparse: each token feeds one centre; the off-the-shelf rows); "
+                     "fine-tuned = the same structure with the fine-tuned checkpoint's M, R (free fine-tuning "
+                     "fills them densely, so they run as dense matmuls and cost more). gmacs = the row's own "
+                     f"model ({short_model(src.model_name)}) as it runs; speedup = the row's own matrices at "
+                     "the speed stage's size (fine-tuned rows: the fine-tuned M, R transplanted, see the "
+                     "flops and throughput tables)")
+    columns = list(COLUMNS)
+    n_classes = src.labels.num_classes
+    if n_classes <= 10:
+        columns.remove("top5")
+        notes.append(f"top-5 omitted: the data has {n_classes} classes, so top-5 is (nearly) 100% for every row "
+                     "and measures nothing")
+    for r in rows:
+        r["structure"] = (("fine-tuned" if r["kind"] == "fine-tuned" else "calibrated")
+                          if r["method"] == "pm" else None)
     meta = ctx.meta(data_source=ctx.profile["data_source"], batch_size=src.eval_batch, precision="fp32",
-                    preprocess=src.prep.as_dict(), notes=notes)
-    table_rows = [{k: v for k, v in r.items() if k != "correct"} for r in rows]
-    ctx.add_table("accuracy", f"Top-1 on {src.data_label}", table_rows, meta, COLUMNS)
+                    preprocess=src.prep.as_dict(), n_classes=n_classes, notes=notes)
+    drop = {"correct", "checkpoint"} | ({"top5"} if n_classes <= 10 else set())
+    table_rows = [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    ctx.add_table("accuracy", f"Top-1 on {src.data_label}", table_rows, meta, columns)
+
+
+def _checkpoint_ok(row: dict) -> bool:
+    p = row.get("checkpoint")
+    return bool(p) and Path(p).exists() and file_hash(p) == row.get("checkpoint_hash")
 
 
 def run_source(ctx, src) -> list:
@@ -151,10 +180,22 @@ def run_source(ctx, src) -> list:
             model, red = src.load_checkpoint(ckpt)
             return _eval_row(ctx, src, model, spec, "fine-tuned", red,
                              {"finetune_s": round(hist.get("wall_s", 0.0), 1),
-                              "steps": hist.get("total_steps"), "epochs": prof["finetune_epochs"]})
+                              "steps": hist.get("total_steps"), "epochs": prof["finetune_epochs"],
+                              "checkpoint": str(ckpt), "checkpoint_hash": file_hash(ckpt)})
 
         try:
-            rows.append(ctx.job(desc, measure, f"fine-tune + eval {spec}", 40.0))
+            row = ctx.job(desc, measure, f"fine-tune + eval {spec}", 40.0)
+            if method_of(spec) == "pm" and not _checkpoint_ok(row):
+                # the cost and speed stages cost PM's fine-tuned matrices: its checkpoint must exist
+                ctx.cache.force, f = True, ctx.cache.force
+                try:
+                    row = ctx.job(desc, measure, f"fine-tune + eval {spec} (re-run: checkpoint missing)", 40.0)
+                finally:
+                    ctx.cache.force = f
+            if method_of(spec) == "pm":
+                ctx.pm_finetuned = getattr(ctx, "pm_finetuned", None) or {}
+                ctx.pm_finetuned[(src.model_name, registry.build(spec).spec())] = Path(row["checkpoint"])
+            rows.append(row)
         except Exception as e:
             ctx.failures.append(f"fine-tune {spec}: {e}")
 

@@ -1,8 +1,17 @@
-"""Stage ``cost``: analytic GMACs of every configuration at the real model sizes."""
+"""Stage ``cost``: analytic GMACs of every configuration at the real model sizes.
+
+PM configurations get a second row when the accuracy stage fine-tuned them (``structure`` =
+fine-tuned): the fine-tuned checkpoint's structure and merge/reconstruct matrices transplanted onto the
+model (:func:`bench.stages.common.transplant_pm`), costed as that model runs them (dense matmuls where
+fine-tuning filled M and R).  The calibrated rows, and every other row, are unchanged."""
 from __future__ import annotations
 
 from .. import flops
-from .common import info_for, method_of, pm_structure_note, reducer_for, short_model
+from .common import (FINETUNED, finetuned_key, info_for, method_of, pm_finetuned_copy, pm_finetuned_note,
+                     pm_finetuned_path, pm_structure_note, reducer_for, short_model, structure_label)
+
+_MATRICES = {("gather",): "sparse (gather)", ("matmul",): "dense (matmul)", ("dense",): "dense (official diag)",
+             ("gather", "matmul"): "sparse + dense (per block)"}
 
 
 def run(ctx) -> None:
@@ -11,6 +20,13 @@ def run(ctx) -> None:
     jobs = [(m, s) for m in prof["cost_models"] for s in prof["cost_configs"]]
     ctx.progress.plan(len(jobs), 0.5 * len(jobs))
     base_gmacs = {}
+
+    def conventions(red, info, res):
+        conv = getattr(red, "flops_report", None)
+        if callable(conv):
+            res["method_conventions"] = conv(info)
+        return res
+
     for model_name, spec in jobs:
         def measure(model_name=model_name, spec=spec):
             info = info_for(model_name)
@@ -20,28 +36,51 @@ def run(ctx) -> None:
             paper = red.paper_count_macs(info)
             res = {"gmacs": rep.gmacs, "reducer_gmacs": rep.reducer_extra / 1e9, "spec": red.spec(),
                    "blocks": rep.blocks, "paper_count_gmacs": None if paper is None else paper / 1e9}
-            conv = getattr(red, "flops_report", None)
-            if callable(conv):
-                res["method_conventions"] = conv(info)
+            return conventions(red, info, res)
+
+        def measure_finetuned(model_name=model_name, spec=spec):
+            # the fine-tuned checkpoint's structure and M, R on this model: the implementation (gather where
+            # M, R kept their calibrated support, matmul where fine-tuning filled them) it actually runs
+            m, red = pm_finetuned_copy(ctx, model_name, spec)
+            info = info_for(model_name)
+            rep = flops.analytic(info, red, model_name)
+            paper = red.paper_count_macs(info)
+            res = {"gmacs": rep.gmacs, "reducer_gmacs": rep.reducer_extra / 1e9, "spec": red.spec(),
+                   "blocks": rep.blocks, "paper_count_gmacs": None if paper is None else paper / 1e9}
+            res = conventions(red, info, res)
+            del m
             return res
 
-        try:  # rev 2: results carry paper_count_gmacs, so older cached results are not reused
-            r = ctx.job({"kind": "cost", "rev": 2, "model": model_name, "spec": spec,
-                         "structure": getattr(ctx, "structure_key", lambda s: None)(spec)},
-                        measure, f"cost {short_model(model_name)} {spec}", 0.5)
-        except Exception as e:  # a method that cannot be built is reported, not hidden
-            ctx.failures.append(f"cost {model_name} {spec}: {e}")
-            continue
-        if spec == "none":
-            base_gmacs[model_name] = r["gmacs"]
-        rows.append({"model": short_model(model_name), "timm_model": model_name, "method": method_of(spec),
-                     "config": spec, "canonical": r["spec"], "gmacs": round(r["gmacs"], 3),
-                     "reducer_gmacs": round(r["reducer_gmacs"], 4),
-                     "paper_count_gmacs": None if r.get("paper_count_gmacs") is None
-                     else round(r["paper_count_gmacs"], 3)})
-        blocks.append({"model": model_name, "config": spec,
-                       "attn_tokens": [b["attn_tokens"] for b in r["blocks"]],
-                       "mlp_tokens": [b["mlp_tokens"] for b in r["blocks"]]})
+        variants = [("calibrated", measure)]
+        if pm_finetuned_path(ctx, model_name, spec) is not None:
+            variants.append((FINETUNED, measure_finetuned))
+        for variant, fn in variants:
+            ft = variant == FINETUNED
+            desc = {"kind": "cost", "rev": 2, "model": model_name, "spec": spec,
+                    "structure": getattr(ctx, "structure_key", lambda s: None)(spec)}
+            if ft:
+                desc["matrices"] = finetuned_key(ctx, model_name, spec)
+            try:  # rev 2: results carry paper_count_gmacs, so older cached results are not reused
+                r = ctx.job(desc, fn, f"cost {short_model(model_name)} {spec}" + (" (fine-tuned)" if ft else ""),
+                            0.5)
+            except Exception as e:  # a method that cannot be built is reported, not hidden
+                ctx.failures.append(f"cost {model_name} {spec}{' (fine-tuned)' if ft else ''}: {e}")
+                continue
+            if spec == "none":
+                base_gmacs[model_name] = r["gmacs"]
+            conv = r.get("method_conventions") or {}
+            impl = conv.get("as_implemented_impl")
+            rows.append({"model": short_model(model_name), "timm_model": model_name, "method": method_of(spec),
+                         "config": spec, "structure": FINETUNED if ft else structure_label(ctx, spec),
+                         "canonical": r["spec"], "gmacs": round(r["gmacs"], 3),
+                         "reducer_gmacs": round(r["reducer_gmacs"], 4),
+                         "pm_matrices": None if impl is None else _MATRICES.get(tuple(impl), "+".join(impl)),
+                         "paper_count_gmacs": None if r.get("paper_count_gmacs") is None
+                         else round(r["paper_count_gmacs"], 3)})
+            if not ft:
+                blocks.append({"model": model_name, "config": spec,
+                               "attn_tokens": [b["attn_tokens"] for b in r["blocks"]],
+                               "mlp_tokens": [b["mlp_tokens"] for b in r["blocks"]]})
     for row in rows:
         b = base_gmacs.get(row["timm_model"])
         row["gmacs_ratio"] = round(row["gmacs"] / b, 3) if b else None
@@ -54,7 +93,9 @@ def run(ctx) -> None:
                         "(DynamicViT paper: the official per-layer formula, predictors excluded; PM README: "
                         "the official code's formula, no patch embedding, merge/reconstruct excluded); "
                         "for comparison with published figures only.",
-                        *pm_structure_note(ctx, prof["cost_configs"])]),
-        ["model", "method", "config", "gmacs", "gmacs_ratio", "reducer_gmacs", "paper_count_gmacs"],
+                        *pm_structure_note(ctx, prof["cost_configs"]),
+                        *pm_finetuned_note(ctx, prof["cost_configs"], [r["model"] for r in rows])]),
+        ["model", "method", "config", "structure", "gmacs", "gmacs_ratio", "reducer_gmacs", "pm_matrices",
+         "paper_count_gmacs"],
     )
     ctx.block_tokens = blocks

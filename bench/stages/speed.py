@@ -20,11 +20,14 @@ import time
 import torch
 
 from .. import env, flops, speed
-from .common import base_model, info_for, method_of, patched_copy, pm_structure_note, reducer_for, short_model
+from .common import (FINETUNED, base_model, finetuned_key, info_for, method_of, patched_copy, pm_finetuned_copy,
+                     pm_finetuned_note, pm_finetuned_path, pm_structure_note, reducer_for, short_model,
+                     structure_label)
 
-VARIANT_LABEL = {"compile": "compile", "channels_last": "channels-last"}
-COLUMNS = ["model", "method", "config", "variant", "precision", "batch_size", "img_s", "img_s_min", "img_s_max",
-           "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "speedup_min", "speedup_max",
+# "finetuned": PM with the fine-tuned checkpoint's merge/reconstruct matrices (an eager row of its own)
+VARIANT_LABEL = {"compile": "compile", "channels_last": "channels-last", "finetuned": FINETUNED}
+COLUMNS = ["model", "method", "config", "structure", "variant", "precision", "batch_size", "img_s", "img_s_min",
+           "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "speedup_min", "speedup_max",
            "mac_speedup", "efficiency", "attn_kernel", "note"]
 _CFG_KEYS = ("warmup", "iters", "repeats", "min_time", "min_iters", "pair_every")
 
@@ -37,9 +40,9 @@ def _setting(sp: dict, over: dict, key: str, default=None):
     return over.get(key, sp.get(key, default))
 
 
-def _gmacs(ctx, model_name: str, spec: str):
+def _gmacs(ctx, model_name: str, spec: str, red=None):
     try:
-        red = reducer_for(ctx, spec)
+        red = red if red is not None else reducer_for(ctx, spec)
         return flops.analytic(info_for(model_name), red, model_name).gmacs
     except Exception:  # noqa: BLE001 - an uncountable config simply has no MAC ratio
         return None
@@ -51,19 +54,22 @@ def _free(device) -> None:
 
 
 _BUILT: dict = {}  # (model, spec, variant) -> (module, canonical spec): reused across one model's groups
+_REDUCERS: dict = {}  # (model, spec, variant) -> the patched reducer (its cost as it runs)
 
 
 def _build(ctx, model_name: str, spec: str, variant: str):
     if not any(k[0] == model_name for k in _BUILT):  # a new model: drop the previous one's copies
         _BUILT.clear()
+        _REDUCERS.clear()
     key = (model_name, spec, variant)
     if key not in _BUILT:
         base = base_model(model_name)
         if spec == "none":
             _BUILT[key] = (base if variant == "eager" else copy.deepcopy(base), "none")
         else:
-            m, red = patched_copy(ctx, model_name, spec)
+            m, red = (pm_finetuned_copy if variant == "finetuned" else patched_copy)(ctx, model_name, spec)
             _BUILT[key] = (m, red.spec())
+            _REDUCERS[key] = red
     return _BUILT[key]
 
 
@@ -74,15 +80,17 @@ def _measure_group(ctx, model_name: str, entries: list, cfg: speed.SpeedConfig) 
         key = _name(spec, variant)
         try:
             # a compiled reduced config gets its own copy (compilation specialises on the module)
-            m, specs[key] = _build(ctx, model_name, spec, "compile" if variant == "compile" else "eager") \
-                if spec != "none" else _build(ctx, model_name, spec, variant)
+            bv = variant if variant in ("compile", "finetuned") else "eager"
+            m, specs[key] = _build(ctx, model_name, spec, bv) if spec != "none" else \
+                _build(ctx, model_name, spec, variant)
         except Exception as e:  # noqa: BLE001
             ctx.failures.append(f"speed {model_name} {spec}: {e}")
             continue
         ms[key] = m
-        if variant != "eager":
+        if variant not in ("eager", "finetuned"):
             variants[key] = {variant: True}
-        gm[key] = _gmacs(ctx, model_name, spec)
+        gm[key] = _gmacs(ctx, model_name, spec, _REDUCERS.get((model_name, spec, "finetuned"))
+                         if variant == "finetuned" else None)
     res = speed.measure(ms, cfg, baseline="none", variants=variants)
     res["specs"], res["gmacs"] = specs, gm
     res["entries"] = [[s, v] for s, v in entries]
@@ -96,9 +104,11 @@ def _measure_group(ctx, model_name: str, entries: list, cfg: speed.SpeedConfig) 
 def release() -> None:
     """Drop the models built for the speed groups (end of the stage)."""
     _BUILT.clear()
+    _REDUCERS.clear()
 
 
-def _rows(model_name: str, prec: str, r: dict, with_baseline: bool = True) -> list[dict]:
+def _rows(model_name: str, prec: str, r: dict, with_baseline: bool = True, structures=None) -> list[dict]:
+    """``structures``: spec -> the 'structure' label of its calibrated (eager) row (PM rows)."""
     rows = []
     base_g = r["gmacs"].get("none")
     for (spec, variant) in r["entries"]:
@@ -106,15 +116,17 @@ def _rows(model_name: str, prec: str, r: dict, with_baseline: bool = True) -> li
         if not with_baseline and (spec, variant) == ("none", "eager"):
             continue  # the reference of a compile group: its row comes from the eager group
         m = r["models"].get(key)
+        ft = variant == "finetuned"
         row = {"model": short_model(model_name), "method": method_of(spec), "config": spec,
-               "variant": VARIANT_LABEL.get(variant, variant),
+               "structure": FINETUNED if ft else (structures or {}).get(spec),
+               "variant": "eager" if ft else VARIANT_LABEL.get(variant, variant),
                "precision": prec, "batch_size": r["config"]["batch_size"], "device": r["stamp"]["device"]}
         if m is None:  # could not be built/compiled/run: the reason is the row
             reason = r.get("failed", {}).get(key, "not measured")
             rows.append({**row, "img_s": None, "speedup": None, "note": reason})
             continue
         g = r["gmacs"].get(key)
-        mac = (base_g / g) if (base_g and g and variant == "eager") else None  # eager rows only
+        mac = (base_g / g) if (base_g and g and variant in ("eager", "finetuned")) else None  # eager rows only
         sp = m.get("speedup", 1.0)
         rows.append({
             **row,
@@ -155,7 +167,12 @@ def run(ctx) -> None:
             for bs in batches:
                 cfg = speed.SpeedConfig(batch_size=bs, precision=prec, device=ctx.device,
                                         img_size=tuple(base_model(model_name).patch_embed.img_size), **kw)
-                eager = [("none", "eager")] + [(s, "eager") for s in configs if s != "none"]
+                eager = [("none", "eager")]
+                for s in configs:
+                    if s != "none":
+                        eager.append((s, "eager"))
+                        if pm_finetuned_path(ctx, model_name, s) is not None:
+                            eager.append((s, "finetuned"))  # the fine-tuned model's cost, next to it
                 eager += [("none", v) for v in timm_variants if v != "compile"]
                 eager_jobs.append((model_name, prec, cfg, eager))
                 comp_bs = _setting(sp, over, "compile_batch_sizes") or batches
@@ -180,13 +197,17 @@ def run(ctx) -> None:
             desc = {"kind": "speed", "rev": 2, "model": model_name, "entries": entries, "cfg": cfg.__dict__,
                     "device": env.device_name(ctx.device),
                     "structure": [getattr(ctx, "structure_key", lambda s: None)(s) for s, _ in entries]}
+            if any(v == "finetuned" for _, v in entries):
+                desc["matrices"] = [finetuned_key(ctx, model_name, s) if v == "finetuned" else None
+                                    for s, v in entries]
             try:
                 r = ctx.job(desc, lambda m=model_name, e=entries, c=cfg: _measure_group(ctx, m, e, c), label, est)
             except Exception as e:  # noqa: BLE001 - one group failing must not lose the others
                 ctx.failures.append(f"{label}: {type(e).__name__}: {e}")
                 continue
             ran += 1
-            rows += _rows(model_name, prec, r, with_baseline=kind == "eager")
+            rows += _rows(model_name, prec, r, with_baseline=kind == "eager",
+                          structures={s: structure_label(ctx, s) for s, _ in entries})
             if r["config"]["protocol"] not in protocols:
                 protocols.append(r["config"]["protocol"])
     meta = ctx.meta(data_source="synthetic input (random weights; cost and speed need no trained weights)",
@@ -204,7 +225,9 @@ def run(ctx) -> None:
                            "attn_kernel: the kernel scaled_dot_product_attention used in the last warm-up call (eager: the "
                            "backend SDPA selected for the real inputs; compiled: the profiler's op names); "
                            "fused_sdpa in the CSV/JSON",
-                           *pm_structure_note(ctx, sorted({r["config"] for r in rows})), *skipped])
+                           *pm_structure_note(ctx, sorted({r["config"] for r in rows})),
+                           *pm_finetuned_note(ctx, sorted({r["config"] for r in rows}),
+                                              sorted({r["model"] for r in rows})), *skipped])
     release()
     ctx.speed_protocol = protocols[0] if protocols else ""
     ctx.add_table("throughput", "Throughput (images/s) and speed-up vs the unreduced model", rows, meta, COLUMNS)
