@@ -251,18 +251,6 @@ class Subset(Dataset):
         return self.base[self.indices[i]]
 
 
-# --------------------------------------------------------------------------- transforms
-def eval_transform(img_size: int, crop_pct: float = pp.PROTOCOL_CROP_PCT, mean=IMAGENET_MEAN, std=IMAGENET_STD, *,
-                   to_tensor=True, interpolation: str = "bicubic"):
-    """Resize int(img/crop_pct), centre crop, normalise (see :meth:`Preprocess.eval_transform`)."""
-    return pp.Preprocess(img_size=int(img_size), crop_pct=crop_pct, interpolation=interpolation, mean=tuple(mean),
-                         std=tuple(std)).eval_transform(to_tensor=to_tensor)
-
-
-def train_transform(img_size: int, source: str, prep: Optional[pp.Preprocess] = None):
-    return (prep or pp.default(img_size)).with_size(img_size).train_transform(source)
-
-
 # --------------------------------------------------------------------------- samplers
 class ShardedEpochSampler(Sampler):
     """Seeded per-epoch shuffle (or identity) sharded over ranks.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import data
+from bench import data, preprocess
 from bench.evaluate import evaluate
 from bench.reducer import ConfigError
 from fixtures_data import make_imagefolder
@@ -35,7 +35,7 @@ def test_eval_transform_is_deit(folder):
     """resize int(img/crop_pct) on the short side (bicubic), centre crop, ImageNet mean/std."""
     path = sorted((folder / "val" / "c01").iterdir())[0]
     img = Image.open(path).convert("RGB")  # 46 x 40
-    got = data.eval_transform(32, 0.875)(img)
+    got = preprocess.default(32, 0.875).eval_transform()(img)
     short = int(32 / 0.875)  # 36
     r = img.resize((round(46 * short / 40), short), Image.BICUBIC)
     w, h = r.size
