@@ -259,6 +259,9 @@ class Reducer:
     needs_training: ClassVar[bool] = False  # off-the-shelf numbers are meaningless without it
     needs_teacher: ClassVar[bool] = False  # extra_losses wants the unreduced teacher's outputs
     changes_token_count: ClassVar[bool] = True
+    # Shown in the note column of the method's off-the-shelf accuracy rows: what such a row is and
+    # is not (e.g. a calibrated-only model that is known to lose heavily before fine-tuning)
+    off_the_shelf_note: ClassVar[Optional[str]] = None
 
     def __init__(self, **opts: Any):
         unknown = sorted(set(opts) - set(self.options))

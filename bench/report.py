@@ -14,12 +14,14 @@ from typing import Optional
 
 import pandas as pd
 
+from .proxy_ranking import CHECKED
 from .results import atomic_write_json, atomic_write_text
 
 PROXY_WARNING = (
     "**Proxy data.** Accuracy / mIoU columns are measured on the suite's synthetic proxy dataset with the "
     "proxy backbone; they are NOT ImageNet or ADE20K numbers and must not be compared with published accuracies."
 )
+
 
 
 FIXTURE_WARNING = (
@@ -53,7 +55,7 @@ def header_lines(title: str, meta: dict) -> list[str]:
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
     if meta.get("data_source") == "proxy":
-        lines += ["", PROXY_WARNING]
+        lines += ["", PROXY_WARNING, "", CHECKED]
     if fixture:
         lines += ["", FIXTURE_WARNING]
     lines.append("")

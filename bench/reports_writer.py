@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from . import plots, published
+from .proxy_ranking import CHECKED
 from .report import FIXTURE_WARNING, PROXY_WARNING, _fmt, write_table
 from .results import atomic_write_json, atomic_write_text
 
@@ -179,7 +180,7 @@ def write_all(ctx, wall_s: float) -> None:
               "measured before, in this run or an earlier one, under the same description; `--force` re-measures "
               "all).", ""]
     if ctx.profile["data_source"] == "proxy":
-        lines += [PROXY_WARNING, ""]
+        lines += [PROXY_WARNING, "", CHECKED, ""]
     if fixture:
         lines += [FIXTURE_WARNING, ""]
     if hasattr(ctx, "stages_line"):

@@ -24,12 +24,21 @@ devices that need one).  The protocol (``docs/speed.md``):
 Images/s per model: median (min, max, IQR, bootstrap interval) over its timings.  Data loading is
 never timed (ToMe#11, DynamicViT#31).
 
+Allocator (CPU): glibc's malloc returns large blocks to the system and maps them again on the
+next allocation, so every forward pays tens of thousands of page faults whose number depends on
+what ran before in the process (measured: 32k faults per DeiT-S batch-8 forward in one history,
+none in another).  That made speed-ups shift between processes.  ``allocator="steady"`` (default)
+fixes glibc's mmap and trim thresholds before timing (``mallopt``), the effect jemalloc/tcmalloc
+give, so every model runs from a warm heap; ``"system"`` leaves malloc alone.  The setting is
+process-wide and recorded in the output's ``config``.
+
 Precision: ``fp32``; ``amp`` = autocast float16 on CUDA (timm's ``--amp``), bfloat16 on CPU,
 where float16 autocast is not a fast path (the output says which); ``bf16`` = autocast bfloat16.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import statistics
 import time
@@ -61,6 +70,11 @@ class SpeedConfig:
     seed: int = 0
     noisy_pct: float = 5.0  # flag a row whose interval leaves +-noisy_pct % of its median
     check_kernels: bool = True  # record the attention kernel (profiler on the last warm-up iteration)
+    allocator: str = "steady"  # CPU: "steady" pins glibc malloc's thresholds (no page-fault churn); "system"
+
+    def __post_init__(self):
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"unknown allocator {self.allocator!r}; use one of {', '.join(ALLOCATORS)}")
 
     def resolved(self) -> "SpeedConfig":
         cpu = torch.device(self.device).type == "cpu"
@@ -81,11 +95,51 @@ class SpeedConfig:
         pairs = "each model bracketed by baseline timings" if not self.pair_every else \
             f"baseline timed around every {self.pair_every} models"
         head = f"synthetic input, eval+inference_mode, {self.warmup} warm-up, {timed}, {self.repeats} interleaved repeats"
+        if self.allocator == "steady" and torch.device(self.device).type == "cpu":
+            head += ", malloc thresholds pinned"
         if not paired:
             return head + f" (direction alternating), device sync, median with a {self.bootstrap}-resample bootstrap 95% interval"
         return (f"{head} ({pairs}, direction alternating), device sync, median; speed-up = median of per-pair "
                 f"ratios with a {self.bootstrap}-resample bootstrap 95% interval (seed {self.seed}); "
                 f"noisy = interval beyond +-{self.noisy_pct:g}%")
+
+
+ALLOCATORS = ("steady", "system")
+# glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64-bit
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+_TRIM_THRESHOLD = 1 << 30
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` does not exist)."""
+    try:
+        import resource  # Unix only
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def steady_allocator() -> str:
+    """Keep freed memory in the process so repeated forwards reuse warm pages (glibc only).
+
+    glibc serves blocks above its mmap threshold with fresh mappings and unmaps them on free; the
+    threshold adapts to the history of frees, so how many page faults a forward pays depends on
+    what ran before it.  Fixing the threshold at glibc's maximum (32 MiB on 64-bit) and the trim
+    threshold at 1 GiB removes that dependence.  Returns a description of what was done, or why
+    nothing was (another C library, e.g. musl or macOS).  Idempotent, process-wide."""
+    try:
+        libc = ctypes.CDLL(None)
+        version = libc.gnu_get_libc_version
+        version.restype = ctypes.c_char_p
+        glibc = version().decode()
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
+    except (OSError, AttributeError):
+        return "system (not glibc: left as is)"
+    if not ok:
+        return f"system (glibc {glibc} refused mallopt)"
+    return f"steady (glibc {glibc}: mmap threshold 32 MiB, trim threshold 1 GiB)"
 
 
 def autocast_ctx(precision: str, device: str):
@@ -115,9 +169,6 @@ def sync(device) -> None:
         torch.cuda.synchronize(d)
     elif d.type == "mps" and hasattr(torch, "mps"):
         torch.mps.synchronize()
-
-
-_sync = sync  # old name
 
 
 def prepare(model, cfg: SpeedConfig, compile: Optional[bool] = None, channels_last: Optional[bool] = None) -> Callable:
@@ -316,6 +367,9 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
     dev = cfg.device
     if torch.device(dev).type == "cuda":
         torch.backends.cudnn.benchmark = True
+    allocator = "system"
+    if torch.device(dev).type == "cpu" and cfg.allocator == "steady":
+        allocator = steady_allocator()
     ctx_factory = lambda: autocast_ctx(cfg.precision, dev)[0]  # noqa: E731
     _, prec_desc = autocast_ctx(cfg.precision, dev)
     x = torch.randn(cfg.batch_size, 3, *cfg.img_size, device=dev)
@@ -358,15 +412,19 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
         names = list(fns)
         seq = schedule(names, baseline, cfg.repeats, cfg.pair_every)
         timings = []  # (repeat, name, seconds per iteration), in time order
+        faults = {k: 0 for k in names}  # minor page faults during the model's timings (allocator churn)
         for j, (rep, k) in enumerate(seq):
             f, xi = fns[k], inputs[k]
+            f0 = minor_faults()
             timings.append((rep, k, timed_loop(lambda: f(xi), iters[k], dev)))
+            faults[k] += minor_faults() - f0
             if progress and (j + 1 == len(seq) or seq[j + 1][0] != rep):
                 progress(rep + 1, cfg.repeats)
 
     times = {k: [t for _, n, t in timings if n == k] for k in names}
     out = {
-        "config": {**asdict(cfg), "precision_desc": prec_desc, "protocol": cfg.describe(baseline is not None)},
+        "config": {**asdict(cfg), "precision_desc": prec_desc, "protocol": cfg.describe(baseline is not None),
+                   "allocator_desc": allocator},
         "stamp": env.stamp(dev),
         "models": {},
         "failed": failed,
@@ -374,6 +432,7 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
     for k in names:
         s = _summary(times[k], cfg.batch_size, cfg)
         s.update(iters=iters[k], first_call_s=first_call[k], compile=bool(opts[k]["compile"]),
+                 page_faults_per_iter=faults[k] / (iters[k] * len(times[k])),
                  channels_last=bool(opts[k]["channels_last"]), **kernels.get(k, {}))
         out["models"][k] = s
     if baseline is not None:

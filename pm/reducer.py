@@ -122,6 +122,10 @@ class PruneAndMerge(Reducer):
     summary = ("Prune and Merge: static per-layer merge/reconstruct matrices + shortcut, "
                "gradient-weighted global structure (Mao et al. 2025)")
     needs_training = False
+    # docs/proxy.md: on a real pretrained ViT-Ti/16 (AugReg) keep 0.6 calibrated lost 19.8 points
+    # before fine-tuning, the official code giving the same scores, structure and matrices
+    off_the_shelf_note = ("calibrated, not fine-tuned: on real pretrained ViTs this loses heavily before "
+                          "fine-tuning (ViT-Ti/16 keep 0.6: -19.8 points, docs/proxy.md)")
     needs_teacher = False  # distillation goes through the trainer's soft KD (recipe)
     options = {
         "keep": Option("float", 0.6, "fraction of the patch tokens kept as centres, averaged over compressed layers"),

@@ -246,3 +246,33 @@ def test_header_of_a_non_fixture_table_is_unchanged():
 
     lines = header_lines("T", {"profile": "default", "data_source": "proxy"})
     assert lines[0] == "## T" and not any("Fixture" in x for x in lines)
+
+
+def test_proxy_ranking_note_compares_with_the_real_model():
+    """The accuracy table's computed note: the run's off-the-shelf order of the reference
+    configurations against the real ViT-Ti's, with a verdict either way."""
+    from bench import proxy_ranking
+
+    rows = [{"config": "pm:keep=0.6", "kind": "off-the-shelf", "drop": 0.2, "drop_ci95": "[-1.8, +2.2]"},
+            {"config": "tome:r=13", "kind": "off-the-shelf", "drop": -0.2},
+            {"config": "evit:keep=0.7", "kind": "off-the-shelf", "drop": -9.1},
+            {"config": "mstm:keep=0.7", "kind": "off-the-shelf", "drop": -8.6},
+            {"config": "tome:r=13", "kind": "fine-tuned", "drop": -30.0}]
+    note = proxy_ranking.ranking_note(rows)
+    assert note.startswith("off-the-shelf ranking on this proxy, least loss first: pm:keep=0.6 +0.2 [-1.8, +2.2], "
+                           "tome:r=13 -0.2, mstm:keep=0.7 -8.6, evit:keep=0.7 -9.1")
+    assert "does NOT agree" in note and "tome:r=13 > mstm:keep=0.7 > evit:keep=0.7 > pm:keep=0.6" in note
+    good = [dict(r, drop=proxy_ranking.REAL_REFERENCE[r["config"]]) for r in rows[:4]]
+    assert "it agrees with the real model's order" in proxy_ranking.ranking_note(good)
+    assert proxy_ranking.ranking_note(rows[:1]) is None  # one configuration ranks nothing
+    assert "-19.8" in proxy_ranking.CHECKED and "docs/proxy.md" in proxy_ranking.CHECKED
+
+
+def test_pm_off_the_shelf_rows_say_calibrated_not_fine_tuned():
+    from bench import registry
+    from bench.stages import accuracy
+
+    assert "note" in accuracy.COLUMNS
+    assert registry.build("pm:keep=0.6").off_the_shelf_note.startswith("calibrated, not fine-tuned: on real "
+                                                                       "pretrained ViTs this loses heavily")
+    assert registry.build("tome:r=13").off_the_shelf_note is None

@@ -267,3 +267,59 @@ def test_cli_speed_timm_baselines(capsys):
 def test_cli_speed_bad_flags(capsys, argv):
     rc = main(["speed", "--model", "deit_tiny_patch16_224", "--reducer", "tome:r=4", *argv])
     assert rc == 2
+
+
+_FAULTS_SCRIPT = r"""
+import copy, json, sys, torch
+from bench import models, patch, registry, speed
+desc = speed.steady_allocator() if sys.argv[1] == "steady" else "system"
+torch.manual_seed(0)
+base = models.create("deit_tiny_patch16_224").eval()
+red = copy.deepcopy(base)
+patch.apply(red, registry.build("tome:r=13"))
+x = torch.randn(4, 3, 224, 224)
+with torch.inference_mode():
+    for _ in range(2):  # warm-up, as the protocol does
+        base(x), red(x)
+    f0 = speed.minor_faults()
+    for _ in range(3):  # interleaved, as the protocol times them
+        base(x), red(x)
+print(json.dumps({"desc": desc, "faults": (speed.minor_faults() - f0) / 6}))
+"""
+
+
+def test_steady_allocator_removes_page_fault_churn(tmp_path):
+    """glibc returns a forward's freed activations to the system (trim) and faults them in again on
+    the next forward: thousands of page faults per iteration, depending on the process's history.
+    The steady allocator keeps them.  Each setting runs in its own process (it is process-wide)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "faults.py"
+    script.write_text(_FAULTS_SCRIPT)
+    out = {}
+    for alloc in ("system", "steady"):
+        p = subprocess.run([sys.executable, str(script), alloc], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        out[alloc] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["steady"]["desc"].startswith("steady (glibc")
+    # hundreds to thousands of pages faulted in again per forward (how many depends on the history)
+    assert out["system"]["faults"] > 50, out
+    assert out["steady"]["faults"] < 5, out  # a warm heap
+
+
+def test_measure_pins_the_allocator_and_counts_faults(make_vit):
+    models = _pair(make_vit)
+    cfg = speed.SpeedConfig(batch_size=2, warmup=1, iters=1, repeats=2, img_size=(64, 64), check_kernels=False)
+    res = speed.measure(models, cfg, baseline="baseline")
+    assert res["config"]["allocator"] == "steady"
+    assert res["config"]["allocator_desc"].startswith("steady (glibc")
+    assert "malloc thresholds pinned" in res["config"]["protocol"]
+    assert all(m["page_faults_per_iter"] >= 0 for m in res["models"].values())
+
+
+def test_allocator_option_is_checked():
+    with pytest.raises(ValueError, match="unknown allocator"):
+        speed.SpeedConfig(allocator="jemalloc")
+    assert "malloc thresholds pinned" in speed.SpeedConfig().resolved().describe()
+    assert "malloc" not in speed.SpeedConfig(allocator="system").resolved().describe()

@@ -89,6 +89,7 @@ def fps(segmentor, crop: torch.Tensor, batch: int, warmup: int = 1, iters: int =
         device: str = "cpu") -> dict:
     """Images (windows) per second of ``encode_decode`` on ``batch`` copies of ``crop`` (3, h, w)."""
     segmentor.eval().to(device)
+    allocator = bspeed.steady_allocator() if torch.device(device).type == "cpu" else "system"
     x = crop.unsqueeze(0).expand(batch, -1, -1, -1).contiguous().to(device)
     hw = tuple(x.shape[-2:])
     metas = [dict(img_shape=hw, ori_shape=hw, pad_shape=hw)] * batch
@@ -98,5 +99,5 @@ def fps(segmentor, crop: torch.Tensor, batch: int, warmup: int = 1, iters: int =
     times = [bspeed.timed_loop(lambda: segmentor.encode_decode(x, metas), iters, device) for _ in range(repeats)]
     ips = sorted(batch / t for t in times)
     return {"img_s": statistics.median(ips), "img_s_min": ips[0], "img_s_max": ips[-1], "batch": batch,
-            "window": list(hw), "protocol": f"ALGM-style: {batch} copies of one real {hw[0]}x{hw[1]} crop, "
+            "window": list(hw), "allocator": allocator, "protocol": f"ALGM-style: {batch} copies of one real {hw[0]}x{hw[1]} crop, "
             f"encode_decode, eval+inference_mode, {warmup} warm-up + {iters} timed x {repeats} repeats, median"}

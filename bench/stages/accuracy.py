@@ -25,14 +25,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import flops, registry, stats
+from .. import flops, proxy_ranking, registry, stats
 from ..reducer import ModelInfo
 from ..results import atomic_write_text, file_hash
 from .common import method_of, short_model
 from .sources import Source
 
 COLUMNS = ["model", "method", "config", "kind", "structure", "top1", "drop", "drop_ci95", "mcnemar_p", "top5", "gmacs", "speedup",
-           "n_images", "steps", "finetune_s"]
+           "n_images", "steps", "finetune_s", "note"]
 
 
 def _eval_row(ctx, src: Source, model, spec: str, kind: str, red, extra=None) -> dict:
@@ -106,6 +106,10 @@ def run(ctx) -> None:
                      f"model ({short_model(src.model_name)}) as it runs; speedup = the row's own matrices at "
                      "the speed stage's size (fine-tuned rows: the fine-tuned M, R transplanted, see the "
                      "flops and throughput tables)")
+    if ctx.profile["data_source"] == "proxy":
+        ranking = proxy_ranking.ranking_note(rows)
+        if ranking:
+            notes.insert(0, ranking)
     columns = list(COLUMNS)
     n_classes = src.labels.num_classes
     if n_classes <= 10:
@@ -113,6 +117,9 @@ def run(ctx) -> None:
         notes.append(f"top-5 omitted: the data has {n_classes} classes, so top-5 is (nearly) 100% for every row "
                      "and measures nothing")
     for r in rows:
+        note = registry.build(r["config"]).off_the_shelf_note if r["kind"] == "off-the-shelf" else None
+        if note:  # what the method says its off-the-shelf rows are (not part of the cached measurement)
+            r["note"] = note
         r["structure"] = (("fine-tuned" if r["kind"] == "fine-tuned" else "calibrated")
                           if r["method"] == "pm" else None)
     meta = ctx.meta(data_source=ctx.profile["data_source"], batch_size=src.eval_batch, precision="fp32",
