@@ -32,7 +32,6 @@ Ctrl-C stops the torchrun process group (torchrun and every rank) before the err
 from __future__ import annotations
 
 import codecs
-import collections
 import datetime
 import json
 import os
@@ -137,8 +136,8 @@ def add_arguments(p) -> None:
     """The orchestrator's launcher flags."""
     g = p.add_argument_group("multi-process launching (paper profile: PM calibration, fine-tuning, evaluation)")
     g.add_argument("--launcher", choices=LAUNCHERS, default=None,
-                   help="inprocess (default: everything in this process, today's numbers) or torchrun "
-                        "(implied by --nproc and the multi-node flags)")
+                   help="inprocess (default: everything in this one process) or torchrun (implied by --nproc "
+                        "and the multi-node flags; see docs/distributed.md)")
     g.add_argument("--nproc", type=int, default=None,
                    help="processes per node for torchrun (one per GPU); implies --launcher torchrun "
                         "(default: in-process; with --launcher torchrun alone: the GPUs present)")
@@ -153,7 +152,8 @@ def add_arguments(p) -> None:
     g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                    help="c10d rendezvous instead of --master-addr/--master-port (node 0's job store: PORT + 1)")
     g.add_argument("--torchrun-args", default=None, metavar="'ARGS'",
-                   help="extra torchrun flags, passed through verbatim (e.g. '--max-restarts 1')")
+                   help="extra torchrun flags, passed through verbatim; write it with '=', e.g. "
+                        "--torchrun-args=\"--max-restarts 1\"")
 
 
 def _multi_node_flags(args) -> list:
@@ -547,9 +547,17 @@ def follow(cfg: LaunchConfig, stream=None, runner=None, connect_timeout_s: float
             except Exception:  # noqa: BLE001
                 return "lost node 0's job store"
 
-        rc, tail, reason = runner(argv, env=child_env(cfg, job["env"]), cwd=cwd, stream=stream,
-                                  stdout_path=out_dir / f"stdout.node{cfg.node_rank}.log",
-                                  stderr_path=out_dir / f"stderr.node{cfg.node_rank}.log", abort=abort)
+        try:
+            rc, tail, reason = runner(argv, env=child_env(cfg, job["env"]), cwd=cwd, stream=stream,
+                                      stdout_path=out_dir / f"stdout.node{cfg.node_rank}.log",
+                                      stderr_path=out_dir / f"stderr.node{cfg.node_rank}.log", abort=abort)
+        except BaseException as e:  # Ctrl-C here: node 0's ranks would wait for ours until a timeout
+            why = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            try:
+                store.set(f"pmbench/fail/{k}/{cfg.node_rank}", f"node {cfg.node_rank} {why}")
+            except Exception:  # noqa: BLE001
+                pass
+            raise
         if rc != 0 and not reason:
             msg = str(failure(job.get("label", ""), argv, rc, tail, Path(job["env"][RANK_LOG_ENV])))
             note(msg)

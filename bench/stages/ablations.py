@@ -35,10 +35,10 @@ def run(ctx) -> None:
             # with --nproc the evaluations and the fine-tuning run through torchrun (bench.launch)
             model, red = src.load_checkpoint(ck)
             info = ModelInfo.from_model(model, src.img_size)
-            before = src.evaluate_checkpoint(ck, model)["top1"]
+            before = src.evaluate_checkpoint(ck, model, f"eval ablation {label} (calibrated)")["top1"]
             ft, hist = src.finetune(spec, ck, epochs, ctx, max_steps=max_steps)
             model, red = src.load_checkpoint(ft)
-            after = src.evaluate_checkpoint(ft, model)["top1"]
+            after = src.evaluate_checkpoint(ft, model, f"eval ablation {label} (fine-tuned)")["top1"]
             row = {"ablation": label, "config": spec, "top1_calibrated": round(before, 2),
                    "top1_finetuned": round(after, 2), "gmacs": round(flops.analytic(info, red).gmacs, 4),
                    "steps": hist.get("total_steps", max_steps), "finetune_s": round(hist.get("wall_s", 0.0), 1)}

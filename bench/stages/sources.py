@@ -272,11 +272,11 @@ class Source:
         return out, {"wall_s": res.get("wall_s", 0.0), "total_steps": res.get("steps"),
                      "world_size": res.get("world_size")}
 
-    def evaluate_checkpoint(self, path, model=None) -> dict:
+    def evaluate_checkpoint(self, path, model=None, label=None) -> dict:
         """Top-1 etc. of checkpoint ``path`` with its own reducer: in this process (``model``: the
-        checkpoint already loaded) or through the launcher."""
+        checkpoint already loaded) or through the launcher (``label``: the job's name in the progress)."""
         if self.launcher is not None:
-            return self.launch_eval(path)
+            return self.launch_eval(path, label=label)
         if model is None:
             model, _ = self.load_checkpoint(path)
         return self.evaluate(model)
