@@ -66,9 +66,12 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     return p
 
 
+_RESULT_FILE: list = []  # set by main() from $PMBENCH_RESULT_JSON (bench.launch's jobs)
+
+
 def emit(obj: dict, as_json: bool, text: str = "") -> None:
-    result_file = os.environ.get("PMBENCH_RESULT_JSON")  # set by bench.launch for the jobs it runs
-    if result_file:
+    result_file = (_RESULT_FILE or [os.environ.get("PMBENCH_RESULT_JSON")])[-1]
+    if result_file:  # a torchrun job of bench.launch: rank 0's object is also its result file
         from .results import atomic_write_text
 
         atomic_write_text(result_file, json.dumps(obj, indent=2, default=_json_default) + "\n")
@@ -113,9 +116,14 @@ class _Tee:
         return getattr(self._stream, name)
 
 
-def _tee_rank_log() -> None:
-    """Under bench.launch (``PMBENCH_RANK_LOG_DIR``): copy this rank's stderr into rank<RANK>.log."""
-    d = os.environ.get("PMBENCH_RANK_LOG_DIR")
+def _launch_hooks() -> None:
+    """Under bench.launch: the result file for :func:`emit`, and this rank's stderr copied into
+    ``$PMBENCH_RANK_LOG_DIR/rank<RANK>.log``.  Both variables are taken out of the environment, so a
+    process this command starts does not write into them."""
+    rf = os.environ.pop("PMBENCH_RESULT_JSON", None)
+    if rf:
+        _RESULT_FILE.append(rf)
+    d = os.environ.pop("PMBENCH_RANK_LOG_DIR", None)
     if d and not isinstance(sys.stderr, _Tee):
         try:
             os.makedirs(d, exist_ok=True)
@@ -127,7 +135,7 @@ def _tee_rank_log() -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _tee_rank_log()
+    _launch_hooks()
     command = next((a for a in argv if not a.startswith("-")), None)
     name = f"pmbench {command}" if command in COMMAND_NAMES else "pmbench"
     try:

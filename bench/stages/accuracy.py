@@ -49,8 +49,8 @@ def _eval_row(ctx, src: Source, model, spec: str, kind: str, red, extra=None) ->
 
 
 def _launched_row(src: Source, spec: str, kind: str, path, reducer=None, extra=None) -> dict:
-    """The row of :func:`_eval_row`, measured by ``pmbench eval`` under torchrun (``--nproc``): the same
-    images, counts and per-image outcomes (evaluation is exact under data parallelism)."""
+    """The row of :func:`_eval_row`, measured by ``pmbench eval`` under torchrun (``--nproc``): every image
+    once, on one rank; the counts summed and the per-image outcomes gathered in dataset order."""
     res = src.launch_eval(path, reducer, label=f"eval {spec} ({kind})")
     row = {"model": short_model(src.model_name), "timm_model": src.model_name, "method": method_of(spec),
            "config": spec, "config_full": res["reducer_full"], "kind": kind, "top1": round(res["top1"], 2),
@@ -111,8 +111,8 @@ def run(ctx) -> None:
     launcher = getattr(ctx, "launcher", None)
     if launcher is not None:
         notes.append(f"launched: PM calibration, fine-tuning and evaluation ran through {launcher.cfg.describe()}; "
-                     "evaluation is exact under data parallelism (same images, same per-image outcomes as one "
-                     "process); calibration sums the ranks' scores of each global batch and fine-tuning is DDP "
+                     "evaluation gives the one-process numbers (every image once, per-image outcomes gathered in "
+                     "dataset order; only floating-point rounding of other batch compositions could differ); calibration sums the ranks' scores of each global batch and fine-tuning is DDP "
                      "with the global batch split over the ranks, so those rows can differ slightly from a "
                      "one-process run (their cache keys hold the world size); eval_world_size / "
                      "finetune_world_size (CSV/JSON) = the processes each row ran on")
