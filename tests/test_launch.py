@@ -183,7 +183,8 @@ def test_a_failing_torchrun_job_is_one_clear_error(tmp_path):
     assert "invalid choice: 'evaluate-all'" in msg.splitlines()[0]
     assert "log of rank" in msg and "pmbench: error:" in msg and "-m bench.cli evaluate-all --model x --json" in msg
     assert "[run_all] torchrun (2 ranks): evaluate everything" in "".join(lines)
-    assert len(list((tmp_path / "torchrun").glob("*-001-evaluate-all/ranks/rank*.log"))) == 2 and lau.jobs == []
+    # the failed job's folder stays, with the rank logs (torchrun may stop the other rank before it starts one)
+    assert list((tmp_path / "torchrun").glob("*-001-evaluate-all/ranks/rank*.log")) and lau.jobs == []
 
 
 # --------------------------------------------------------------------------- Ctrl-C
