@@ -150,7 +150,8 @@ def add_arguments(p) -> None:
                    help=f"node 0's rendezvous port (default {DEFAULT_MASTER_PORT}); the followers also use "
                         "this port + 1")
     g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-                   help="c10d rendezvous instead of --master-addr/--master-port (node 0's job store: PORT + 1)")
+                   help="c10d rendezvous instead of --master-addr/--master-port; HOST is node 0 (its job store "
+                        "for the other nodes listens on PORT + 1)")
     g.add_argument("--torchrun-args", default=None, metavar="'ARGS'",
                    help="extra torchrun flags, passed through verbatim; write it with '=', e.g. "
                         "--torchrun-args=\"--max-restarts 1\"")
