@@ -71,10 +71,12 @@ class Source:
         preprocessing, labels and device."""
         p = self.prep
         labels = self.labels.kind if self.labels.kind in ("imagenet-1k", "folders") else "auto"
+        # "cuda": each rank takes the GPU of its local rank (a fixed cuda:N would put every rank on one GPU)
+        device = "cuda" if str(self.ctx.device).startswith("cuda") else str(self.ctx.device)
         return ["--model", self.model_name, "--data", self.data, "--img-size", str(p.img_size),
                 "--crop-pct", repr(float(p.crop_pct)), "--interpolation", p.interpolation,
                 "--mean", *[repr(float(v)) for v in p.mean], "--std", *[repr(float(v)) for v in p.std],
-                "--labels", labels, "--device", str(self.ctx.device)]
+                "--labels", labels, "--device", device]
 
     def launch_eval(self, path, reducer=None, label=None) -> dict:
         """``pmbench eval`` of checkpoint ``path`` (``reducer``: applied off-the-shelf to an unreduced
