@@ -316,3 +316,22 @@ def test_follower_refuses_a_different_layout(tmp_path):
     assert launch.follow(foll, stream=S(), connect_timeout_s=20) == 1
     assert any("nproc_per_node = 2, this node with 4" in m for m in msgs)
     lau.close(wait_s=1)
+
+
+def test_launched_commands_see_the_sources_input_exactly(tmp_path, monkeypatch):
+    """The flags a launched pmbench command gets: the source's model, data, resolved preprocessing (floats
+    written exactly), label mode, and `cuda` (each rank its own GPU) for a run on cuda:N."""
+    import types
+
+    from bench.stages.sources import RealSource
+
+    monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "c"))
+    ctx = types.SimpleNamespace(args=argparse.Namespace(fixture=True, imagenet=None, weights=None),
+                                work_dir=tmp_path / "w", device="cuda:1", launcher=None)
+    src = RealSource(ctx, None)
+    a = src.cli_input_args()
+    flag = {a[i]: a[i + 1] for i in range(0, len(a) - 1) if a[i].startswith("--")}
+    assert flag["--model"] == "pmbench_tiny_vit" and flag["--data"] == src.data and flag["--device"] == "cuda"
+    assert a[a.index("--mean") + 1:a.index("--mean") + 4] == ["0.5", "0.5", "0.5"]
+    assert float(flag["--crop-pct"]) == src.prep.crop_pct and flag["--img-size"] == "64"
+    assert flag["--labels"] in ("folders", "imagenet-1k") and src.world == 1 and src.launch_key() == {}
