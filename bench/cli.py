@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from . import __version__
@@ -65,7 +66,15 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     return p
 
 
+_RESULT_FILE: list = []  # set by main() from $PMBENCH_RESULT_JSON (bench.launch's jobs)
+
+
 def emit(obj: dict, as_json: bool, text: str = "") -> None:
+    result_file = (_RESULT_FILE or [os.environ.get("PMBENCH_RESULT_JSON")])[-1]
+    if result_file:  # a torchrun job of bench.launch: rank 0's object is also its result file
+        from .results import atomic_write_text
+
+        atomic_write_text(result_file, json.dumps(obj, indent=2, default=_json_default) + "\n")
     if as_json:
         json.dump(obj, sys.stdout, indent=2, default=_json_default)
         sys.stdout.write("\n")
@@ -86,8 +95,47 @@ def _json_default(o):
     return str(o)
 
 
+class _Tee:
+    """sys.stderr that also writes to a per-rank log (the launcher reports a failing rank's tail)."""
+
+    def __init__(self, stream, log):
+        self._stream, self._log = stream, log
+
+    def write(self, text):
+        try:
+            self._log.write(text)
+            self._log.flush()
+        except (ValueError, OSError):
+            pass
+        return self._stream.write(text)
+
+    def flush(self):
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _launch_hooks() -> None:
+    """Under bench.launch: the result file for :func:`emit`, and this rank's stderr copied into
+    ``$PMBENCH_RANK_LOG_DIR/rank<RANK>.log``.  Both variables are taken out of the environment, so a
+    process this command starts does not write into them."""
+    rf = os.environ.pop("PMBENCH_RESULT_JSON", None)
+    if rf:
+        _RESULT_FILE.append(rf)
+    d = os.environ.pop("PMBENCH_RANK_LOG_DIR", None)
+    if d and not isinstance(sys.stderr, _Tee):
+        try:
+            os.makedirs(d, exist_ok=True)
+            log = open(os.path.join(d, f"rank{os.environ.get('RANK', '0')}.log"), "a", encoding="utf-8")
+        except OSError:
+            return
+        sys.stderr = _Tee(sys.stderr, log)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _launch_hooks()
     command = next((a for a in argv if not a.startswith("-")), None)
     name = f"pmbench {command}" if command in COMMAND_NAMES else "pmbench"
     try:

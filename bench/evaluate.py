@@ -48,7 +48,7 @@ def _sample_order(loader) -> list[int] | None:
 @torch.inference_mode()
 def evaluate(model, loader, device="cpu", amp: bool = False, progress: bool = False,
              keep_preds: bool = False) -> dict:
-    """Returns dict(top1, top5 (percent), n_images, loss (mean CE), wall_s[, preds])."""
+    """Returns dict(top1, top5 (percent), n_images, correct_top1, correct_top5, loss (mean CE), wall_s[, preds])."""
     t0 = time.time()
     device = torch.device(device)
     was_training = model.training
@@ -106,6 +106,8 @@ def evaluate(model, loader, device="cpu", amp: bool = False, progress: bool = Fa
         "top1": 100.0 * stats[0].item() / n,
         "top5": 100.0 * stats[1].item() / n,
         "n_images": n,
+        "correct_top1": int(stats[0].item()),  # the counts behind top1 / top5 (exact, for recomputing them)
+        "correct_top5": int(stats[1].item()),
         "loss": stats[3].item() / n,
         "wall_s": time.time() - t0,
     }

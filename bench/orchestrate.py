@@ -10,6 +10,11 @@ Flow (each stage lives in ``bench/stages/``):
 5. ``ablations`` PM ablations
 6. reports      tables (md/csv/json) + published-vs-reproduced + plots + README
 
+Paper profile with ``--nproc N`` (or ``--launcher torchrun``): PM calibration, fine-tuning and evaluation
+of the accuracy and ablations stages run as torchrun jobs of ``pmbench`` commands (:mod:`bench.launch`,
+multi-node flags included); everything else stays in this process.  Without it (the default) all runs
+in this process, as before.
+
 Every measurement is a job whose full description keys the result cache
 (``.cache/results/<profile>/``): a re-run skips what is done unless
 ``--force``; files are written atomically, so Ctrl-C loses nothing measured.
@@ -24,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import env, overrides, profiles
+from . import env, launch, overrides, profiles
 from .reducer import ConfigError
 from .results import ResultCache
 
@@ -91,6 +96,7 @@ class RunContext:
         self.failures: list[str] = []
         self.stages: list[str] = list(STAGES)  # the stages this invocation runs (set by main)
         self.skipped_stages: dict[str, str] = {}  # stage -> why it produced no table
+        self.launcher = None  # bench.launch.Launcher with --nproc / --launcher torchrun (paper profile)
 
     @property
     def fixture(self) -> bool:
@@ -165,6 +171,9 @@ class RunContext:
         if ov:  # --configs / --profile-file: said in every table header, and in full in the JSON
             m["profile_overrides"] = overrides.describe(ov)
             m["profile_overrides_detail"] = ov
+        if self.launcher is not None:
+            m["launcher"] = {"kind": "torchrun", "nproc_per_node": self.launcher.cfg.nproc_per_node,
+                             "nnodes": self.launcher.cfg.nnodes, "world_size": self.launcher.world_size}
         if self.fixture:
             from .fixtures import TINY_MODEL
 
@@ -183,6 +192,10 @@ class RunContext:
             cmd += ["--configs", text]
         if getattr(self.args, "profile_file", None):
             cmd += ["--profile-file", self.args.profile_file]
+        if self.launcher is not None:  # the world size changes calibration and fine-tuning (not evaluation)
+            cmd += ["--nproc", str(self.launcher.cfg.nproc_per_node)]
+            if self.launcher.cfg.nnodes > 1:
+                cmd += ["--nnodes", str(self.launcher.cfg.nnodes)]
         return shlex.join(cmd)
 
     def add_table(self, name: str, title: str, rows: list, meta: dict, columns=None) -> None:
@@ -214,7 +227,6 @@ def parse_args(argv=None):
     p.add_argument("--ade20k", default=None, help="paper profile: ADEChallengeData2016 root")
     p.add_argument("--weights", default=None,
                    help="paper profile: folder of local weight files named <timm model name>.pth/.safetensors")
-    p.add_argument("--nproc", type=int, default=None, help="paper profile: processes for torchrun (default: GPUs present)")
     p.add_argument("--fixture", action="store_true",
                    help="paper profile on small fixture data with tiny models (tests the real path)")
     p.add_argument("--configs", action="append", default=None, metavar="SPEC[,SPEC...]",
@@ -224,7 +236,22 @@ def parse_args(argv=None):
     p.add_argument("--profile-file", default=None, metavar="FILE",
                    help="TOML/JSON/YAML file of profile keys to set, [add] lists to extend, [speed] settings to "
                         "merge, configs to add everywhere (see bench/overrides.py and the README)")
+    launch.add_arguments(p)
     return p.parse_args(argv)
+
+
+LAUNCHED_STAGES = ("accuracy", "ablations")  # the stages whose jobs run through torchrun with --nproc
+
+
+def check_launch(cfg, prof: dict, stages: list) -> None:
+    """torchrun launching applies to the paper profile's accuracy and ablations stages."""
+    if prof.get("data_source") != "real":
+        raise ConfigError(f"--nproc / --launcher torchrun apply to the paper profile (ImageNet, or --fixture); the "
+                          f"{prof['name']} profile runs on the embedded proxy in one process: drop them")
+    if not any(s in LAUNCHED_STAGES for s in stages):
+        raise ConfigError(f"--nproc / --launcher torchrun: none of the requested stages ({', '.join(stages)}) runs "
+                          f"through torchrun (only {' and '.join(LAUNCHED_STAGES)} do: PM calibration, fine-tuning "
+                          "and evaluation); drop the launcher flags or add one of those stages to --only")
 
 
 def main(argv=None) -> int:
@@ -250,6 +277,12 @@ def main(argv=None) -> int:
                 raise ConfigError("--fixture applies to the paper profile")
             prof = profiles.fixture_variant(prof)
         prof = overrides.apply(prof, args.configs, args.profile_file)
+        device = args.device or env.default_device()
+        lcfg = launch.from_args(args, device)
+        if lcfg is not None:
+            check_launch(lcfg, prof, stages)
+            if not lcfg.leader:  # another node of a multi-node run: run its share of node 0's jobs, nothing else
+                return launch.follow(lcfg)
         out_dir = Path(args.out) if args.out else ROOT / "reports" / (args.profile + ("-fixture" if args.fixture else ""))
         cache_dir = Path(os.environ.get("PMBENCH_CACHE", ROOT / ".cache")) / "results" / (
             args.profile + ("-fixture" if args.fixture else ""))
@@ -257,10 +290,18 @@ def main(argv=None) -> int:
         ctx.stages = list(stages)
         t0 = time.time()
         ctx.progress.note(f"profile {args.profile} on {env.device_name(ctx.device)}; stages {', '.join(stages)}")
-        for name in stages:
-            mod = importlib.import_module(f"bench.stages.{name}")
-            ctx.progress.note(f"stage {name}")
-            mod.run(ctx)
+        if lcfg is not None:
+            ctx.launcher = launch.Launcher(lcfg, ctx.work_dir, stream=ctx.progress.stream)
+            ctx.progress.note(f"launcher: {lcfg.describe()} for PM calibration, fine-tuning and evaluation "
+                              f"({', '.join(s for s in stages if s in LAUNCHED_STAGES)}); the rest in this process")
+        try:
+            for name in stages:
+                mod = importlib.import_module(f"bench.stages.{name}")
+                ctx.progress.note(f"stage {name}")
+                mod.run(ctx)
+        finally:
+            if ctx.launcher is not None:  # followers (other nodes) stop waiting for jobs
+                ctx.launcher.close(wait_s=60.0 if sys.exc_info()[0] is None else 5.0)
         from . import reports_writer
 
         reports_writer.write_all(ctx, wall_s=time.time() - t0)

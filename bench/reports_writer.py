@@ -170,6 +170,8 @@ def write_all(ctx, wall_s: float) -> None:
     manifest = {"profile": ctx.profile["name"], "wall_s": round(wall_s, 1), "jobs": jobs,
                 "tables": [n for n, _ in written],
                 "plots": figs, "meta": ctx.meta(), "failures": ctx.failures}
+    if getattr(ctx, "launcher", None) is not None:  # --nproc: every torchrun job of this run (cached ones ran none)
+        manifest["torchrun_jobs"] = list(ctx.launcher.jobs)
     atomic_write_json(out / "manifest.json", manifest)
     fixture = bool(getattr(ctx, "fixture", False))
     lines = [f"# PM-Bench results: profile `{ctx.profile['name']}`" + (" (fixture run)" if fixture else ""), ""]

@@ -271,3 +271,64 @@ def test_paper_profile_runs_on_fixtures(tmp_path):
         assert "skipped: seg (not requested" in md and "ablations (not requested" in md
     readme = (out / "README.md").read_text()
     assert "(fixture run)" in readme.splitlines()[0] and "Stages: run: accuracy, cost, speed" in readme
+
+
+@pytest.mark.slow
+def test_paper_profile_through_torchrun_with_two_gloo_ranks(tmp_path, monkeypatch):
+    """`--nproc 2`: PM calibration, fine-tuning and evaluation run as torchrun jobs of 2 gloo ranks (the
+    launcher path of a GPU node, on CPU); evaluation gives the very numbers of one process."""
+    import argparse
+    import types
+
+    import torch
+
+    from bench.fixtures import ensure_fixture, pmbench_tiny_vit
+    from bench.stages.sources import RealSource
+
+    cache, out = tmp_path / "cache", tmp_path / "rep"
+    monkeypatch.setenv("PMBENCH_CACHE", str(cache))
+    fx = ensure_fixture()
+    torch.manual_seed(3)  # weights whose predictions differ between images (seed 0's predict one class)
+    torch.save({"model": pmbench_tiny_vit().state_dict()}, fx["weights"])
+    pf = tmp_path / "small.toml"  # one launched job of each kind: calibrate, evaluate, fine-tune (+ evaluate)
+    pf.write_text('accuracy_configs = ["tome:r=13"]\nfinetune_configs = ["pm:keep=0.6"]\n')
+    r = _run(["--profile", "paper", "--fixture", "--only", "accuracy", "--nproc", "2", "--device", "cpu",
+              "--profile-file", str(pf), "--out", str(out)], {"PMBENCH_CACHE": str(cache)}, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert "[run_all] torchrun (2 ranks): pm-calibrate pm:keep=0.6" in r.stderr
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    jobs = manifest["torchrun_jobs"]
+    assert [j["command"] for j in jobs] == ["pm-calibrate", "eval", "train", "eval"]
+    assert all(j["world_size"] == 2 for j in jobs)  # as each job's rank 0 reported it
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert acc["meta"]["launcher"] == {"kind": "torchrun", "nproc_per_node": 2, "nnodes": 1, "world_size": 2}
+    assert "--nproc 2" in acc["meta"]["command"] and any("torchrun" in n for n in acc["meta"]["notes"])
+    rows = {(x["config"], x["kind"]): x for x in acc["rows"]}
+    tome, pm = rows[("tome:r=13", "off-the-shelf")], rows[("pm:keep=0.6", "fine-tuned")]
+    assert tome["eval_world_size"] == 2 and pm["eval_world_size"] == 2 and pm["finetune_world_size"] == 2
+
+    ckpts = cache / "runs" / "paper" / "checkpoints"
+    cal = torch.load(next(ckpts.glob("pm-*-torchrun2.pt")), weights_only=True)
+    assert cal["extra"]["pm_calibration"]["world_size"] == 2
+    ft_path = next(ckpts.glob("ft-*.pt"))
+    ft = torch.load(ft_path, weights_only=True)
+    assert ft["extra"]["finetune"]["world_size"] == 2 and "optimizer" not in ft  # as a one-process checkpoint
+
+    # the same evaluations in this process: identical per-image outcomes and top-1
+    per_image = {}
+    import csv
+
+    with open(out / "accuracy_per_image.csv", newline="") as fh:
+        for line in csv.DictReader(fh):
+            for k, v in line.items():
+                per_image.setdefault(k, []).append(v)
+    ctx = types.SimpleNamespace(args=argparse.Namespace(fixture=True, imagenet=None, weights=None),
+                                work_dir=cache / "runs" / "paper", device="cpu")
+    src = RealSource(ctx, None)
+    for (spec, kind), model in ((("tome:r=13", "off-the-shelf"), src.patched_backbone("tome:r=13")[0]),
+                                (("pm:keep=0.6", "fine-tuned"), src.load_checkpoint(ft_path)[0])):
+        res = src.evaluate(model)
+        launched = "".join(per_image[f"pmbench_tiny_vit|{spec}|{kind}"])
+        assert res["correct"] == launched and round(res["top1"], 2) == rows[(spec, kind)]["top1"]
+    assert set(per_image["pmbench_tiny_vit|tome:r=13|off-the-shelf"]) == {"0", "1"}  # a non-trivial check

@@ -125,7 +125,8 @@ def run(args):
     out = {
         "model": args.model, "reducer": red.spec(), "reducer_full": red.full_spec(),
         "top1": round(res["top1"], 3), "top5": round(res["top5"], 3),
-        "n_images": res["n_images"], "loss": res["loss"], "gmacs": round(rep.gmacs, 4),
+        "n_images": res["n_images"], "correct_top1": res["correct_top1"], "correct_top5": res["correct_top5"],
+        "loss": res["loss"], "gmacs": round(rep.gmacs, 4),
         "preprocess": prep.as_dict(), "labels": labels.kind,
         "n_classes_present": len({lab for _, lab in loader.dataset.samples}),
         "data": dinfo, "data_source": dinfo["source"], "device": env.device_name(device), "img_size": prep.img_size,

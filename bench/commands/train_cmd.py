@@ -44,6 +44,9 @@ def add_parser(sub):
     src.add_argument("--weights", default=None, help="start from a local timm/DeiT .pth/.safetensors file")
     src.add_argument("--pretrained", action="store_true", help="start from the hub weights (pinned tag)")
     p.add_argument("--teacher", default=None, help="none | self | CHECKPOINT (default: self when needed)")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help="a JSON file of TrainConfig fields, applied over the reducer's recipe (the flags below "
+                        "win); how the orchestrator hands a fine-tuning recipe to torchrun")
     for flag, typ, dest in _FLAGS:
         p.add_argument(flag, type=typ, default=None, dest=dest)
     p.add_argument("--eval-mode", action="store_true", help="keep model.eval() while training (train_mode=False)")
@@ -115,6 +118,40 @@ def check_args(args) -> None:
     check_out_file(args.log_path, "--log")
     if args.resume and not args.out:
         raise ConfigError("--resume continues from --out; give --out CHECKPOINT")
+    if args.config is not None:
+        from ..train import TrainConfig
+
+        read_config(args.config, {f.name: None for f in fields(TrainConfig)})
+
+
+# TrainConfig fields that flags of this command set (refused in --config, named with their flag)
+_CONFIG_BY_FLAG = {"device": "--device", "ckpt_path": "--out", "resume": "--resume", "progress": "--no-progress",
+                   "extra": "(written by the command)"}
+
+
+def read_config(path, fields_: dict) -> dict:
+    """``--config FILE``: TrainConfig fields as a JSON object; unknown or flag-owned keys are errors."""
+    if path is None:
+        return {}
+    import json
+
+    try:
+        with open(path) as fh:
+            d = json.load(fh)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of TrainConfig fields")
+    unknown = sorted(set(d) - set(fields_))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown TrainConfig field(s) {unknown}; known: {', '.join(sorted(fields_))}")
+    owned = sorted(k for k in d if k in _CONFIG_BY_FLAG)
+    if owned:
+        raise ConfigError(f"--config {path}: {', '.join(owned)} are set by flags ("
+                          + ", ".join(_CONFIG_BY_FLAG[k] for k in owned) + "), not by the config file")
+    return d
 
 
 def run(args):
@@ -142,6 +179,7 @@ def run(args):
     if bad:
         raise ConfigError(f"reducer '{red.spec()}' recipe sets unknown TrainConfig fields {bad}")
     cfg_d.update(recipe)
+    cfg_d.update(read_config(args.config, cfg_d))
     for _, _, dest in _FLAGS:
         v = getattr(args, dest)
         if v is not None:

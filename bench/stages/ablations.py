@@ -29,18 +29,22 @@ def run(ctx) -> None:
             ctx.failures.append(f"ablation {label} ({spec}) calibration: {e}")
             continue
         desc = {"kind": "pm-ablation", "spec": spec, "backbone": file_hash(bb), "ckpt": file_hash(ck),
-                "epochs": epochs, "max_steps": max_steps, "data": src.input_key()}
+                "epochs": epochs, "max_steps": max_steps, "data": src.input_key(), **src.launch_key()}
 
         def measure(spec=spec, ck=ck, label=label):
+            # with --nproc the evaluations and the fine-tuning run through torchrun (bench.launch)
             model, red = src.load_checkpoint(ck)
             info = ModelInfo.from_model(model, src.img_size)
-            before = src.evaluate(model)["top1"]
+            before = src.evaluate_checkpoint(ck, model, f"eval ablation {label} (calibrated)")["top1"]
             ft, hist = src.finetune(spec, ck, epochs, ctx, max_steps=max_steps)
             model, red = src.load_checkpoint(ft)
-            after = src.evaluate(model)["top1"]
-            return {"ablation": label, "config": spec, "top1_calibrated": round(before, 2),
-                    "top1_finetuned": round(after, 2), "gmacs": round(flops.analytic(info, red).gmacs, 4),
-                    "steps": hist.get("total_steps", max_steps), "finetune_s": round(hist.get("wall_s", 0.0), 1)}
+            after = src.evaluate_checkpoint(ft, model, f"eval ablation {label} (fine-tuned)")["top1"]
+            row = {"ablation": label, "config": spec, "top1_calibrated": round(before, 2),
+                   "top1_finetuned": round(after, 2), "gmacs": round(flops.analytic(info, red).gmacs, 4),
+                   "steps": hist.get("total_steps", max_steps), "finetune_s": round(hist.get("wall_s", 0.0), 1)}
+            if src.launcher is not None:
+                row["world_size"] = src.world
+            return row
 
         try:
             rows.append(ctx.job(desc, measure, f"ablation {label}", 50.0))

@@ -48,6 +48,19 @@ def _eval_row(ctx, src: Source, model, spec: str, kind: str, red, extra=None) ->
     return row
 
 
+def _launched_row(src: Source, spec: str, kind: str, path, reducer=None, extra=None) -> dict:
+    """The row of :func:`_eval_row`, measured by ``pmbench eval`` under torchrun (``--nproc``): every image
+    once, on one rank; the counts summed and the per-image outcomes gathered in dataset order."""
+    res = src.launch_eval(path, reducer, label=f"eval {spec} ({kind})")
+    row = {"model": short_model(src.model_name), "timm_model": src.model_name, "method": method_of(spec),
+           "config": spec, "config_full": res["reducer_full"], "kind": kind, "top1": round(res["top1"], 2),
+           "top5": round(res["top5"], 2), "n_images": res["n_images"], "gmacs": round(res["gmacs"], 4),
+           "correct": res["correct"], "eval_world_size": res["world_size"]}
+    if extra:
+        row.update(extra)
+    return row
+
+
 def add_paired_drops(rows: list[dict]) -> None:
     """Each reduced row's drop vs the unreduced row of the same model, on the same images, with a
     paired-bootstrap 95% interval and the exact McNemar p-value (in place)."""
@@ -95,6 +108,14 @@ def run(ctx) -> None:
              "bootstrap 95% interval (10,000 resamples of the images); mcnemar_p = exact McNemar test of the "
              "per-image outcomes (a drop whose interval excludes 0 is real on these images)",
              "config_full (CSV/JSON) = the reducer spec with every option resolved"]
+    launcher = getattr(ctx, "launcher", None)
+    if launcher is not None:
+        notes.append(f"launched: PM calibration, fine-tuning and evaluation ran through {launcher.cfg.describe()}; "
+                     "evaluation gives the one-process numbers (every image once, per-image outcomes gathered in "
+                     "dataset order; only floating-point rounding of other batch compositions could differ); calibration sums the ranks' scores of each global batch and fine-tuning is DDP "
+                     "with the global batch split over the ranks, so those rows can differ slightly from a "
+                     "one-process run (their cache keys hold the world size); eval_world_size / "
+                     "finetune_world_size (CSV/JSON) = the processes each row ran on")
     if skipped:
         notes.append(f"no off-the-shelf rows for {', '.join(skipped)}: its own modules are untrained before "
                      "fine-tuning, so such a number would not measure the method")
@@ -159,6 +180,10 @@ def run_source(ctx, src) -> list:
             continue
 
         def measure(spec=spec):
+            if src.launcher is not None:
+                if method_of(spec) == "pm":
+                    return _launched_row(src, spec, "off-the-shelf", pm_ckpts[spec])
+                return _launched_row(src, spec, "off-the-shelf", backbone_path, reducer=spec)
             if method_of(spec) == "pm":
                 model, red = src.load_checkpoint(pm_ckpts[spec])
             else:
@@ -180,15 +205,18 @@ def run_source(ctx, src) -> list:
             continue
         desc = {**base_desc, "spec": spec, "row": "fine-tuned", "epochs": prof["finetune_epochs"],
                 "max_steps": prof.get("finetune_max_steps"),
-                "init": file_hash(init) if init else None}
+                "init": file_hash(init) if init else None, **src.launch_key()}
 
         def measure(spec=spec, init=init):
             ckpt, hist = src.finetune(spec, init, prof["finetune_epochs"], ctx)
+            extra = {"finetune_s": round(hist.get("wall_s", 0.0), 1),
+                     "steps": hist.get("total_steps"), "epochs": prof["finetune_epochs"],
+                     "checkpoint": str(ckpt), "checkpoint_hash": file_hash(ckpt)}
+            if src.launcher is not None:
+                extra["finetune_world_size"] = hist.get("world_size")
+                return _launched_row(src, spec, "fine-tuned", ckpt, extra=extra)
             model, red = src.load_checkpoint(ckpt)
-            return _eval_row(ctx, src, model, spec, "fine-tuned", red,
-                             {"finetune_s": round(hist.get("wall_s", 0.0), 1),
-                              "steps": hist.get("total_steps"), "epochs": prof["finetune_epochs"],
-                              "checkpoint": str(ckpt), "checkpoint_hash": file_hash(ckpt)})
+            return _eval_row(ctx, src, model, spec, "fine-tuned", red, extra)
 
         try:
             row = ctx.job(desc, measure, f"fine-tune + eval {spec}", 40.0)

@@ -42,6 +42,67 @@ class Source:
         self._val = None
         self._input = None
 
+    # -- torchrun (``--nproc``; bench.launch) -----------------------------------------------
+    @property
+    def launcher(self):
+        """The orchestrator's torchrun launcher, or None: calibrate, fine-tune and evaluate in this process."""
+        return getattr(self.ctx, "launcher", None)
+
+    @property
+    def world(self) -> int:
+        return self.launcher.world_size if self.launcher is not None else 1
+
+    def launch_key(self) -> dict:
+        """Cache-key part of a job whose result depends on the number of ranks (calibration scores summed
+        over the ranks' shares of each batch, DDP fine-tuning): empty for one process, so one-process
+        results (in this process or a one-rank torchrun) share their keys."""
+        return {"world_size": self.world} if self.world > 1 else {}
+
+    def check_launch(self) -> None:
+        """Every global batch must split evenly over the ranks (checked before any compute)."""
+        if self.launcher is not None:
+            from ..launch import per_rank_batch
+
+            per_rank_batch(self.calib_batch, self.world, "PM calibration")
+            per_rank_batch(self.train_batch, self.world, "fine-tuning")
+
+    def cli_input_args(self) -> list:
+        """The ``pmbench`` flags that make a launched command see exactly this source's model, data,
+        preprocessing, labels and device."""
+        p = self.prep
+        labels = self.labels.kind if self.labels.kind in ("imagenet-1k", "folders") else "auto"
+        # "cuda": each rank takes the GPU of its local rank (a fixed cuda:N would put every rank on one GPU)
+        device = "cuda" if str(self.ctx.device).startswith("cuda") else str(self.ctx.device)
+        return ["--model", self.model_name, "--data", self.data, "--img-size", str(p.img_size),
+                "--crop-pct", repr(float(p.crop_pct)), "--interpolation", p.interpolation,
+                "--mean", *[repr(float(v)) for v in p.mean], "--std", *[repr(float(v)) for v in p.std],
+                "--labels", labels, "--device", device]
+
+    def launch_eval(self, path, reducer=None, label=None) -> dict:
+        """``pmbench eval`` of checkpoint ``path`` (``reducer``: applied off-the-shelf to an unreduced
+        checkpoint; None: the checkpoint's own) under torchrun: the numbers of :meth:`evaluate`
+        (top-1/top-5 recomputed from the exact counts, each image's outcome in dataset order), plus the
+        GMACs, resolved spec and world size the command reports."""
+        import csv
+
+        args = ["eval", "--checkpoint", str(path), *self.cli_input_args(), "--batch-size", str(self.eval_batch),
+                "--save-preds", "{job}/preds.csv"]
+        if reducer is not None:
+            args += ["--reducer", reducer]
+        label = label or f"eval {reducer or Path(path).name}"
+
+        def read(job, res):
+            with open(job / "preds.csv", newline="") as fh:
+                return res, sorted((int(r["index"]), int(r["correct"])) for r in csv.DictReader(fh))
+
+        res, rows = self.launcher.run(args, label, read)
+        n = res["n_images"]
+        if len(rows) != n:
+            raise RuntimeError(f"{label}: {len(rows)} per-image predictions for {n} images")
+        return {"top1": 100.0 * res["correct_top1"] / n, "top5": 100.0 * res["correct_top5"] / n, "n_images": n,
+                "correct": "".join(str(c) for _, c in rows), "gmacs": res["gmacs"],
+                "reducer_full": res["reducer_full"], "world_size": res["world_size"]}
+
     # -- data ----------------------------------------------------------------------------
     def _resolve_input(self) -> None:
         """The model's preprocessing (its pretrained_cfg) and the data's label space, checked
@@ -125,11 +186,13 @@ class Source:
 
         bb = self.ensure_backbone()
         desc = {"kind": "pm-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.input_key(),
-                "iters": self.calib_iters, "batch": self.calib_batch}
+                "iters": self.calib_iters, "batch": self.calib_batch, **self.launch_key()}
         out = self._work(f"pm-{registry.build(spec).spec().replace(':', '_').replace('=', '').replace(',', '_')}"
-                         f"-{file_hash(bb, 8)}.pt")
+                         f"-{file_hash(bb, 8)}{self._launch_tag()}.pt")
 
         def run():
+            if self.launcher is not None:
+                return self._launch_calibrate(spec, bb, out)
             model, red = self.patched_backbone(spec)
             loader = self.train_loader(self.calib_batch, aug=False)
             summ = calibrate(model, red, loader, iters=self.calib_iters, device=self.ctx.device)
@@ -148,12 +211,84 @@ class Source:
         ctx.pm_layers[spec] = rec.get("per_layer")
         return Path(rec["path"])
 
+    def _launch_tag(self) -> str:
+        """File-name part of a launched job's checkpoint (never overwrites a one-process run's file)."""
+        return f"-torchrun{self.world}" if self.launcher is not None else ""
+
+    def _launch_calibrate(self, spec: str, bb: Path, out: Path) -> dict:
+        """``pmbench pm-calibrate`` under torchrun: the same images as one process (the global batch
+        split over the ranks: the shuffled order's first ``batch`` images), scores summed over ranks."""
+        from ..launch import per_rank_batch
+
+        b = per_rank_batch(self.calib_batch, self.world, "PM calibration")
+        res = self.launcher.run(["pm-calibrate", "--init", str(bb), "--reducer", spec, *self.cli_input_args(),
+                                 "--iters", str(self.calib_iters), "--batch-size", str(b), "--seed", "0",
+                                 "--out", str(out)], f"pm-calibrate {spec}")
+        return {"path": str(out), "hash": file_hash(out), "per_layer": res.get("per_layer"),
+                "sum_tokens": res.get("sum_tokens"), "world_size": res.get("world_size")}
+
+    def _launch_finetune(self, spec: str, init, model, red, cfg: dict, n_train: int, max_steps, out: Path):
+        """``pmbench train`` under torchrun (DDP) with exactly the in-process config: the same start
+        (``init``, or the patched backbone saved with its seeded reducer modules), teacher, recipe and
+        global batch (split over the ranks), the same schedule length; returns (ckpt, history)."""
+        import json
+
+        import torch
+
+        from ..checkpoint import read_checkpoint, save_checkpoint
+        from ..data import ShardedEpochSampler
+        from ..launch import per_rank_batch
+        from ..outputs import temp_file
+
+        b = per_rank_batch(cfg["batch_size"], self.world, "fine-tuning")
+        cfg = {**cfg, "batch_size": b}
+        if max_steps:  # the step budget is the whole schedule: epochs = budget / steps per epoch of each rank
+            per_rank = len(ShardedEpochSampler(n_train, shuffle=True, world=self.world, pad=True))
+            spe = per_rank // b if per_rank >= b else -(-per_rank // b)
+            cfg["epochs"] = max_steps / spe
+        start = init
+        tmp_files = []
+        if start is None:  # the patched backbone with its seeded reducer modules, as in this process
+            start = out.with_name(out.stem + ".start.pt")
+            save_checkpoint(start, model)
+            tmp_files.append(start)
+        cfg_file = out.with_name(out.stem + ".config.json")
+        cfg_file.write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("device", "progress")}, indent=1))
+        tmp_files.append(cfg_file)
+        try:
+            res = self.launcher.run(["train", "--init", str(start), "--teacher", str(self.ensure_backbone()),
+                                     "--config", str(cfg_file), *self.cli_input_args(), "--no-val", "--out", str(out)],
+                                    f"fine-tune {spec}")
+        finally:
+            for f in tmp_files:
+                Path(f).unlink(missing_ok=True)
+        # the trainer's checkpoint also holds the optimiser state (for --resume): keep what a one-process
+        # fine-tuning saves (weights, reducer, structure) and its recipe
+        ck = read_checkpoint(out)
+        for k in ("optimizer", "scheduler"):
+            ck.pop(k, None)
+        ck.setdefault("extra", {})["finetune"] = {"spec": spec, "epochs": cfg["epochs"], "config": cfg,
+                                                  "world_size": res.get("world_size")}
+        with temp_file(out) as tmp:
+            torch.save(ck, tmp)
+        return out, {"wall_s": res.get("wall_s", 0.0), "total_steps": res.get("steps"),
+                     "world_size": res.get("world_size")}
+
+    def evaluate_checkpoint(self, path, model=None, label=None) -> dict:
+        """Top-1 etc. of checkpoint ``path`` with its own reducer: in this process (``model``: the
+        checkpoint already loaded) or through the launcher (``label``: the job's name in the progress)."""
+        if self.launcher is not None:
+            return self.launch_eval(path, label=label)
+        if model is None:
+            model, _ = self.load_checkpoint(path)
+        return self.evaluate(model)
+
     def finetune(self, spec: str, init, epochs: float, ctx, max_steps=None):
         """Fine-tune ``spec`` with its recipe from the backbone (or ``init`` for PM); returns (ckpt, history)."""
         from ..checkpoint import save_checkpoint
         from ..train import TrainConfig, train
 
-        teacher = self.load_backbone()
+        teacher = self.load_backbone() if self.launcher is None else None
         if init is not None:
             model, red = self.load_checkpoint(init)
         else:
@@ -172,11 +307,16 @@ class Source:
             # warm-ups -- plays out inside the budget instead of being cut off at its start.
             cfg["epochs"] = max_steps / len(loader)
             cfg["max_steps"] = max_steps
-        tc = TrainConfig.from_dict(cfg)
-        hist = train(model, loader, tc, teacher=teacher)
         from ..results import describe_key
 
-        out = self._work(f"ft-{describe_key({'spec': spec, 'epochs': epochs, 'steps': max_steps, 'init': str(init), 'm': self.model_name})}.pt")
+        key = {'spec': spec, 'epochs': epochs, 'steps': max_steps, 'init': str(init), 'm': self.model_name}
+        if self.launcher is not None:
+            key["launch"] = self._launch_tag()
+            out = self._work(f"ft-{describe_key(key)}.pt")
+            return self._launch_finetune(spec, init, model, red, cfg, len(loader.dataset), max_steps, out)
+        tc = TrainConfig.from_dict(cfg)
+        hist = train(model, loader, tc, teacher=teacher)
+        out = self._work(f"ft-{describe_key(key)}.pt")
         save_checkpoint(out, model, extra={"finetune": {"spec": spec, "epochs": epochs, "config": cfg}})
         return out, hist
 
@@ -253,6 +393,7 @@ class RealSource(Source):
         self.data_desc = {"data": self.data, **{k: v for k, v in describe_data(self.data).items() if k != "path"}}
         self.img_size = (224, 224) if not getattr(a, "fixture", False) else (fx["img_size"],) * 2
         self.data_label = "ImageNet-1k val" if not getattr(a, "fixture", False) else "the ImageNet-layout fixture"
+        self.check_launch()
 
     def ensure_backbone(self) -> Path:
         """A checkpoint of the pretrained model in the suite's format (converted once)."""
