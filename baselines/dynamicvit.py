@@ -66,7 +66,6 @@ only reorder the tokens, which does not change any output).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -74,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.patch import gather_tokens, reducer_modules
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
+from bench.reducer import PAPER_COUNT, AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
 
 _KEY = "dynamicvit"  # name of the ModuleList under model.reducer_modules
 _FROZEN = ("cls_token", "pos_embed")  # official: in no optimiser group
@@ -365,3 +364,6 @@ class DynamicViT(Reducer):
     def paper_count_macs(self, info: ModelInfo) -> int:
         """The NeurIPS paper's rule (:func:`paper_formula_macs`) on the eval token schedule."""
         return paper_formula_macs(info, [bt.attn for bt in self.token_schedule(info)])
+
+    def flops_conventions(self, info: ModelInfo) -> dict:
+        return {PAPER_COUNT: self.paper_count_macs(info)}

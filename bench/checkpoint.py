@@ -20,7 +20,7 @@ import torch
 
 from . import patch, registry
 from .outputs import temp_file
-from .reducer import ConfigError, Reducer
+from .reducer import Calibrated, ConfigError, Reducer
 
 FORMAT = "pmbench-checkpoint-1"
 
@@ -120,6 +120,19 @@ def load_state_strict(model, sd: dict, source: str = "checkpoint") -> None:
         raise ConfigError(f"{source} does not match the model ({'; '.join(parts)}); check --model, "
                           "--num-classes/--img-size and --reducer")
     model.load_state_dict(sd, strict=True)
+
+
+def load_structure(red: Reducer, path) -> None:
+    """Give a :class:`bench.reducer.Calibrated` reducer the structure stored in a checkpoint file
+    (``pmbench flops/speed --checkpoint``, the run's calibrated checkpoints, a Segmenter's
+    ``reducer_structure``); call before :func:`bench.patch.apply`."""
+    if not isinstance(red, Calibrated):
+        raise ConfigError(f"reducer '{red.name}' learns no structure from data: it takes no structure file")
+    state = red.structure_in(read_checkpoint(path))
+    if state is None:
+        raise ConfigError(f"{red.name}: {path} holds no {red.structure_name} (was it written by the method's "
+                          "calibration or by training it?)")
+    red.import_state(state)
 
 
 def _same_reducer(a: Reducer, b: Reducer) -> bool:

@@ -193,10 +193,6 @@ def _subclass(mixin: type, cls: type) -> type:
     return type(name, (mixin, cls), {"_pmb_base": cls})
 
 
-def model_info(model, img_size=None) -> ModelInfo:
-    return ModelInfo.from_model(model, img_size)
-
-
 def apply(model: nn.Module, reducer: Reducer, img_size=None) -> nn.Module:
     """Patch ``model`` in place so ``reducer`` runs inside it; returns the model.
 

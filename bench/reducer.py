@@ -259,6 +259,9 @@ class Reducer:
     needs_training: ClassVar[bool] = False  # off-the-shelf numbers are meaningless without it
     needs_teacher: ClassVar[bool] = False  # extra_losses wants the unreduced teacher's outputs
     changes_token_count: ClassVar[bool] = True
+    # Lines the report tables add when the method has rows, by table ("accuracy", "structure"; "{model}"
+    # is replaced by the table's model); plain text, no behaviour
+    report_notes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **opts: Any):
         unknown = sorted(set(opts) - set(self.options))
@@ -350,12 +353,16 @@ class Reducer:
         """MACs of the method's own modules (predictors, merge matrices, fusion)."""
         return 0
 
-    def paper_count_macs(self, info: ModelInfo) -> Optional[int]:
-        """The count the method's own publication made its GFLOPs with, where that is not the suite's
-        count (``bench.flops.analytic``); None when it is.  The suite's tables always use its own count;
-        this one only lets the published-vs-reproduced table compare a paper's figure with the number
-        the paper's own rule gives (``bench.published.PAPER_COUNT_SOURCES``) and say so."""
-        return None
+    def flops_conventions(self, info: ModelInfo) -> dict:
+        """Named counts made by other conventions than the suite's (``bench.flops.analytic``), e.g. a
+        paper's own rule or an official code's formula; ``{}`` when the method has none.
+
+        The key :data:`PAPER_COUNT` (MACs, an int) is the count the method's own publication made
+        its GFLOPs with: the published-vs-reproduced table compares a paper's figure with it
+        (``bench.published.PAPER_COUNT_SOURCES``).  Every other key is reported as is (JSON-able)
+        next to the suite's count by ``pmbench flops`` and the cost stage (``method_conventions``).
+        The suite's tables always use the suite's own count."""
+        return {}
 
     # -- training --------------------------------------------------------------------------
     def extra_losses(self, model, outputs, targets, state: Optional[TokenState], teacher_out=None) -> dict:
@@ -407,6 +414,55 @@ class Reducer:
     # -- reporting ------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"name": self.name, "spec": self.spec(), "options": dict(self.cfg)}
+
+
+PAPER_COUNT = "paper_count_macs"  # the key of Reducer.flops_conventions the published table compares with
+
+
+def split_conventions(red: "Reducer", info: ModelInfo) -> tuple[Optional[int], dict]:
+    """``(paper count in MACs or None, the other named counts)`` of ``red.flops_conventions(info)``."""
+    conv = dict(red.flops_conventions(info))
+    return conv.pop(PAPER_COUNT, None), conv
+
+
+# --------------------------------------------------------------------------- declared capabilities
+class Calibrated(Reducer):
+    """Capability: a method whose structure is learned from data before it is used (Prune and Merge's
+    per-layer centres; a plug-in's token scores).  The harness asks ``isinstance(red, Calibrated)``,
+    never the method's name, and then
+
+    1. patches the backbone with the reducer and calls :meth:`calibrate` on batches of its training
+       split (classification: images and labels; segmentation: crops and pixel labels);
+    2. re-patches the model (:func:`bench.patch.apply`), so modules built from the structure are
+       rebuilt, and saves a checkpoint: :meth:`Reducer.export_state` carries the structure there, and
+       :meth:`Reducer.import_state` brings it back before the reducer is patched onto a model;
+    3. evaluates, fine-tunes, counts, times and segments with that structure; a checkpoint's
+       structure reaches a reducer through :func:`bench.checkpoint.load_structure`.
+    """
+
+    structure_name: ClassVar[str] = "learned structure"  # what error messages call it
+    default_structure: ClassVar[str] = "the method's data-free default structure"  # used before calibration
+
+    def calibrate(self, model, batches, info: ModelInfo, *, loss_fn=None, iters: Optional[int] = None,
+                  device=None, progress=None, meta: Optional[dict] = None, **options) -> dict:
+        """Learn the structure on ``batches`` and adopt it; returns a JSON-able summary.
+
+        ``model`` is patched with this reducer and maps a batch's inputs to logits; ``batches`` yields
+        ``(inputs, targets)``; ``loss_fn(logits, targets)`` is the loss to score with (default: cross
+        entropy; segmentation passes per-pixel logits with ignored pixels at -100); at most ``iters``
+        batches are used.  ``meta`` is recorded with the structure (e.g. the task).  The summary may
+        hold ``per_layer``: ``[{"layer": i, "tokens": n}, ...]`` for the per-block structure table."""
+        raise NotImplementedError
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the reducer holds a learned structure (not its data-free default)."""
+        raise NotImplementedError
+
+    def structure_in(self, checkpoint: dict) -> Optional[dict]:
+        """The exported structure inside a checkpoint dict (None when it holds none)."""
+        st = checkpoint.get("reducer_state") if isinstance(checkpoint, dict) else None
+        return st or None
 
 
 def keep_count(keep: float, n: int) -> int:

@@ -12,7 +12,6 @@ structure (per-layer centres, pruned masks, scores) and the spec, so
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
@@ -117,11 +116,9 @@ def build_model(args, n_classes=None):
         return proxy.load_backbone(size=d.get("size") or "default"), args.model
     kw = {"img_size": args.img_size} if args.img_size else {}
     nc = args.num_classes or n_classes
-    try:
-        from bench.weights import load_pretrained
-    except ImportError:
-        load_pretrained = None
-    if (args.weights or args.pretrained) and load_pretrained is not None:
+    from bench.weights import load_pretrained
+
+    if args.weights or args.pretrained:
         return load_pretrained(args.model, weights=args.weights, num_classes=nc, img_size=args.img_size), args.model
     model = models.create(args.model, pretrained=args.pretrained, num_classes=nc, **kw)
     if args.weights:

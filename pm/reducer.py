@@ -66,16 +66,19 @@ and segmentation protocols live in the shared harness.)
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
+from bench.checkpoint import load_structure
+from bench.reducer import (PAPER_COUNT, AttnRequest, BlockTokens, Calibrated, ConfigError, ModelInfo, Option,
+                           TokenState)
 
 from . import matrices, structure
+from .calibrate import collect_scores
 
 STATE_FORMAT = "pm-structure/1"
 NO_DECAY_KEYS = ("bias", "pos_embed", "cls_token", "dist_token", "reg_token", "gamma")
@@ -117,12 +120,28 @@ class _Layer:
         return self
 
 
-class PruneAndMerge(Reducer):
+class PruneAndMerge(Calibrated):
     name = "pm"
     summary = ("Prune and Merge: static per-layer merge/reconstruct matrices + shortcut, "
                "gradient-weighted global structure (Mao et al. 2025)")
     needs_training = False
     needs_teacher = False  # distillation goes through the trainer's soft KD (recipe)
+    structure_name = "PM structure"
+    default_structure = "PM's uniform structure (int(N*keep) evenly spread centres in every compressed block)"
+    report_notes = {
+        "accuracy": "structure (PM rows): calibrated = PM's calibrated structure with its calibrated merge/"
+                    "reconstruct matrices M, R (sparse: each token feeds one centre; the off-the-shelf rows); "
+                    "fine-tuned = the same structure with the fine-tuned checkpoint's M, R (free fine-tuning "
+                    "fills them densely, so they run as dense matmuls and cost more). gmacs = the row's own "
+                    "model ({model}) as it runs; speedup = the row's own matrices at the speed stage's size "
+                    "(fine-tuned rows: the fine-tuned M, R transplanted, see the flops and throughput tables)",
+        "structure": "structure (PM rows): calibrated = PM's calibrated structure with the merge/reconstruct "
+                     "matrices M, R as calibration builds them (each token feeds one centre: sparse gather, the "
+                     "off-the-shelf model); fine-tuned = the same structure with the fine-tuned checkpoint's M, R "
+                     "(free fine-tuning, the official setting, makes them dense, so merge and reconstruct run as "
+                     "matmuls: 2*C*N*D MACs per block), i.e. the cost of the fine-tuned model; pm_matrices = the "
+                     "implementation each row runs",
+    }
     options = {
         "keep": Option("float", 0.6, "fraction of the patch tokens kept as centres, averaged over compressed layers"),
         "prune": Option("float", 0.1, "fraction of (token, layer) pairs pruned (shortcut past the block)"),
@@ -156,7 +175,7 @@ class PruneAndMerge(Reducer):
         self._auto = False  # structure generated data-free (uniform / identity) for the patched model
         self._layers: dict[int, _Layer] = {}
         self._mats: Optional[PMMatrices] = None
-        self._calib = None  # set by pm.calibrate while scoring
+        self._calib = None  # the score accumulator while calibrating (see scoring())
         self._exact_cache: dict = {}
         self.base_lr: Optional[float] = None
         self.min_lr: float = 1e-6
@@ -250,12 +269,37 @@ class PruneAndMerge(Reducer):
 
     def load_structure(self, path) -> None:
         """Structure from a checkpoint file (``pmbench flops/speed --checkpoint``)."""
-        from bench.checkpoint import read_checkpoint
+        load_structure(self, path)
 
-        st = find_state(read_checkpoint(path))
-        if st is None:
-            raise ConfigError(f"pm: {path} holds no PM structure (was it written by pm-calibrate / pm training?)")
-        self.import_state(st)
+    def structure_in(self, checkpoint) -> Optional[dict]:
+        return find_state(checkpoint)
+
+    # -- calibration (the Calibrated capability) -----------------------------------------------------
+    @property
+    def calibrated(self) -> bool:
+        return self.structs is not None and not self._auto
+
+    def calibrate(self, model, batches, info: ModelInfo, *, loss_fn=None, iters=None, device=None,
+                  progress=None, meta=None, **options) -> dict:
+        """Gradient-weighted scores on ``batches`` (:func:`pm.calibrate.collect_scores`; ``options``:
+        ``max_images``, ``opt_step``, ``lr``, ``weight_decay``), then the structure search.  The caller
+        re-patches the model so M and R are rebuilt from the new structure."""
+        scores, m = collect_scores(model, self, batches, info, iters=iters, device=device, progress=progress,
+                                   loss_fn=loss_fn, **options)
+        self.structure_from_scores(scores, info, {**m, **(meta or {})})
+        out = self.per_layer()
+        out["calibration"] = m
+        return out
+
+    @contextlib.contextmanager
+    def scoring(self, accumulator):
+        """While active the blocks run unreduced and every attention reports its probabilities to
+        ``accumulator.request(i)`` (calibration)."""
+        self._calib = accumulator
+        try:
+            yield accumulator
+        finally:
+            self._calib = None
 
     # -- patching ---------------------------------------------------------------------------------
     def on_patch(self, model, info: ModelInfo) -> None:
@@ -435,6 +479,9 @@ class PruneAndMerge(Reducer):
     def paper_count_macs(self, info: ModelInfo) -> int:
         """The PM README's convention (pm.md §1.4): the official code's formula, merge/reconstruct excluded."""
         return self._pm_code_formula(info, self.tokens_per_block(info))
+
+    def flops_conventions(self, info: ModelInfo) -> dict:
+        return {PAPER_COUNT: self.paper_count_macs(info), **self.flops_report(info)}
 
     def flops_report(self, info: ModelInfo) -> dict:
         """The official PM code's count (pm.md §2.1) and the full counts."""

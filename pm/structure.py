@@ -136,11 +136,6 @@ def uniform(n: int, layers: Sequence[int], keep: float, prune: float, merge: boo
     return out
 
 
-def identity(n: int, layers: Sequence[int]) -> list[LayerStructure]:
-    """Every token a centre: M = R = I (the official model before calibration)."""
-    return uniform(n, layers, 1.0, 0.0)
-
-
 def summary(structs: Sequence[LayerStructure], n_prefix: int = 1) -> dict:
     """Per-layer counts for reports: C_l (tokens processed), centres, merged, pruned."""
     rows = [{"layer": s.layer, "tokens": n_prefix + s.n_centers, **s.counts()} for s in structs]

@@ -41,7 +41,8 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from bench import patch as bpatch
 from bench import registry
-from bench.reducer import ConfigError, ModelInfo
+from bench.checkpoint import load_structure
+from bench.reducer import Calibrated, ConfigError, ModelInfo
 
 
 # --------------------------------------------------------------------------- position embedding
@@ -169,7 +170,7 @@ def _register():
 
         Arguments are those of mmseg's ``VisionTransformer`` plus:
         ``reducer`` (spec string), ``reducer_structure`` (file for methods whose structure is
-        calibrated, e.g. PM; passed to the reducer's ``load_structure``), ``drop_path_attn``
+        calibrated, e.g. PM; read by ``bench.checkpoint.load_structure``), ``drop_path_attn``
         (also drop-path the attention residual, as timm does; mmseg does not) and
         ``pad_to_img_size`` (zero-pad windows smaller than ``img_size`` at the bottom/right and crop
         the features back: for reducers whose structure is tied to one token grid, e.g. PM's merge
@@ -244,9 +245,9 @@ def _register():
             """(Re)patch the encoder with ``spec`` (a spec string or a Reducer)."""
             red = registry.build(spec)
             if structure:
-                if not hasattr(red, "load_structure"):
+                if not isinstance(red, Calibrated):
                     raise ConfigError(f"reducer '{red.name}' takes no structure file (reducer_structure)")
-                red.load_structure(structure)
+                load_structure(red, structure)
             bpatch.remove(self.vit)
             bpatch.apply(self.vit, red, img_size=self.img_size)
             if bpatch.is_patched(self.vit):

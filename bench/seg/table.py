@@ -71,12 +71,3 @@ def config_info(config) -> ModelInfo:
     model, _ = build_segmentor(cfg, None, random_weights=True)
     crop = tuple(cfg.model.test_cfg.get("crop_size", cfg.model.backbone.img_size))
     return model.backbone.model_info(crop)
-
-
-def markdown(rows: list[dict]) -> str:
-    cols = ["method", "keep", "spec", "miou", "gmacs_per_window", "gmacs_per_image", "fps_bs32", "fps_bs1"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        out.append("| " + " | ".join("" if r.get(c) is None else
-                                     (f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r[c])) for c in cols) + " |")
-    return "\n".join(out)

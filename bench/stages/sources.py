@@ -6,7 +6,6 @@ fixture data with a tiny model (``--fixture``, what the tests run).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -14,7 +13,6 @@ import torch
 from .. import patch, registry
 from ..reducer import ModelInfo
 from ..results import file_hash
-from .common import method_of
 
 
 class Source:
@@ -79,7 +77,7 @@ class Source:
     def train_loader(self, batch_size: int, aug: bool = True):
         from ..data import build_loader
 
-        # shuffled (seeded) also without augmentation: PM's calibration takes the first batches, and in
+        # shuffled (seeded) also without augmentation: calibration takes the first batches, and in
         # folder order those would hold the first class or two only (the official code shuffles too)
         return build_loader(self.data, "train", batch_size, train=aug, prep=self.prep, labels=self.labels,
                             shuffle=True)
@@ -118,38 +116,43 @@ class Source:
         d.mkdir(parents=True, exist_ok=True)
         return d / name
 
-    def pm_calibrate(self, spec: str, ctx) -> Path:
-        """Calibrate PM's structure on the training split; returns the checkpoint (cached by content)."""
-        from pm.calibrate import calibrate
-        from pm.cli import save
+    def calibrate(self, spec: str, ctx) -> Path:
+        """Calibrate a :class:`bench.reducer.Calibrated` method's structure on the training split; returns
+        the checkpoint (cached by content)."""
+        from ..checkpoint import save_checkpoint
 
+        name = registry.build(spec).name
         bb = self.ensure_backbone()
-        desc = {"kind": "pm-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.input_key(),
+        desc = {"kind": f"{name}-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.input_key(),
                 "iters": self.calib_iters, "batch": self.calib_batch}
-        out = self._work(f"pm-{registry.build(spec).spec().replace(':', '_').replace('=', '').replace(',', '_')}"
+        out = self._work(f"{name}-{registry.build(spec).spec().replace(':', '_').replace('=', '').replace(',', '_')}"
                          f"-{file_hash(bb, 8)}.pt")
 
         def run():
             model, red = self.patched_backbone(spec)
             loader = self.train_loader(self.calib_batch, aug=False)
-            summ = calibrate(model, red, loader, iters=self.calib_iters, device=self.ctx.device)
-            save(out, model, red, self.model_name, {k: v for k, v in summ.items() if k != "flops"})
+            info = patch.get_context(model).info
+            summ = red.calibrate(model, loader, info, iters=self.calib_iters, device=self.ctx.device)
+            patch.apply(model, red, img_size=(info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1]))
+            if not getattr(model, "pmbench_name", None):
+                model.pmbench_name = self.model_name
+            save_checkpoint(out, model, extra={"calibration": summ})
             return {"path": str(out), "hash": file_hash(out), "per_layer": summ.get("per_layer"),
                     "sum_tokens": summ.get("sum_tokens")}
 
-        rec = ctx.job(desc, run, f"pm-calibrate {spec}", 15.0)
+        rec = ctx.job(desc, run, f"{name}-calibrate {spec}", 15.0)
         if not Path(rec["path"]).exists() or file_hash(rec["path"]) != rec["hash"]:
             ctx.cache.force, f = True, ctx.cache.force
             try:
-                rec = ctx.job(desc, run, f"pm-calibrate {spec} (re-run: checkpoint missing)", 15.0)
+                rec = ctx.job(desc, run, f"{name}-calibrate {spec} (re-run: checkpoint missing)", 15.0)
             finally:
                 ctx.cache.force = f
-        ctx.pm_layers = getattr(ctx, "pm_layers", {})
-        ctx.pm_layers[spec] = rec.get("per_layer")
+        ctx.structure_summaries[spec] = rec.get("per_layer")
         return Path(rec["path"])
 
     def finetune(self, spec: str, init, epochs: float, ctx, max_steps=None):
-        """Fine-tune ``spec`` with its recipe from the backbone (or ``init`` for PM); returns (ckpt, history)."""
+        """Fine-tune ``spec`` with its recipe from the backbone (or ``init``: a calibrated checkpoint); returns
+        (ckpt, history)."""
         from ..checkpoint import save_checkpoint
         from ..train import TrainConfig, train
 
