@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.patch import gather_tokens, reducer_modules
-from bench.reducer import PAPER_COUNT, AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
+from bench.reducer import PAPER_COUNT, AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable
 
 _KEY = "dynamicvit"  # name of the ModuleList under model.reducer_modules
 _FROZEN = ("cls_token", "pos_embed")  # official: in no optimiser group
@@ -142,7 +142,7 @@ def paper_formula_macs(info: ModelInfo, tokens_per_block: list[int], patch_embed
     return total + patch_embed_macs + D * info.num_classes * info.num_heads_out
 
 
-class DynamicViT(Reducer):
+class DynamicViT(Trainable):
     name = "dynamicvit"
     summary = "DynamicViT: learned predictors drop tokens before blocks 4/7/10, keep rho^s (Rao et al. 2021)"
     needs_training = True  # the predictors start random
@@ -331,6 +331,9 @@ class DynamicViT(Reducer):
         if group == "frozen":
             return 0.0
         return 0.0 if epoch < self.frozen_epochs(num_epochs) else self.cfg["backbone_lr_scale"]
+
+    def lr_multiplier(self, name: str, epoch: float, num_epochs: float) -> float:
+        return self.lr_scale(self.param_group(name), epoch, num_epochs)
 
     def recipe(self, info: ModelInfo) -> dict:
         """HEAD README (``main.py``): 30 epochs, AdamW, lr 1e-3 at global batch 1024 (returned as

@@ -27,7 +27,7 @@ import math
 import torch
 
 from bench.patch import gather_tokens
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState, keep_count
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count
 
 
 def complement_idx(idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def keep_rate_at(epoch: float, target: float, shrink_start: float, shrink_epochs
     return target + (1.0 - target) * (math.cos(math.pi * t) + 1) / 2
 
 
-class EViT(Reducer):
+class EViT(Trainable):
     name = "evit"
     summary = "EViT: keep top-k tokens by CLS attention at blocks 4/7/10, fuse the rest (Liang et al. 2022)"
     options = {
@@ -81,9 +81,6 @@ class EViT(Reducer):
     # -- training schedule ------------------------------------------------------------------
     def on_step(self, model, epoch: float, num_epochs: float):
         self.current_keep = keep_rate_at(epoch, self.cfg["keep"], self.cfg["shrink_start"], self.cfg["shrink_epochs"])
-
-    def on_epoch(self, model, epoch: int, num_epochs: float):
-        self.on_step(model, float(epoch), num_epochs)
 
     def _keep(self, training: bool) -> float:
         # The scheduled keep rate applies to training steps, including EViT's fine-tuning, which

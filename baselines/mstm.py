@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from baselines.evit import complement_idx
 from bench.patch import gather_tokens, reducer_modules
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState, keep_count
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count
 
 _KEY = "mstm"
 
@@ -150,7 +150,7 @@ def merge_into_crucial(x, w, size, idx, metric, assign: str = "hard", tau: float
     return num / den, size_new, den, dest
 
 
-class MSTM(Reducer):
+class MSTM(Trainable):
     name = "mstm"
     summary = ("MSTM (reconstruction): CLS-attention crucial tokens at blocks 4/7/10, non-crucial tokens merged "
                "into the most similar crucial one, multi-scale fusion before pruning (Bian et al. 2023)")
@@ -309,6 +309,9 @@ class MSTM(Reducer):
 
     def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
         return self.cfg["fusion_lr_scale"] if group == "fusion" else 1.0
+
+    def lr_multiplier(self, name: str, epoch: float, num_epochs: float) -> float:
+        return self.lr_scale(self.param_group(name), epoch, num_epochs)
 
     def recipe(self, info: ModelInfo) -> dict:
         """mstm.md §2.5 suggestion: EViT's fine-tuning recipe (``finetune.sh``) without distillation."""

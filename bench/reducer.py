@@ -257,7 +257,6 @@ class Reducer:
     options: ClassVar[dict[str, Option]] = {}
     # Flags the harness reads
     needs_training: ClassVar[bool] = False  # off-the-shelf numbers are meaningless without it
-    needs_teacher: ClassVar[bool] = False  # extra_losses wants the unreduced teacher's outputs
     changes_token_count: ClassVar[bool] = True
     # Lines the report tables add when the method has rows, by table ("accuracy", "structure"; "{model}"
     # is replaced by the table's model); plain text, no behaviour
@@ -364,36 +363,6 @@ class Reducer:
         The suite's tables always use the suite's own count."""
         return {}
 
-    # -- training --------------------------------------------------------------------------
-    def extra_losses(self, model, outputs, targets, state: Optional[TokenState], teacher_out=None) -> dict:
-        """Extra training losses (already weighted), e.g. DynamicViT's ratio loss.
-
-        ``state`` is the student's last TokenState; ``teacher_out`` (when the
-        trainer runs a teacher) is a dict with ``logits`` and ``features`` (the
-        teacher's normed tokens from ``forward_features``)."""
-        return {}
-
-    def recipe(self, info: ModelInfo) -> dict:
-        """The method's fine-tuning defaults as ``bench.train.TrainConfig`` field overrides
-        (e.g. distillation weights, learning rate, epochs scaled to the profile)."""
-        return {}
-
-    def on_epoch(self, model, epoch: int, num_epochs: float) -> None:
-        """Per-epoch hook (before the epoch starts), e.g. schedules.  ``num_epochs`` is the
-        schedule's length in epochs, fractional for a schedule shorter than one epoch."""
-
-    def on_step(self, model, epoch: float, num_epochs: float) -> None:
-        """Per-iteration hook; ``epoch`` is fractional (EViT's per-iteration keep-rate schedule)."""
-
-    def param_group(self, name: str) -> str:
-        """Optimiser group key of a parameter ('backbone' unless the method says otherwise)."""
-        return "backbone"
-
-    def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
-        """Learning-rate multiplier of a parameter group at a (fractional) epoch of a schedule of
-        ``num_epochs`` epochs."""
-        return 1.0
-
     # -- dense prediction ------------------------------------------------------------------
     def restore(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         """Map the final (reduced) tokens back to the full token grid, prefix tokens first.
@@ -414,6 +383,36 @@ class Reducer:
     # -- reporting ------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"name": self.name, "spec": self.spec(), "options": dict(self.cfg)}
+
+
+class Trainable(Reducer):
+    """Capability: a method with its own fine-tuning (a recipe, extra losses, per-parameter learning
+    rates or a per-step schedule).  The shared trainer (``bench.train``) and the stages ask
+    ``isinstance(red, Trainable)``; any other reducer is fine-tuned with the trainer's defaults."""
+
+    needs_teacher: ClassVar[bool] = False  # extra_losses wants the unreduced teacher's outputs
+
+    def recipe(self, info: ModelInfo) -> dict:
+        """The method's fine-tuning defaults as ``bench.train.TrainConfig`` field overrides
+        (e.g. distillation weights, learning rate, epochs scaled to the profile)."""
+        return {}
+
+    def extra_losses(self, model, outputs, targets, state: Optional[TokenState], teacher_out=None) -> dict:
+        """Extra training losses (already weighted), e.g. DynamicViT's ratio loss.
+
+        ``state`` is the student's last TokenState; ``teacher_out`` (when the
+        trainer runs a teacher) is a dict with ``logits`` and ``features`` (the
+        teacher's normed tokens from ``forward_features``)."""
+        return {}
+
+    def lr_multiplier(self, name: str, epoch: float, num_epochs: float) -> float:
+        """Learning-rate multiplier of parameter ``name`` (as in ``model.named_parameters()``) at a
+        (fractional) epoch of a schedule of ``num_epochs`` epochs (fractional for a schedule shorter
+        than one epoch); 0 freezes it for that step."""
+        return 1.0
+
+    def on_step(self, model, epoch: float, num_epochs: float) -> None:
+        """Called before every training step; ``epoch`` is fractional (e.g. EViT's keep-rate schedule)."""
 
 
 PAPER_COUNT = "paper_count_macs"  # the key of Reducer.flops_conventions the published table compares with

@@ -75,7 +75,7 @@ import torch.nn as nn
 
 from bench.checkpoint import load_structure
 from bench.reducer import (PAPER_COUNT, AttnRequest, BlockTokens, Calibrated, ConfigError, ModelInfo, Option,
-                           TokenState)
+                           TokenState, Trainable)
 
 from . import matrices, structure
 from .calibrate import collect_scores
@@ -120,7 +120,7 @@ class _Layer:
         return self
 
 
-class PruneAndMerge(Calibrated):
+class PruneAndMerge(Calibrated, Trainable):
     name = "pm"
     summary = ("Prune and Merge: static per-layer merge/reconstruct matrices + shortcut, "
                "gradient-weighted global structure (Mao et al. 2025)")
@@ -534,6 +534,9 @@ class PruneAndMerge(Calibrated):
         if parts[-1] in NO_DECAY_KEYS or any(p.startswith("norm") or p.endswith("_norm") for p in parts[:-1]):
             return "no_decay"
         return "decay_const_lr"
+
+    def lr_multiplier(self, name: str, epoch: float, num_epochs: float) -> float:
+        return self.lr_scale(self.param_group(name), epoch, num_epochs)
 
     def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
         """Under ``lr_quirk`` the 'decay_const_lr' group trains at a constant 1e-6: the multiplier

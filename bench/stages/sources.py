@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import patch, registry
-from ..reducer import ModelInfo
+from ..reducer import ModelInfo, Trainable
 from ..results import file_hash
 
 
@@ -164,7 +164,8 @@ class Source:
         info = ModelInfo.from_model(model, self.img_size)
         cfg = {"batch_size": self.train_batch, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 0.05,
                "distill": "none", "progress": False}
-        cfg.update(red.recipe(info))
+        if isinstance(red, Trainable):
+            cfg.update(red.recipe(info))
         cfg.update({"epochs": epochs, "device": self.ctx.device, "seed": 0, "progress": False})
         cfg.update(self.finetune_overrides(spec))
         max_steps = max_steps or ctx.profile.get("finetune_max_steps")
