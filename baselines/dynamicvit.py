@@ -72,8 +72,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.patch import gather_tokens, reducer_modules
-from bench.reducer import PAPER_COUNT, AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable
+from bench.patch import reducer_modules, topk_keep
+from bench.reducer import PAPER_COUNT, AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_map
 
 _KEY = "dynamicvit"  # name of the ModuleList under model.reducer_modules
 _FROZEN = ("cls_token", "pos_embed")  # official: in no optimiser group
@@ -262,17 +262,12 @@ class DynamicViT(Trainable):
                 sc["dvit_kept"].append(sc["dvit_orig"])
             return x
         logp = pred(x[:, p:], None)  # prev decision is all ones in eval: the plain mean (same numbers)
-        idx = torch.topk(logp[:, :, 0], k, dim=1, largest=True, sorted=True).indices
+        idx, kept = topk_keep(x, logp[:, :, 0], k, p)
         if state.track:
             sc["dvit_orig"] = torch.gather(sc["dvit_orig"], 1, idx)
             sc["dvit_kept"].append(sc["dvit_orig"])
-            old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
-            old_to_new[:, :p] = torch.arange(p, device=x.device)
-            old_to_new.scatter_(1, idx + p, (p + torch.arange(k, device=x.device)).expand(B, -1))
-            state.remap(x, old_to_new)
-        # prefix + kept tokens in one exact row copy (bench.patch.gather_tokens)
-        keep = torch.cat([torch.arange(p, device=x.device).expand(B, -1), idx + p], dim=1)
-        return gather_tokens(x, keep)
+            state.remap(x, keep_map(idx, N, p))
+        return kept
 
     def attn_request(self, i, block, x, state: TokenState) -> AttnRequest:
         if state.scratch.get("dvit_train"):

@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from bench.patch import gather_tokens
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count
+from bench.patch import gather_tokens, topk_keep
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count, keep_map
 
 
 def complement_idx(idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -114,20 +114,15 @@ class EViT(Trainable):
         if left >= n:
             return x
         cls_attn = extras["cls_attn"][:, p:]
-        _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
-        # prefix tokens + the kept ones in one row copy (bench.patch.gather_tokens: exact, no broadcast gather)
-        keep = torch.cat([torch.arange(p, device=x.device).expand(B, -1), idx + p], dim=1)
-        parts = [gather_tokens(x, keep)]
+        idx, kept = topk_keep(x, cls_attn, left, p)
+        parts = [kept]
         if self.cfg["fuse"]:
             compl = complement_idx(idx, n)
             others = gather_tokens(x, compl + p)
             w = torch.gather(cls_attn, 1, compl)
             parts.append((others * w.unsqueeze(-1)).sum(dim=1, keepdim=True))
         if state.track:
-            old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
-            old_to_new[:, :p] = torch.arange(p, device=x.device)
-            old_to_new.scatter_(1, idx + p, (p + torch.arange(left, device=x.device)).expand(B, -1))
-            state.remap(x, old_to_new)
+            state.remap(x, keep_map(idx, N, p))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     # -- declarations -----------------------------------------------------------------------

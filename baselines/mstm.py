@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from baselines.evit import complement_idx
 from bench.patch import gather_tokens, reducer_modules
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count, keep_map
 
 _KEY = "mstm"
 
@@ -290,9 +290,7 @@ class MSTM(Trainable):
                 sizes.append(torch.gather(size, 1, compl.unsqueeze(-1)).sum(dim=1, keepdim=True))
             weights.append(wu.sum(dim=1, keepdim=True))
         if state.track:
-            old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
-            old_to_new[:, :p] = torch.arange(p, device=x.device)
-            old_to_new.scatter_(1, idx + p, (p + torch.arange(k, device=x.device)).expand(B, -1))
+            old_to_new = keep_map(idx, N, p)
             if dest is not None and c["restore"] == "merged":
                 old_to_new.scatter_(1, complement_idx(idx, n) + p, p + dest)
             # else: -1, the token left the sequence and the restore keeps its features from here

@@ -129,6 +129,17 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * N, C).index_select(0, flat.reshape(-1)).view(B, idx.shape[1], C)
 
 
+def topk_keep(x: torch.Tensor, scores: torch.Tensor, k: int, n_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the prefix tokens and the ``k`` patch tokens of highest ``scores`` (B, N - n_prefix), in
+    descending-score order (``torch.topk(sorted=True)``, as EViT's and DynamicViT's official code);
+    returns ``(idx, kept)``: the kept patch indices (B, k) and the tokens (B, n_prefix + k, C), copied
+    exactly (:func:`gather_tokens`).  Record the selection with ``state.remap(x, keep_map(idx, N, p))``."""
+    idx = torch.topk(scores, k, dim=1, largest=True, sorted=True).indices
+    B = x.shape[0]
+    keep = torch.cat([torch.arange(n_prefix, device=x.device).expand(B, -1), idx + n_prefix], dim=1)
+    return idx, gather_tokens(x, keep)
+
+
 # --------------------------------------------------------------------------- shared block
 class ReducedBlockMixin:
     """Forward of a timm ``Block`` with the reducer's hook points."""

@@ -415,6 +415,17 @@ class Trainable(Reducer):
         """Called before every training step; ``epoch`` is fractional (e.g. EViT's keep-rate schedule)."""
 
 
+def keep_map(idx: torch.Tensor, n_tokens: int, n_prefix: int) -> torch.Tensor:
+    """The ``old_to_new`` map (:meth:`TokenState.remap`) of a top-k selection: the prefix tokens stay in
+    front, the kept patch tokens ``idx`` (B, k; patch indices in the order they are kept) follow them,
+    every other token maps to -1 (left the sequence; a method that merges them may overwrite that)."""
+    B, k = idx.shape
+    old_to_new = torch.full((B, n_tokens), -1, dtype=torch.long, device=idx.device)
+    old_to_new[:, :n_prefix] = torch.arange(n_prefix, device=idx.device)
+    old_to_new.scatter_(1, idx + n_prefix, (n_prefix + torch.arange(k, device=idx.device)).expand(B, -1))
+    return old_to_new
+
+
 PAPER_COUNT = "paper_count_macs"  # the key of Reducer.flops_conventions the published table compares with
 
 
