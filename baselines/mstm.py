@@ -2,9 +2,9 @@
 arXiv 2306.04897): a documented **reconstruction**.
 
 Only the paper's abstract is public and no code is known, so this module
-implements ``../shared/reference/mstm.md``: the abstract's facts plus the most
+implements ``docs/methods/mstm.md``: the abstract's facts plus the most
 likely choice for every gap, each gap being an option so that a user holding
-the paper can switch to its exact setting.  Tags as in mstm.md:
+the paper can switch to its exact setting.  Tags as in docs/methods/mstm.md:
 
 * [VERIFIED] token *pruning* in which non-crucial tokens are *merged into*
   crucial ones (the sequence gets shorter); crucial vs non-crucial by an
@@ -40,7 +40,7 @@ the paper can switch to its exact setting.  Tags as in mstm.md:
     with ``merge=sim`` the extra token's size also counts the non-crucial
     patches, which the crucial tokens already carry (the only case where the
     sizes do not sum to the patch count);
-  - multi-scale fusion (``multiscale``), mstm.md §2.4 design (a): once, at the
+  - multi-scale fusion (``multiscale``), docs/methods/mstm.md §2.4 design (a): once, at the
     input of block ``fuse_block`` (default: the first pruning block, when the
     patch tokens are still the full spatial grid), every ``s`` in ``scales``
     average-pools the patch grid by ``s`` (14x14 -> 7x7 for s=2; ``[2,4]`` adds
@@ -65,7 +65,7 @@ FLOPs: ``token_schedule`` (as EViT, no extra token by default) plus
 the similarity matrices (the soft merge's matrix product when ``assign=soft``).
 DeiT-S at the defaults: 2.997 G backbone + 0.001 G = 2.998 GMACs, -34.8% vs
 4.599 (the abstract: about -33%).
-The training recipe (mstm.md §2.5 suggestion) is EViT's fine-tuning recipe;
+The training recipe (docs/methods/mstm.md §2.5 suggestion) is EViT's fine-tuning recipe;
 ``fusion_lr_scale`` lets the new zero-initialised fusion learn faster than the
 backbone's small fine-tuning lr [UNKNOWN, default 1].
 """
@@ -312,7 +312,7 @@ class MSTM(Trainable):
         return self.lr_scale(self.param_group(name), epoch, num_epochs)
 
     def recipe(self, info: ModelInfo) -> dict:
-        """mstm.md §2.5 suggestion: EViT's fine-tuning recipe (``finetune.sh``) without distillation."""
+        """docs/methods/mstm.md §2.5 suggestion: EViT's fine-tuning recipe (``finetune.sh``) without distillation."""
         from baselines.evit import EViT
 
         return EViT().recipe(info)

@@ -1,4 +1,4 @@
-"""Calibration: the gradient-weighted attention score and the structure search (pm.md §1.2-1.4).
+"""Calibration: the gradient-weighted attention score and the structure search (docs/methods/pm.md §1.2-1.4).
 
 Official score (first-order Taylor of the loss w.r.t. the attention map), per
 layer l and key token j, for one iteration on a batch of B images::
@@ -14,7 +14,7 @@ the probabilities come from the shared attention's explicit path
 Differences from the released code, all deliberate:
 
 * scores are all-reduced (summed) over ranks under torch.distributed
-  (pm.md §5.18; the original keeps rank 0's local scores);
+  (docs/methods/pm.md §5.18; the original keeps rank 0's local scores);
 * by default no optimiser step is taken.  The official pass steps AdamW at
   lr 1e-6 (wd as configured) while scoring, which nudges the weights and
   makes the scores depend on batch order and optimiser state; ``opt_step=True``

@@ -1,7 +1,7 @@
 """Prune and Merge (PM-ViT, Mao et al., arXiv 2503.23455) as a ``bench`` reducer.
 
 Every compressed block l (all blocks by default) runs, on the full token
-sequence x (B, N, D) in raster order (pm.md §1.1)::
+sequence x (B, N, D) in raster order (docs/methods/pm.md §1.1)::
 
     y   = M_l x                       (C_l tokens: prefix + centres, merged segments)
     y   = y + Attn(LN(y)); y = y + MLP(LN(y))     (the shared block; fused SDPA at inference)
@@ -38,19 +38,19 @@ Without a calibrated structure the reducer uses a *uniform* structure
 uncalibrated models only.  keep=1, prune=0 gives M = R = I, the unreduced
 model (the official pre-calibration state).
 
-Ablation options (pm.md §3.4 lists the paper's ablations; none are in the
+Ablation options (docs/methods/pm.md §3.4 lists the paper's ablations; none are in the
 released code): ``score`` (grad | cls_attn | random), ``structure``
 (global | local), ``assign`` (raster | grid2d), ``merge`` (false: non-centres
 are pruned instead of merged), ``shortcut`` (false: pruned tokens leave the
 output, zero rows), ``trainable`` (false: frozen M and R).
 
-Fine-tuning (pm.md §1.9, §5.9-10): self-distillation from the unreduced model
+Fine-tuning (docs/methods/pm.md §1.9, §5.9-10): self-distillation from the unreduced model
 (CE + alpha*KL*tau^2, alpha 0.8 for DeiT-T width, else 1, tau 20); one
 learning-rate schedule for all parameter groups by default; ``lr_quirk=true``
 reproduces the released code's groups (every >=2-D weight, M and R included,
 at a constant 1e-6; biases/norms/embeddings follow the cosine).
 
-Resolutions of pm.md §5: (1) merge and restore inside every block (no staged
+Resolutions of docs/methods/pm.md §5: (1) merge and restore inside every block (no staged
 mode); (2) ``tm_prune_merge_to_center`` semantics; (3) Taylor score as in
 :mod:`pm.calibrate`; (4) decay 0.025*l (option ``decay``); (5) keep/prune are
 global fractions over the compressed layers; (6) raster assignment with the
@@ -161,7 +161,7 @@ class PruneAndMerge(Calibrated, Trainable):
                        choices=("auto", "gather", "matmul", "dense")),
         "lr_quirk": Option("bool", False, "reproduce the released code's LR groups (>=2-D weights at 1e-6)"),
         "decay": Option("float", 0.025, "depth decay of the scores, S' = S * (1 - decay * l)"),
-        "min_centers": Option("int", 1, "minimum centres per layer (pm.md §5.17)"),
+        "min_centers": Option("int", 1, "minimum centres per layer (docs/methods/pm.md §5.17)"),
         "seed": Option("int", 0, "seed of score=random"),
     }
 
@@ -471,20 +471,20 @@ class PruneAndMerge(Calibrated, Trainable):
 
     @staticmethod
     def _pm_code_formula(info: ModelInfo, tokens_per_block: list[int]) -> int:
-        """pm.md §2.1: 12ND^2 + 2N^2D + hN^2 per block, head as n_patches * classes * D, no patch embed."""
+        """docs/methods/pm.md §2.1: 12ND^2 + 2N^2D + hN^2 per block, head as n_patches * classes * D, no patch embed."""
         D, h = info.dim, info.num_heads
         return info.n_patches * info.num_classes * D + sum(12 * n * D * D + 2 * n * n * D + h * n * n
                                                            for n in tokens_per_block)
 
     def paper_count_macs(self, info: ModelInfo) -> int:
-        """The PM README's convention (pm.md §1.4): the official code's formula, merge/reconstruct excluded."""
+        """The PM README's convention (docs/methods/pm.md §1.4): the official code's formula, merge/reconstruct excluded."""
         return self._pm_code_formula(info, self.tokens_per_block(info))
 
     def flops_conventions(self, info: ModelInfo) -> dict:
         return {PAPER_COUNT: self.paper_count_macs(info), **self.flops_report(info)}
 
     def flops_report(self, info: ModelInfo) -> dict:
-        """The official PM code's count (pm.md §2.1) and the full counts."""
+        """The official PM code's count (docs/methods/pm.md §2.1) and the full counts."""
         D, N = info.dim, info.n_tokens
         counts = self.tokens_per_block(info)
         layers = self.compressed_layers(info.depth)
@@ -510,7 +510,7 @@ class PruneAndMerge(Calibrated, Trainable):
 
     # -- training ------------------------------------------------------------------------------------------
     def recipe(self, info: ModelInfo) -> dict:
-        """pm.md §5.10: self-distillation (CE + alpha*KL*tau^2, tau 20), AdamW, cosine to 1e-6, no
+        """docs/methods/pm.md §5.10: self-distillation (CE + alpha*KL*tau^2, tau 20), AdamW, cosine to 1e-6, no
         warm-up, the README's augmentation; epochs are the orchestration's (official 60).  The lr is
         the official value at global batch 512 (not rescaled here)."""
         if info.dim >= 768:  # run.sh (ViT-B): no mixup / cutmix / erasing, plain CE

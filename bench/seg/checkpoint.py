@@ -1,4 +1,4 @@
-"""Loading Segmenter weights under torch's ``weights_only`` default (environment.md §3 item 7).
+"""Loading Segmenter weights under torch's ``weights_only`` default (docs/environment.md §1).
 
 Accepted files:
 

@@ -1,6 +1,6 @@
 """The segmentation table's configurations and rows (used by the orchestration).
 
-Keep rates 0.8 / 0.7 / 0.5 as in PM-Segmenter (pm.md §3.3).  Each method reads "keep" in
+Keep rates 0.8 / 0.7 / 0.5 as in PM-Segmenter (docs/methods/pm.md §3.3).  Each method reads "keep" in
 its own way (PM: tokens per compressed block; EViT and MSTM: per reduction stage;
 DynamicViT: rho per stage); ToMe has no keep rate, so its r is chosen per keep rate to
 match EViT's encoder GMACs at that keep rate on the same window (:func:`matched_tome_r`).
