@@ -44,6 +44,8 @@ from bench import registry
 from bench.checkpoint import load_structure
 from bench.reducer import Calibrated, ConfigError, ModelInfo
 
+from .checkpoint import block_rules, load_weights
+
 
 # --------------------------------------------------------------------------- position embedding
 def resize_pos_embed(pos_embed: torch.Tensor, new_hw, old_hw, mode: str = "bicubic") -> torch.Tensor:
@@ -71,31 +73,7 @@ class SegViT(TimmViT):
 
 
 # --------------------------------------------------------------------------- key conversion
-# One transformer block: (timm ``Block`` sub-key, mmseg ``TransformerEncoderLayer`` sub-key).  The
-# encoder conversion in both directions and the original Segmenter's decoder conversion
-# (bench/seg/checkpoint.py) are all generated from this one table.
-BLOCK_KEYS = [
-    ("norm1.", "ln1."),
-    ("norm2.", "ln2."),
-    ("attn.qkv.weight", "attn.attn.in_proj_weight"),
-    ("attn.qkv.bias", "attn.attn.in_proj_bias"),
-    ("attn.proj.", "attn.attn.out_proj."),
-    ("mlp.fc1.", "ffn.layers.0.0."),
-    ("mlp.fc2.", "ffn.layers.1."),
-]
-
-
-def block_rules(src: str, dst: str, to_timm: bool) -> list[tuple[str, str]]:
-    """Regex rules renaming ``<src><i>.<sub-key>`` to ``<dst><i>.<other sub-key>`` for every block
-    entry of :data:`BLOCK_KEYS` (mmseg -> timm names when ``to_timm``, else timm -> mmseg)."""
-    rules = []
-    for timm_key, mmseg_key in BLOCK_KEYS:
-        a, b = (mmseg_key, timm_key) if to_timm else (timm_key, mmseg_key)
-        tail = "" if a.endswith(".") else "$"  # a prefix ("ln1.") or a whole parameter name
-        rules.append((rf"^{re.escape(src)}(\d+)\.{re.escape(a)}{tail}", dst + r"\1." + b))
-    return rules
-
-
+# The block-key table and rule generator live with the checkpoint loaders (bench/seg/checkpoint.py).
 _MMSEG_RULES = [
     (r"^patch_embed\.projection\.", "vit.patch_embed.proj."),
     *block_rules("layers.", "vit.blocks.", to_timm=True),
@@ -272,8 +250,6 @@ def _register():
 
         def init_weights(self):
             if self.pretrained or (isinstance(self.init_cfg, dict) and self.init_cfg.get("type") == "Pretrained"):
-                from .checkpoint import load_weights
-
                 src = self.pretrained or self.init_cfg["checkpoint"]
                 sd = load_weights(src)
                 sd = sd.get("state_dict", sd.get("model", sd))
