@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import patch, registry
+from . import models, patch, proxy, registry
 from .outputs import temp_file
 from .reducer import Calibrated, ConfigError, Reducer
 
@@ -148,8 +148,6 @@ def load_model(path, model_name: Optional[str] = None, *, reducer=None, device="
     before :func:`bench.patch.apply`, then the weights load strictly.  An unreduced
     result is returned unpatched, with ``Reducer()`` ("none") as its reducer.
     """
-    from . import models
-
     ck = read_checkpoint(path)
     sd = state_dict_of(ck)
     is_ours = isinstance(ck, dict) and ck.get("format") == FORMAT
@@ -184,3 +182,9 @@ def load_model(path, model_name: Optional[str] = None, *, reducer=None, device="
     model.to(device)
     model.eval()
     return model, red
+
+
+def load_proxy_backbone(device="cpu", *, size: str = "default"):
+    """The trained proxy backbone (unpatched, eval mode), training it first if needed."""
+    model, _ = load_model(proxy.ensure_backbone(size=size), proxy.PROXY_MODEL, device=device)
+    return model.eval()

@@ -112,8 +112,10 @@ def build_model(args, n_classes=None):
     if args.model == proxy.PROXY_MODEL and not (args.weights or args.pretrained):
         from bench.data import parse_data
 
+        from bench.checkpoint import load_proxy_backbone
+
         d = parse_data(args.data)
-        return proxy.load_backbone(size=d.get("size") or "default"), args.model
+        return load_proxy_backbone(size=d.get("size") or "default"), args.model
     kw = {"img_size": args.img_size} if args.img_size else {}
     nc = args.num_classes or n_classes
     from bench.weights import load_pretrained
