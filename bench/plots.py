@@ -184,5 +184,5 @@ def write_all(ctx, out: Path) -> list:
     seg = ctx.tables.get("segmentation", {}).get("rows", [])
     if seg:
         _seg_plot(seg, src, out, figs)
-    tokens_plot(getattr(ctx, "block_tokens", []), out, figs)
+    tokens_plot(ctx.block_tokens, out, figs)
     return figs

@@ -13,7 +13,17 @@ from bench import registry
 from bench.reducer import ConfigError, ModelInfo
 
 KEEPS = (0.8, 0.7, 0.5)
-PM_SEG = "pm:keep={k},prune=0,structure=local,trainable=false"
+# The rows of one keep rate k, in table order: (method, label or None, spec template).  "{tome_r}" is
+# ToMe's r matched to EViT's encoder GMACs at that keep rate.  Segmentation is our extension of
+# MSTM: both restore rules (baselines/mstm.py docstring).
+ROWS = [
+    ("pm", None, "pm:keep={k},prune=0,structure=local,trainable=false"),
+    ("tome", None, "tome:r={tome_r}"),
+    ("evit", None, "evit:keep={k}"),
+    ("dynamicvit", None, "dynamicvit:rho={k}"),
+    ("mstm", None, "mstm:keep={k}"),
+    ("mstm", "mstm (restore=own)", "mstm:keep={k},restore=own"),
+]
 
 
 def matched_tome_r(info: ModelInfo, target_macs: int) -> int:
@@ -35,7 +45,7 @@ def matched_tome_r(info: ModelInfo, target_macs: int) -> int:
 def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
     """Rows ``{"method", "keep", "spec"}`` (plus ``"label"`` where a method has several rows per
     keep rate) for the table (baseline first); methods whose module is missing are left out."""
-    methods = methods or ["pm", "tome", "evit", "dynamicvit", "mstm"]
+    methods = methods or list(dict.fromkeys(m for m, _, _ in ROWS))
     have = set()
     for m in methods:
         try:
@@ -45,20 +55,15 @@ def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
             pass
     rows = [{"method": "baseline", "keep": 1.0, "spec": "none"}]
     for k in keeps:
-        if "pm" in have:
-            rows.append({"method": "pm", "keep": k, "spec": PM_SEG.format(k=k)})
-        if "tome" in have:
-            target = bflops.analytic(info, registry.build(f"evit:keep={k}")).total
-            rows.append({"method": "tome", "keep": k, "spec": f"tome:r={matched_tome_r(info, target)}"})
-        if "evit" in have:
-            rows.append({"method": "evit", "keep": k, "spec": f"evit:keep={k}"})
-        if "dynamicvit" in have:
-            rows.append({"method": "dynamicvit", "keep": k, "spec": f"dynamicvit:rho={k}"})
-        if "mstm" in have:
-            rows.append({"method": "mstm", "keep": k, "spec": f"mstm:keep={k}"})
-            # segmentation is our extension of MSTM: both restore rules (baselines/mstm.py docstring)
-            rows.append({"method": "mstm", "label": "mstm (restore=own)", "keep": k,
-                         "spec": f"mstm:keep={k},restore=own"})
+        for method, label, template in ROWS:
+            if method not in have:
+                continue
+            fill = {"k": k}
+            if "{tome_r}" in template:
+                target = bflops.analytic(info, registry.build(f"evit:keep={k}")).total
+                fill["tome_r"] = matched_tome_r(info, target)
+            rows.append({"method": method, **({"label": label} if label else {}), "keep": k,
+                         "spec": template.format(**fill)})
     return [r for r in rows if r["method"] in have or r["method"] == "baseline"]
 
 
