@@ -82,10 +82,10 @@ class EViT(Trainable):
     def on_step(self, model, epoch: float, num_epochs: float):
         self.current_keep = keep_rate_at(epoch, self.cfg["keep"], self.cfg["shrink_start"], self.cfg["shrink_epochs"])
 
-    def _keep(self, training: bool) -> float:
+    def _keep(self, training: bool, state: TokenState) -> float:
         # The scheduled keep rate applies to training steps, including EViT's fine-tuning, which
-        # keeps the model in eval mode (train_mode=False): a step is recognised by autograd being on.
-        return self.current_keep if (training or torch.is_grad_enabled()) else self.cfg["keep"]
+        # keeps the model in eval mode (train_mode=False): the trainer flags its steps explicitly.
+        return self.current_keep if (training or state.train_step) else self.cfg["keep"]
 
     def recipe(self, info: ModelInfo) -> dict:
         """The official fine-tuning recipe (``finetune.sh``, 30 epochs from the DeiT checkpoint): lr
@@ -100,7 +100,7 @@ class EViT(Trainable):
 
     # -- hooks ---------------------------------------------------------------------------------
     def attn_request(self, i, block, x, state: TokenState) -> AttnRequest:
-        if i in self.cfg["loc"] and self._keep(block.training) < 1.0:
+        if i in self.cfg["loc"] and self._keep(block.training, state) < 1.0:
             return AttnRequest(cls_attn=True)
         return AttnRequest()
 
@@ -110,7 +110,7 @@ class EViT(Trainable):
         p = state.n_prefix
         B, N, C = x.shape
         n = N - p
-        left = keep_count(self._keep(block.training), n)
+        left = keep_count(self._keep(block.training, state), n)
         if left >= n:
             return x
         cls_attn = extras["cls_attn"][:, p:]

@@ -19,6 +19,8 @@ gradients (PM calibration, DynamicViT training) or when the module itself has
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 import torch
@@ -38,6 +40,7 @@ class PatchContext:
         self.info = info
         self.state: Optional[TokenState] = None
         self.track = False  # record grid tracking (dense prediction, tests)
+        self.train_step = False  # the current forward is a training step (training_step())
         self.orig_model_cls = None
         self.orig_block_cls: dict[int, type] = {}
 
@@ -173,7 +176,8 @@ class ReducedViTMixin:
         x = self.norm_pre(x)
         grid = (H // ph, W // pw)
         st = TokenState(
-            batch=x.shape[0], n_prefix=ctx.info.n_prefix, grid=grid, n0=x.shape[1], track=ctx.track
+            batch=x.shape[0], n_prefix=ctx.info.n_prefix, grid=grid, n0=x.shape[1], track=ctx.track,
+            train_step=ctx.train_step,
         )
         ctx.state = st
         ctx.reducer.begin(self, x, st)
@@ -280,6 +284,21 @@ def set_tracking(model, enabled: bool = True) -> None:
     if ctx is None:
         raise ConfigError("model is not patched with a reducer")
     ctx.track = enabled
+
+
+@contextlib.contextmanager
+def training_step(model):
+    """Forwards inside are training steps (``TokenState.train_step``): the trainer says so
+    explicitly around the student's forward.  A no-op for an unpatched model."""
+    ctx = get_context(model)
+    if ctx is None:
+        yield
+        return
+    before, ctx.train_step = ctx.train_step, True
+    try:
+        yield
+    finally:
+        ctx.train_step = before
 
 
 def reducer_modules(model) -> nn.ModuleDict:

@@ -201,6 +201,8 @@ class TokenState:
     origin: (B, N0) index of the current token that carries each *original* token
             (-1 once the token was dropped); only when ``track`` is set
     last:   (B, N0, C) last features of dropped original tokens (for dense restore)
+    train_step: the forward is a training step (set explicitly by the trainer; a method's training
+            behaviour, e.g. EViT's keep-rate warm-up, must not be guessed from autograd or train mode)
     """
 
     batch: int
@@ -208,6 +210,7 @@ class TokenState:
     grid: tuple[int, int]
     n0: int
     track: bool = False
+    train_step: bool = False  # a training step of the shared trainer (bench.patch.training_step)
     size: Optional[torch.Tensor] = None
     origin: Optional[torch.Tensor] = None
     last: Optional[torch.Tensor] = None

@@ -374,7 +374,8 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
             g["lr"] = lr * reducer.lr_multiplier(g["name"], epoch_f, num_epochs) if reducer is not None else lr
         with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                             enabled=amp):
-            out = ddp_model(x)
+            with patch.training_step(model_obj):  # the reducer is told, not left to guess, that this is a step
+                out = ddp_model(x)
             logits, logits_kd = _split_outputs(out)
             terms = {"ce": base_loss(logits, y)}
             teacher_out = None
