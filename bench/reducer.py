@@ -4,20 +4,28 @@ A *reducer* is a plain Python object (not an ``nn.Module``) configured from a
 spec string such as ``tome:r=13``.  :func:`bench.patch.apply` swaps the classes
 of an existing timm ``VisionTransformer`` and of its blocks so that one shared
 block (``bench.patch.ReducedBlockMixin``) calls the reducer's hooks at four
-points of every block::
+points of every block ``i``::
 
-    x = reducer.pre_block(i, x, state)            # e.g. DynamicViT selection, PM merge
-    a, extras = attention(norm1(x), reducer.attn_request(i, state))
+    x = reducer.pre_block(i, block, x, state)                 # e.g. DynamicViT selection, PM merge
+    a, extras = attention(norm1(x), reducer.attn_request(i, block, x, state))
     x = x + ls1(a)
-    x = reducer.post_attn(i, x, extras, state)    # e.g. ToMe merge, EViT/MSTM top-k
+    x = reducer.post_attn(i, block, x, extras, state)         # e.g. ToMe merge, EViT/MSTM top-k
     x = x + ls2(mlp(norm2(x)))
-    x = reducer.post_block(i, x, state)           # e.g. PM reconstruct + shortcut
+    x = reducer.post_block(i, block, x, state)                # e.g. PM reconstruct + shortcut
 
-Weights are untouched; a reducer that owns parameters (predictors, merge
-matrices, fusion scales) registers them under ``model.reducer_modules`` so they
-are trained and saved with the model.  The harness derives FLOPs from
-:meth:`Reducer.token_schedule` and :meth:`Reducer.extra_macs`, and dense
-prediction restores the full grid through :meth:`Reducer.restore`.
+Two tiers.  :class:`Reducer` is the inference core every method implements (options, checks, the
+hooks above, ``begin``/``end``, the declared :meth:`Reducer.token_schedule` and
+:meth:`Reducer.extra_macs` from which the harness derives FLOPs, :meth:`Reducer.flops_conventions`,
+the dense-prediction :meth:`Reducer.restore`, and ``export_state``/``import_state`` for
+checkpoints).  A method that needs more declares a capability by subclassing it, and the harness
+asks ``isinstance``, never the method's name:
+
+* :class:`Trainable`: a fine-tuning recipe, extra losses, a per-parameter learning-rate multiplier
+  and a per-step schedule;
+* :class:`Calibrated`: a structure learned from data (``calibrate``), carried through checkpoints.
+
+Weights are untouched; a reducer that owns parameters (predictors, merge matrices, fusion scales)
+registers them under ``model.reducer_modules`` so they are trained and saved with the model.
 """
 from __future__ import annotations
 
