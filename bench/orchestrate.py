@@ -75,47 +75,17 @@ def _hms(s: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-class RunContext:
-    """What every stage gets: the profile, the cache, the output folder, progress and the tables."""
+class StageArtefacts:
+    """What one stage hands to the next, declared (written by the first, read by the later ones)."""
 
-    def __init__(self, profile: dict, args, out_dir: Path, cache_dir: Path):
-        self.profile = profile
-        self.args = args
-        self.out_dir = out_dir
-        self.cache = ResultCache(cache_dir, force=args.force)
-        self.work_dir = cache_dir.parent.parent / "runs" / profile["name"]
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = Progress()
-        self.tables: dict[str, dict] = {}  # name -> {"title", "rows", "meta", "columns"}
-        self.device = args.device or env.default_device()
-        self.versions = env.versions()
-        self.failures: list[str] = []
-        self.stages: list[str] = list(STAGES)  # the stages this invocation runs (set by main)
-        self.skipped_stages: dict[str, str] = {}  # stage -> why it produced no table
-        # artefacts one stage hands to the next (written by the first, read by the later ones)
+    def __init__(self):
         self.calibrated: dict[str, Path] = {}  # accuracy: spec -> checkpoint of a Calibrated method's structure
         self.structure_summaries: dict[str, list] = {}  # accuracy: spec -> per-layer tokens of that structure
         self.finetuned: dict[tuple[str, str], Path] = {}  # accuracy: (model, canonical spec) -> fine-tuned
         #   checkpoint of a Calibrated method (cost and speed cost its own learned modules)
         self.block_tokens: list[dict] = []  # cost: per-block token counts (the plots)
         self.speed_protocol: str = ""  # speed: how the throughput was timed (the README)
-
-    @property
-    def fixture(self) -> bool:
-        return bool(self.profile.get("fixture") or getattr(self.args, "fixture", False))
-
-    def skip_stage(self, stage: str, why: str) -> None:
-        """Record that a stage ran but measured nothing (e.g. no data for it): every header says so."""
-        self.skipped_stages[stage] = why
-        self.progress.note(f"{stage}: skipped, {why}")
-
-    def stages_line(self) -> str:
-        """Which stages ran and which were skipped, and why (every table header of a fixture run)."""
-        ran = [s for s in self.stages if s not in self.skipped_stages]
-        skipped = [f"{s} ({self.skipped_stages[s]})" for s in STAGES if s in self.skipped_stages]
-        skipped += [f"{s} (not requested: --only {','.join(self.stages)})" for s in STAGES
-                    if s not in self.stages and s not in self.skipped_stages]
-        return f"run: {', '.join(ran) or 'none'}" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
+        self.speedup_ref = None  # reports: the speed stage's reference size of the accuracy table's speed-ups
 
     # -- learned structures (Calibrated methods) shared between stages ------------------------------
     def _structure_path(self, spec: str):
@@ -141,6 +111,44 @@ class RunContext:
         if path is None:
             return "default-structure"
         return file_hash(path)
+
+
+class RunContext(StageArtefacts):
+    """What every stage gets: the profile, the cache, the output folder, progress and the tables, and
+    the artefacts the stages hand on (:class:`StageArtefacts`)."""
+
+    def __init__(self, profile: dict, args, out_dir: Path, cache_dir: Path):
+        super().__init__()
+        self.profile = profile
+        self.args = args
+        self.out_dir = out_dir
+        self.cache = ResultCache(cache_dir, force=args.force)
+        self.work_dir = cache_dir.parent.parent / "runs" / profile["name"]
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = Progress()
+        self.tables: dict[str, dict] = {}  # name -> {"title", "rows", "meta", "columns"}
+        self.device = args.device or env.default_device()
+        self.versions = env.versions()
+        self.failures: list[str] = []
+        self.stages: list[str] = list(STAGES)  # the stages this invocation runs (set by main)
+        self.skipped_stages: dict[str, str] = {}  # stage -> why it produced no table
+
+    @property
+    def fixture(self) -> bool:
+        return bool(self.profile.get("fixture") or getattr(self.args, "fixture", False))
+
+    def skip_stage(self, stage: str, why: str) -> None:
+        """Record that a stage ran but measured nothing (e.g. no data for it): every header says so."""
+        self.skipped_stages[stage] = why
+        self.progress.note(f"{stage}: skipped, {why}")
+
+    def stages_line(self) -> str:
+        """Which stages ran and which were skipped, and why (every table header of a fixture run)."""
+        ran = [s for s in self.stages if s not in self.skipped_stages]
+        skipped = [f"{s} ({self.skipped_stages[s]})" for s in STAGES if s in self.skipped_stages]
+        skipped += [f"{s} (not requested: --only {','.join(self.stages)})" for s in STAGES
+                    if s not in self.stages and s not in self.skipped_stages]
+        return f"run: {', '.join(ran) or 'none'}" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
 
     def job(self, desc: dict, fn, label: str, est: float = 1.0) -> dict:
         """Run ``fn`` unless the cache holds ``desc``; returns the result dict."""
