@@ -66,15 +66,14 @@ only reorder the tokens, which does not change any output).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.patch import gather_tokens, reducer_modules
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
+from bench.patch import reducer_modules, topk_keep
+from bench.reducer import PAPER_COUNT, AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_map
 
 _KEY = "dynamicvit"  # name of the ModuleList under model.reducer_modules
 _FROZEN = ("cls_token", "pos_embed")  # official: in no optimiser group
@@ -143,7 +142,7 @@ def paper_formula_macs(info: ModelInfo, tokens_per_block: list[int], patch_embed
     return total + patch_embed_macs + D * info.num_classes * info.num_heads_out
 
 
-class DynamicViT(Reducer):
+class DynamicViT(Trainable):
     name = "dynamicvit"
     summary = "DynamicViT: learned predictors drop tokens before blocks 4/7/10, keep rho^s (Rao et al. 2021)"
     needs_training = True  # the predictors start random
@@ -263,17 +262,12 @@ class DynamicViT(Reducer):
                 sc["dvit_kept"].append(sc["dvit_orig"])
             return x
         logp = pred(x[:, p:], None)  # prev decision is all ones in eval: the plain mean (same numbers)
-        idx = torch.topk(logp[:, :, 0], k, dim=1, largest=True, sorted=True).indices
+        idx, kept = topk_keep(x, logp[:, :, 0], k, p)
         if state.track:
             sc["dvit_orig"] = torch.gather(sc["dvit_orig"], 1, idx)
             sc["dvit_kept"].append(sc["dvit_orig"])
-            old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
-            old_to_new[:, :p] = torch.arange(p, device=x.device)
-            old_to_new.scatter_(1, idx + p, (p + torch.arange(k, device=x.device)).expand(B, -1))
-            state.remap(x, old_to_new)
-        # prefix + kept tokens in one exact row copy (bench.patch.gather_tokens)
-        keep = torch.cat([torch.arange(p, device=x.device).expand(B, -1), idx + p], dim=1)
-        return gather_tokens(x, keep)
+            state.remap(x, keep_map(idx, N, p))
+        return kept
 
     def attn_request(self, i, block, x, state: TokenState) -> AttnRequest:
         if state.scratch.get("dvit_train"):
@@ -333,6 +327,9 @@ class DynamicViT(Reducer):
             return 0.0
         return 0.0 if epoch < self.frozen_epochs(num_epochs) else self.cfg["backbone_lr_scale"]
 
+    def lr_multiplier(self, name: str, epoch: float, num_epochs: float) -> float:
+        return self.lr_scale(self.param_group(name), epoch, num_epochs)
+
     def recipe(self, info: ModelInfo) -> dict:
         """HEAD README (``main.py``): 30 epochs, AdamW, lr 1e-3 at global batch 1024 (returned as
         5e-4 at 512, the suite's convention, not rescaled here), per-step cosine to 1e-6, 5 warm-up
@@ -365,3 +362,6 @@ class DynamicViT(Reducer):
     def paper_count_macs(self, info: ModelInfo) -> int:
         """The NeurIPS paper's rule (:func:`paper_formula_macs`) on the eval token schedule."""
         return paper_formula_macs(info, [bt.attn for bt in self.token_schedule(info)])
+
+    def flops_conventions(self, info: ModelInfo) -> dict:
+        return {PAPER_COUNT: self.paper_count_macs(info)}

@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from bench.patch import gather_tokens
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState, keep_count
+from bench.patch import gather_tokens, topk_keep
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count, keep_map
 
 
 def complement_idx(idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def keep_rate_at(epoch: float, target: float, shrink_start: float, shrink_epochs
     return target + (1.0 - target) * (math.cos(math.pi * t) + 1) / 2
 
 
-class EViT(Reducer):
+class EViT(Trainable):
     name = "evit"
     summary = "EViT: keep top-k tokens by CLS attention at blocks 4/7/10, fuse the rest (Liang et al. 2022)"
     options = {
@@ -82,13 +82,10 @@ class EViT(Reducer):
     def on_step(self, model, epoch: float, num_epochs: float):
         self.current_keep = keep_rate_at(epoch, self.cfg["keep"], self.cfg["shrink_start"], self.cfg["shrink_epochs"])
 
-    def on_epoch(self, model, epoch: int, num_epochs: float):
-        self.on_step(model, float(epoch), num_epochs)
-
-    def _keep(self, training: bool) -> float:
+    def _keep(self, training: bool, state: TokenState) -> float:
         # The scheduled keep rate applies to training steps, including EViT's fine-tuning, which
-        # keeps the model in eval mode (train_mode=False): a step is recognised by autograd being on.
-        return self.current_keep if (training or torch.is_grad_enabled()) else self.cfg["keep"]
+        # keeps the model in eval mode (train_mode=False): the trainer flags its steps explicitly.
+        return self.current_keep if (training or state.train_step) else self.cfg["keep"]
 
     def recipe(self, info: ModelInfo) -> dict:
         """The official fine-tuning recipe (``finetune.sh``, 30 epochs from the DeiT checkpoint): lr
@@ -103,7 +100,7 @@ class EViT(Reducer):
 
     # -- hooks ---------------------------------------------------------------------------------
     def attn_request(self, i, block, x, state: TokenState) -> AttnRequest:
-        if i in self.cfg["loc"] and self._keep(block.training) < 1.0:
+        if i in self.cfg["loc"] and self._keep(block.training, state) < 1.0:
             return AttnRequest(cls_attn=True)
         return AttnRequest()
 
@@ -113,24 +110,19 @@ class EViT(Reducer):
         p = state.n_prefix
         B, N, C = x.shape
         n = N - p
-        left = keep_count(self._keep(block.training), n)
+        left = keep_count(self._keep(block.training, state), n)
         if left >= n:
             return x
         cls_attn = extras["cls_attn"][:, p:]
-        _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
-        # prefix tokens + the kept ones in one row copy (bench.patch.gather_tokens: exact, no broadcast gather)
-        keep = torch.cat([torch.arange(p, device=x.device).expand(B, -1), idx + p], dim=1)
-        parts = [gather_tokens(x, keep)]
+        idx, kept = topk_keep(x, cls_attn, left, p)
+        parts = [kept]
         if self.cfg["fuse"]:
             compl = complement_idx(idx, n)
             others = gather_tokens(x, compl + p)
             w = torch.gather(cls_attn, 1, compl)
             parts.append((others * w.unsqueeze(-1)).sum(dim=1, keepdim=True))
         if state.track:
-            old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
-            old_to_new[:, :p] = torch.arange(p, device=x.device)
-            old_to_new.scatter_(1, idx + p, (p + torch.arange(left, device=x.device)).expand(B, -1))
-            state.remap(x, old_to_new)
+            state.remap(x, keep_map(idx, N, p))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     # -- declarations -----------------------------------------------------------------------

@@ -2,9 +2,9 @@
 arXiv 2306.04897): a documented **reconstruction**.
 
 Only the paper's abstract is public and no code is known, so this module
-implements ``../shared/reference/mstm.md``: the abstract's facts plus the most
+implements ``docs/methods/mstm.md``: the abstract's facts plus the most
 likely choice for every gap, each gap being an option so that a user holding
-the paper can switch to its exact setting.  Tags as in mstm.md:
+the paper can switch to its exact setting.  Tags as in docs/methods/mstm.md:
 
 * [VERIFIED] token *pruning* in which non-crucial tokens are *merged into*
   crucial ones (the sequence gets shorter); crucial vs non-crucial by an
@@ -40,7 +40,7 @@ the paper can switch to its exact setting.  Tags as in mstm.md:
     with ``merge=sim`` the extra token's size also counts the non-crucial
     patches, which the crucial tokens already carry (the only case where the
     sizes do not sum to the patch count);
-  - multi-scale fusion (``multiscale``), mstm.md §2.4 design (a): once, at the
+  - multi-scale fusion (``multiscale``), docs/methods/mstm.md §2.4 design (a): once, at the
     input of block ``fuse_block`` (default: the first pruning block, when the
     patch tokens are still the full spatial grid), every ``s`` in ``scales``
     average-pools the patch grid by ``s`` (14x14 -> 7x7 for s=2; ``[2,4]`` adds
@@ -65,7 +65,7 @@ FLOPs: ``token_schedule`` (as EViT, no extra token by default) plus
 the similarity matrices (the soft merge's matrix product when ``assign=soft``).
 DeiT-S at the defaults: 2.997 G backbone + 0.001 G = 2.998 GMACs, -34.8% vs
 4.599 (the abstract: about -33%).
-The training recipe (mstm.md §2.5 suggestion) is EViT's fine-tuning recipe;
+The training recipe (docs/methods/mstm.md §2.5 suggestion) is EViT's fine-tuning recipe;
 ``fusion_lr_scale`` lets the new zero-initialised fusion learn faster than the
 backbone's small fine-tuning lr [UNKNOWN, default 1].
 """
@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from baselines.evit import complement_idx
 from bench.patch import gather_tokens, reducer_modules
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState, keep_count
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count, keep_map
 
 _KEY = "mstm"
 
@@ -150,7 +150,7 @@ def merge_into_crucial(x, w, size, idx, metric, assign: str = "hard", tau: float
     return num / den, size_new, den, dest
 
 
-class MSTM(Reducer):
+class MSTM(Trainable):
     name = "mstm"
     summary = ("MSTM (reconstruction): CLS-attention crucial tokens at blocks 4/7/10, non-crucial tokens merged "
                "into the most similar crucial one, multi-scale fusion before pruning (Bian et al. 2023)")
@@ -290,9 +290,7 @@ class MSTM(Reducer):
                 sizes.append(torch.gather(size, 1, compl.unsqueeze(-1)).sum(dim=1, keepdim=True))
             weights.append(wu.sum(dim=1, keepdim=True))
         if state.track:
-            old_to_new = torch.full((B, N), -1, dtype=torch.long, device=x.device)
-            old_to_new[:, :p] = torch.arange(p, device=x.device)
-            old_to_new.scatter_(1, idx + p, (p + torch.arange(k, device=x.device)).expand(B, -1))
+            old_to_new = keep_map(idx, N, p)
             if dest is not None and c["restore"] == "merged":
                 old_to_new.scatter_(1, complement_idx(idx, n) + p, p + dest)
             # else: -1, the token left the sequence and the restore keeps its features from here
@@ -310,8 +308,11 @@ class MSTM(Reducer):
     def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
         return self.cfg["fusion_lr_scale"] if group == "fusion" else 1.0
 
+    def lr_multiplier(self, name: str, epoch: float, num_epochs: float) -> float:
+        return self.lr_scale(self.param_group(name), epoch, num_epochs)
+
     def recipe(self, info: ModelInfo) -> dict:
-        """mstm.md §2.5 suggestion: EViT's fine-tuning recipe (``finetune.sh``) without distillation."""
+        """docs/methods/mstm.md §2.5 suggestion: EViT's fine-tuning recipe (``finetune.sh``) without distillation."""
         from baselines.evit import EViT
 
         return EViT().recipe(info)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from bench.patch import gather_tokens
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
+from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable
 
 
 def parse_r(num_layers: int, r: list[int], inflect: Optional[float]) -> list[int]:
@@ -128,7 +128,7 @@ def merge_wavg(merge, x: torch.Tensor, size: torch.Tensor):
     return x / size, size
 
 
-class ToMe(Reducer):
+class ToMe(Trainable):
     name = "tome"
     summary = "Token Merging: bipartite soft matching on keys, r merges per block (Bolya et al. 2023)"
     options = {

@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from . import patch, registry
+from . import models, patch, proxy, registry
 from .outputs import temp_file
-from .reducer import ConfigError, Reducer
+from .reducer import Calibrated, ConfigError, Reducer
 
 FORMAT = "pmbench-checkpoint-1"
 
@@ -122,6 +122,19 @@ def load_state_strict(model, sd: dict, source: str = "checkpoint") -> None:
     model.load_state_dict(sd, strict=True)
 
 
+def load_structure(red: Reducer, path) -> None:
+    """Give a :class:`bench.reducer.Calibrated` reducer the structure stored in a checkpoint file
+    (``pmbench flops/speed --checkpoint``, the run's calibrated checkpoints, a Segmenter's
+    ``reducer_structure``); call before :func:`bench.patch.apply`."""
+    if not isinstance(red, Calibrated):
+        raise ConfigError(f"reducer '{red.name}' learns no structure from data: it takes no structure file")
+    state = red.structure_in(read_checkpoint(path))
+    if state is None:
+        raise ConfigError(f"{red.name}: {path} holds no {red.structure_name} (was it written by the method's "
+                          "calibration or by training it?)")
+    red.import_state(state)
+
+
 def _same_reducer(a: Reducer, b: Reducer) -> bool:
     return a.full_spec() == b.full_spec()
 
@@ -135,8 +148,6 @@ def load_model(path, model_name: Optional[str] = None, *, reducer=None, device="
     before :func:`bench.patch.apply`, then the weights load strictly.  An unreduced
     result is returned unpatched, with ``Reducer()`` ("none") as its reducer.
     """
-    from . import models
-
     ck = read_checkpoint(path)
     sd = state_dict_of(ck)
     is_ours = isinstance(ck, dict) and ck.get("format") == FORMAT
@@ -171,3 +182,9 @@ def load_model(path, model_name: Optional[str] = None, *, reducer=None, device="
     model.to(device)
     model.eval()
     return model, red
+
+
+def load_proxy_backbone(device="cpu", *, size: str = "default"):
+    """The trained proxy backbone (unpatched, eval mode), training it first if needed."""
+    model, _ = load_model(proxy.ensure_backbone(size=size), proxy.PROXY_MODEL, device=device)
+    return model.eval()

@@ -1,7 +1,8 @@
 """``pmbench``: the command-line interface.
 
 Each sub-command lives in its own module exposing ``add_parser(subparsers)``.  ``COMMANDS`` below is
-the whole CLI: every command's name, its module and the one-line help ``pmbench --help`` shows.  Only
+the whole CLI: every command's name, its module and the one-line help ``pmbench --help`` shows; the
+suite's own commands, then those method packages add (:mod:`bench.plugins`, e.g. ``pm-calibrate``).  Only
 the module of the command being run is imported (the others are listed from this table), so
 ``pmbench --help`` and ``pmbench --version`` never load torch, timm or mmseg; the modules register
 their commands with the same help text (tests/test_cli.py checks that the two agree).
@@ -19,6 +20,7 @@ import sys
 
 from . import __version__
 from .errors import ConfigError
+from .plugins import method_commands
 
 # (command, module that registers it, help): the order is the order of `pmbench --help`
 COMMANDS = [
@@ -28,18 +30,14 @@ COMMANDS = [
     ("train", "bench.commands.train_cmd", "train / fine-tune a model (+ reducer) with the suite's trainer"),
     ("eval", "bench.commands.eval_cmd", "accuracy (top-1/top-5) of a model + reducer"),
     ("data", "bench.commands.data_cmd", "proxy data generation and data-set checks"),
-    ("pm-calibrate", "pm.cli",
-     "Prune and Merge: gradient-weighted scores -> per-layer structure -> checkpoint"),
     ("seg-eval", "bench.seg.cli", "Segmenter mIoU (sliding window, IoUMetric), GMACs and FPS with a reducer"),
     ("seg-train", "bench.seg.cli",
      "train / fine-tune a Segmenter with mmengine's Runner (CPU, torchrun gloo, CUDA); saves a clean checkpoint"),
     ("seg-cost", "bench.seg.cli", "analytic Segmenter GMACs per 512x512 window (no weights, no data)"),
 ]
+# the commands method packages add (bench/plugins.py): after the suite's own
+COMMANDS += [c for c in method_commands() if c[0] not in {n for n, _, _ in COMMANDS}]
 COMMAND_NAMES = [c[0] for c in COMMANDS]
-
-
-class UserError(Exception):
-    """Bad input: printed as one clear message, exit code 2."""
 
 
 def _load_module(name: str):
@@ -143,7 +141,7 @@ def main(argv=None) -> int:
         parser = build_parser([command] if command in COMMAND_NAMES else [])
         args = parser.parse_args(argv)
         rc = args.func(args)
-    except (ConfigError, UserError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:
         print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # anywhere: imports, parsing, the command itself

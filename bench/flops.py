@@ -1,7 +1,7 @@
 """FLOPs (the field's 'GFLOPs' are multiply-accumulates, MACs) from declared token counts.
 
 The analytic count is the formula that reproduces the published GFLOPs of
-DeiT, ToMe, EViT and DynamicViT (measurement.md §1.2), generalised to any
+DeiT, ToMe, EViT and DynamicViT (docs/flops.md §1), generalised to any
 width, MLP ratio and attention dim:
 
     patch embedding   n_patches * (in_chans * p * p) * D

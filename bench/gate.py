@@ -23,7 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import env
+from . import env, registry
+from .errors import ConfigError
 from .results import atomic_write_json
 
 EXPECT = env.ROOT / "tests" / "expectations" / "smoke.json"
@@ -81,8 +82,8 @@ def speedup_interval(row: dict):
 
 
 def _ft(row: dict) -> str:
-    """Key suffix of PM's fine-tuned rows (their own GMACs and speed-up, next to the calibrated rows,
-    whose keys stay as they were)."""
+    """Key suffix of the fine-tuned rows of Calibrated methods (their own GMACs and speed-up, next to the
+    calibrated rows, whose keys stay as they were)."""
     return "|fine-tuned" if row.get("structure") == "fine-tuned" else ""
 
 
@@ -108,12 +109,14 @@ def collect(report_dir: Path) -> dict:
 
 
 def _gmacs_tol(key: str, value: float) -> float:
-    """Exact for methods with a fixed token schedule.  PM's per-layer counts come from its
-    calibration on the smoke backbone: a different CPU's rounding may move a threshold tie by a
-    token or two (0.001 G), and 1% still catches a changed formula."""
-    if key.split("|")[1].startswith("pm"):
-        return 0.01 * value
-    return 1e-6
+    """Exact for methods with a fixed token schedule.  A Calibrated method's per-layer counts come
+    from its calibration on the smoke backbone: a different CPU's rounding may move a threshold tie
+    by a token or two (0.001 G), and 1% still catches a changed formula."""
+    try:
+        calibrated = registry.is_calibrated(key.split("|")[1])
+    except ConfigError:  # a method no longer installed: judged exactly
+        calibrated = False
+    return 0.01 * value if calibrated else 1e-6
 
 
 def judge_speedup(cur: float, floor: float, interval=None, noise_limit: float = SPEEDUP_NOISE_LIMIT):

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 import timm
-import torch
 
 from . import patch, registry
 from . import proxy as _proxy  # noqa: F401  registers pmbench_proxy_vit with timm

@@ -2,8 +2,8 @@
 
 Flow (each stage lives in ``bench/stages/``):
 
-1. ``accuracy``  the proxy (or ImageNet) top-1: off-the-shelf and fine-tuned rows; PM's
-                 structure is calibrated here and reused by the cost and speed stages
+1. ``accuracy``  the proxy (or ImageNet) top-1: off-the-shelf and fine-tuned rows; the structure of
+                 every Calibrated method is calibrated here and reused by the cost and speed stages
 2. ``cost``      GMACs of every configuration at the real DeiT sizes (analytic, per block)
 3. ``speed``     throughput, every configuration of a model interleaved with its baseline
 4. ``seg``       Segmenter mIoU, GMACs, FPS
@@ -29,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import env, launch, overrides, profiles
-from .reducer import ConfigError
-from .results import ResultCache
+from . import env, launch, overrides, profiles, registry
+from .checkpoint import load_structure
+from .reducer import Calibrated, ConfigError
+from .results import ResultCache, file_hash
 
 ROOT = env.ROOT
 STAGES = ["accuracy", "cost", "speed", "seg", "ablations"]
@@ -79,10 +80,50 @@ def _hms(s: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-class RunContext:
-    """What every stage gets: the profile, the cache, the output folder, progress and the tables."""
+class StageArtefacts:
+    """What one stage hands to the next, declared (written by the first, read by the later ones)."""
+
+    def __init__(self):
+        self.calibrated: dict[str, Path] = {}  # accuracy: spec -> checkpoint of a Calibrated method's structure
+        self.structure_summaries: dict[str, list] = {}  # accuracy: spec -> per-layer tokens of that structure
+        self.finetuned: dict[tuple[str, str], Path] = {}  # accuracy: (model, canonical spec) -> fine-tuned
+        #   checkpoint of a Calibrated method (cost and speed cost its own learned modules)
+        self.block_tokens: list[dict] = []  # cost: per-block token counts (the plots)
+        self.speed_protocol: str = ""  # speed: how the throughput was timed (the README)
+        self.speedup_ref = None  # reports: the speed stage's reference size of the accuracy table's speed-ups
+
+    # -- learned structures (Calibrated methods) shared between stages ------------------------------
+    def _structure_path(self, spec: str):
+        want = registry.build(spec).spec()
+        for s, path in self.calibrated.items():
+            if registry.build(s).spec() == want:
+                return path
+        return None
+
+    def structure_for(self, red) -> None:
+        """Give a Calibrated reducer the structure calibrated in this run (same 196-token geometry as
+        DeiT), so cost and speed at the real sizes use the learned per-layer counts."""
+        if isinstance(red, Calibrated):
+            path = self._structure_path(red.spec())
+            if path is not None:
+                load_structure(red, path)
+
+    def structure_key(self, spec: str):
+        """Cache key part of a row whose method learns a structure (None for other methods)."""
+        if not registry.is_calibrated(spec):
+            return None
+        path = self._structure_path(spec)
+        if path is None:
+            return "default-structure"
+        return file_hash(path)
+
+
+class RunContext(StageArtefacts):
+    """What every stage gets: the profile, the cache, the output folder, progress and the tables, and
+    the artefacts the stages hand on (:class:`StageArtefacts`)."""
 
     def __init__(self, profile: dict, args, out_dir: Path, cache_dir: Path):
+        super().__init__()
         self.profile = profile
         self.args = args
         self.out_dir = out_dir
@@ -114,35 +155,6 @@ class RunContext:
         skipped += [f"{s} (not requested: --only {','.join(self.stages)})" for s in STAGES
                     if s not in self.stages and s not in self.skipped_stages]
         return f"run: {', '.join(ran) or 'none'}" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
-
-    # -- learned structures (PM) shared between stages -------------------------------------------
-    def _structure_path(self, spec: str):
-        from . import registry
-
-        structs = getattr(self, "pm_structures", {}) or {}
-        want = registry.build(spec).spec()
-        for s, path in structs.items():
-            if registry.build(s).spec() == want:
-                return path
-        return None
-
-    def structure_for(self, red) -> None:
-        """Give a reducer with a learned structure the one calibrated in this run (same 196-token
-        geometry as DeiT), so cost and speed at the real sizes use the searched per-layer counts."""
-        if hasattr(red, "load_structure"):
-            path = self._structure_path(red.spec())
-            if path is not None:
-                red.load_structure(path)
-
-    def structure_key(self, spec: str):
-        if not spec.startswith("pm"):
-            return None
-        path = self._structure_path(spec)
-        if path is None:
-            return "default-structure"
-        from .results import file_hash
-
-        return file_hash(path)
 
     def job(self, desc: dict, fn, label: str, est: float = 1.0) -> dict:
         """Run ``fn`` unless the cache holds ``desc``; returns the result dict."""
@@ -211,8 +223,6 @@ class RunContext:
 
 
 def full_spec(spec: str) -> str:
-    from . import registry
-
     return registry.build(spec).full_spec()
 
 

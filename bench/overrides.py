@@ -2,16 +2,16 @@
 ``--profile-file FILE`` (TOML, JSON or YAML), so a plug-in reducer reaches every table without an
 edit to this repository.
 
-``--configs`` adds reducer specs to every classification table of the profile: the accuracy table
-(off-the-shelf and fine-tuned rows), the FLOPs table and the throughput table (the profile's speed
-configuration lists, per model too).  Specs are separated by commas; an item ``key=value`` continues
+``--configs`` adds reducer specs to every table of the profile: the accuracy table (off-the-shelf and
+fine-tuned rows), the FLOPs table and the throughput table (the profile's speed configuration lists,
+per model too), and the segmentation table (``seg_configs``: rows next to the keep-rate rows).  Specs are separated by commas; an item ``key=value`` continues
 the spec before it, so ``--configs droptail:n=20,at=3,tome:r=8`` is ``droptail:n=20,at=3`` and
 ``tome:r=8``.  The flag may be repeated.
 
 A profile file holds plain data (every key optional)::
 
     # my_profile.toml
-    configs = ["droptail:n=20,at=3"]          # as --configs: added to every classification table
+    configs = ["droptail:n=20,at=3"]          # as --configs: added to every table
     finetune_max_steps = 10                   # any other profile key: replaces the profile's value
     cost_models = ["deit_small_patch16_224"]
 
@@ -50,6 +50,7 @@ TOP_KEYS: dict[str, tuple[str, str]] = {
     "ablation_epochs": ("pos_int", "epochs of each PM ablation row"),
     "ablation_max_steps": ("pos_int", "step budget of each PM ablation row"),
     "seg_keeps": ("fractions", "segmentation keep rates"),
+    "seg_configs": ("specs", "reducer specs added to the segmentation table (next to its keep-rate rows)"),
     "ablations": ("ablations", "PM ablations as [label, spec] pairs"),
     "speed": ("speed", "throughput settings, merged key by key"),
 }
@@ -217,10 +218,12 @@ def _add(lst: list, specs: list) -> list:
 
 
 def add_configs(prof: dict, specs: list[str]) -> None:
-    """Add ``specs`` to every classification table's config lists (in place)."""
+    """Add ``specs`` to every classification table's config lists and to the segmentation table (in
+    place)."""
     for k in SPEC_LIST_KEYS:
         if k in prof:
             prof[k] = _add(prof[k], specs)
+    prof["seg_configs"] = _add(prof.get("seg_configs", []), specs)
     sp = prof.get("speed")
     if isinstance(sp, dict):
         if "configs" in sp:
@@ -293,11 +296,11 @@ def describe(record: dict) -> str:
     """One line for table headers: what the overrides changed."""
     parts = []
     if record.get("configs"):
-        parts.append("--configs added " + ", ".join(record["configs"]) + " to every classification table")
+        parts.append("--configs added " + ", ".join(record["configs"]) + " to every table")
     if record.get("profile_file"):
         bits = []
         if record.get("file_configs"):
-            bits.append("added " + ", ".join(record["file_configs"]) + " to every classification table")
+            bits.append("added " + ", ".join(record["file_configs"]) + " to every table")
         if record.get("replaced"):
             bits.append("set " + ", ".join(record["replaced"]))
         if record.get("added"):

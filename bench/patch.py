@@ -19,6 +19,8 @@ gradients (PM calibration, DynamicViT training) or when the module itself has
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 import torch
@@ -38,6 +40,7 @@ class PatchContext:
         self.info = info
         self.state: Optional[TokenState] = None
         self.track = False  # record grid tracking (dense prediction, tests)
+        self.train_step = False  # the current forward is a training step (training_step())
         self.orig_model_cls = None
         self.orig_block_cls: dict[int, type] = {}
 
@@ -129,6 +132,17 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * N, C).index_select(0, flat.reshape(-1)).view(B, idx.shape[1], C)
 
 
+def topk_keep(x: torch.Tensor, scores: torch.Tensor, k: int, n_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the prefix tokens and the ``k`` patch tokens of highest ``scores`` (B, N - n_prefix), in
+    descending-score order (``torch.topk(sorted=True)``, as EViT's and DynamicViT's official code);
+    returns ``(idx, kept)``: the kept patch indices (B, k) and the tokens (B, n_prefix + k, C), copied
+    exactly (:func:`gather_tokens`).  Record the selection with ``state.remap(x, keep_map(idx, N, p))``."""
+    idx = torch.topk(scores, k, dim=1, largest=True, sorted=True).indices
+    B = x.shape[0]
+    keep = torch.cat([torch.arange(n_prefix, device=x.device).expand(B, -1), idx + n_prefix], dim=1)
+    return idx, gather_tokens(x, keep)
+
+
 # --------------------------------------------------------------------------- shared block
 class ReducedBlockMixin:
     """Forward of a timm ``Block`` with the reducer's hook points."""
@@ -162,7 +176,8 @@ class ReducedViTMixin:
         x = self.norm_pre(x)
         grid = (H // ph, W // pw)
         st = TokenState(
-            batch=x.shape[0], n_prefix=ctx.info.n_prefix, grid=grid, n0=x.shape[1], track=ctx.track
+            batch=x.shape[0], n_prefix=ctx.info.n_prefix, grid=grid, n0=x.shape[1], track=ctx.track,
+            train_step=ctx.train_step,
         )
         ctx.state = st
         ctx.reducer.begin(self, x, st)
@@ -191,10 +206,6 @@ def _is_vit(model) -> bool:
 def _subclass(mixin: type, cls: type) -> type:
     name = f"Reduced{cls.__name__}"
     return type(name, (mixin, cls), {"_pmb_base": cls})
-
-
-def model_info(model, img_size=None) -> ModelInfo:
-    return ModelInfo.from_model(model, img_size)
 
 
 def apply(model: nn.Module, reducer: Reducer, img_size=None) -> nn.Module:
@@ -273,6 +284,21 @@ def set_tracking(model, enabled: bool = True) -> None:
     if ctx is None:
         raise ConfigError("model is not patched with a reducer")
     ctx.track = enabled
+
+
+@contextlib.contextmanager
+def training_step(model):
+    """Forwards inside are training steps (``TokenState.train_step``): the trainer says so
+    explicitly around the student's forward.  A no-op for an unpatched model."""
+    ctx = get_context(model)
+    if ctx is None:
+        yield
+        return
+    before, ctx.train_step = ctx.train_step, True
+    try:
+        yield
+    finally:
+        ctx.train_step = before
 
 
 def reducer_modules(model) -> nn.ModuleDict:

@@ -93,7 +93,7 @@ def _scatter_by_method(rows, xkey, ykey, title, xlabel, ylabel, out, name, figs,
 
 
 def _accuracy_plots(ctx, acc: list, src: str, out: Path, figs: list) -> None:
-    ref = getattr(ctx, "speedup_ref", None)
+    ref = ctx.speedup_ref
     models = list(dict.fromkeys(r.get("model") for r in acc))
     for model in models:
         mrows = [r for r in acc if r.get("model") == model]
@@ -184,5 +184,5 @@ def write_all(ctx, out: Path) -> list:
     seg = ctx.tables.get("segmentation", {}).get("rows", [])
     if seg:
         _seg_plot(seg, src, out, figs)
-    tokens_plot(getattr(ctx, "block_tokens", []), out, figs)
+    tokens_plot(ctx.block_tokens, out, figs)
     return figs

@@ -29,9 +29,6 @@ COST_CONFIGS = PAPER_CONFIGS + [f"dynamicvit:rho={k}" for k in (0.6, 0.5)]
 # Fine-tuned rows (each method's own recipe, via the shared trainer).
 FINETUNE_CONFIGS = ["pm:keep=0.7", "pm:keep=0.6", "tome:r=13", "evit:keep=0.7", *DYNAMICVIT, "mstm:keep=0.7"]
 
-# Methods whose off-the-shelf numbers are meaningless (untrained predictors).
-NO_OFF_THE_SHELF = ("dynamicvit",)
-
 # Segmentation: keep rates 0.8 / 0.7 / 0.5 (bench/seg/table.py builds each method's spec; ToMe's r is
 # matched to EViT's GMACs at each keep rate).
 SEG_KEEPS = [0.8, 0.7, 0.5]

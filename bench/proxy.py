@@ -97,7 +97,7 @@ def pmbench_proxy_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     if pretrained:
         raise RuntimeError(
             "pmbench_proxy_vit has no downloadable weights; train it with `pmbench train --model "
-            "pmbench_proxy_vit --data proxy` or use bench.proxy.load_backbone()"
+            "pmbench_proxy_vit --data proxy` or use bench.checkpoint.load_proxy_backbone()"
         )
     args = dict(img_size=IMG_SIZE, patch_size=8, embed_dim=64, depth=12, num_heads=2, mlp_ratio=4.0,
                 num_classes=len(CLASSES), qkv_bias=True)
@@ -379,11 +379,3 @@ def ensure_backbone(force: bool = False, *, size: str = "default") -> Path:
             raise RuntimeError(f"training the proxy backbone failed (exit {res.returncode}); run it by hand: "
                                f"{' '.join(cmd[2:])}")
     return path
-
-
-def load_backbone(device="cpu", *, size: str = "default"):
-    """The trained proxy backbone (unpatched, eval mode), training it first if needed."""
-    from .checkpoint import load_model
-
-    model, _ = load_model(ensure_backbone(size=size), PROXY_MODEL, device=device)
-    return model.eval()

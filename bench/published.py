@@ -1,8 +1,7 @@
 """Published numbers (``paper_numbers.csv``), mapped onto the suite's model names and reducer specs.
 
-The CSV lives in the project's shared reference folder; a copy ships in
-``bench/data_files/paper_numbers.csv`` so a clone without that folder still
-builds the published-vs-reproduced table.  Only rows whose model and
+The CSV ships with the package (``bench/data_files/paper_numbers.csv``; its sources are named in
+its ``source`` column and in docs/methods/).  Only rows whose model and
 configuration the suite can express are mapped; the rest are kept with the
 reason they are not comparable.
 """
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 HERE = Path(__file__).resolve().parent
-CSV_PATHS = [HERE / "data_files" / "paper_numbers.csv", HERE.parent.parent / "shared" / "reference" / "paper_numbers.csv"]
+CSV_PATH = HERE / "data_files" / "paper_numbers.csv"
 
 MODEL_MAP = {
     "DeiT-T": "deit_tiny_patch16_224",
@@ -29,12 +28,11 @@ METHOD_MAP = {"none": "none", "ToMe": "tome", "EViT": "evit", "DynamicViT": "dyn
 
 
 def load_rows(path: Optional[Path] = None) -> list[dict]:
-    paths = [Path(path)] if path else CSV_PATHS
-    for p in paths:
-        if p.exists():
-            with open(p, newline="") as f:
-                return list(csv.DictReader(f))
-    raise FileNotFoundError(f"paper_numbers.csv not found (looked in {', '.join(map(str, paths))})")
+    p = Path(path) if path else CSV_PATH
+    if not p.exists():
+        raise FileNotFoundError(f"paper_numbers.csv not found at {p}")
+    with open(p, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _num(s: str) -> Optional[float]:
@@ -127,7 +125,7 @@ def normalise_spec(spec: str) -> str:
 # Sources whose GFLOPs a method's own publication made with a rule other than the suite's count
 # (Reducer.paper_count_macs): (source, method).  DynamicViT's NeurIPS figures (and the ToMe paper's
 # copy of one) come from the official per-layer formula without predictors; its T-PAMI README's come
-# from fvcore, i.e. the suite's count.  The PM README uses PM's code formula (pm.md §1.4).
+# from fvcore, i.e. the suite's count.  The PM README uses PM's code formula (docs/methods/pm.md §1.4).
 PAPER_COUNT_SOURCES = {
     ("DynamicViT paper (secondary copy)", "dynamicvit"),
     ("ToMe paper (secondary copy)", "dynamicvit"),

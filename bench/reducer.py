@@ -4,20 +4,28 @@ A *reducer* is a plain Python object (not an ``nn.Module``) configured from a
 spec string such as ``tome:r=13``.  :func:`bench.patch.apply` swaps the classes
 of an existing timm ``VisionTransformer`` and of its blocks so that one shared
 block (``bench.patch.ReducedBlockMixin``) calls the reducer's hooks at four
-points of every block::
+points of every block ``i``::
 
-    x = reducer.pre_block(i, x, state)            # e.g. DynamicViT selection, PM merge
-    a, extras = attention(norm1(x), reducer.attn_request(i, state))
+    x = reducer.pre_block(i, block, x, state)                 # e.g. DynamicViT selection, PM merge
+    a, extras = attention(norm1(x), reducer.attn_request(i, block, x, state))
     x = x + ls1(a)
-    x = reducer.post_attn(i, x, extras, state)    # e.g. ToMe merge, EViT/MSTM top-k
+    x = reducer.post_attn(i, block, x, extras, state)         # e.g. ToMe merge, EViT/MSTM top-k
     x = x + ls2(mlp(norm2(x)))
-    x = reducer.post_block(i, x, state)           # e.g. PM reconstruct + shortcut
+    x = reducer.post_block(i, block, x, state)                # e.g. PM reconstruct + shortcut
 
-Weights are untouched; a reducer that owns parameters (predictors, merge
-matrices, fusion scales) registers them under ``model.reducer_modules`` so they
-are trained and saved with the model.  The harness derives FLOPs from
-:meth:`Reducer.token_schedule` and :meth:`Reducer.extra_macs`, and dense
-prediction restores the full grid through :meth:`Reducer.restore`.
+Two tiers.  :class:`Reducer` is the inference core every method implements (options, checks, the
+hooks above, ``begin``/``end``, the declared :meth:`Reducer.token_schedule` and
+:meth:`Reducer.extra_macs` from which the harness derives FLOPs, :meth:`Reducer.flops_conventions`,
+the dense-prediction :meth:`Reducer.restore`, and ``export_state``/``import_state`` for
+checkpoints).  A method that needs more declares a capability by subclassing it, and the harness
+asks ``isinstance``, never the method's name:
+
+* :class:`Trainable`: a fine-tuning recipe, extra losses, a per-parameter learning-rate multiplier
+  and a per-step schedule;
+* :class:`Calibrated`: a structure learned from data (``calibrate``), carried through checkpoints.
+
+Weights are untouched; a reducer that owns parameters (predictors, merge matrices, fusion scales)
+registers them under ``model.reducer_modules`` so they are trained and saved with the model.
 """
 from __future__ import annotations
 
@@ -201,6 +209,8 @@ class TokenState:
     origin: (B, N0) index of the current token that carries each *original* token
             (-1 once the token was dropped); only when ``track`` is set
     last:   (B, N0, C) last features of dropped original tokens (for dense restore)
+    train_step: the forward is a training step (set explicitly by the trainer; a method's training
+            behaviour, e.g. EViT's keep-rate warm-up, must not be guessed from autograd or train mode)
     """
 
     batch: int
@@ -208,6 +218,7 @@ class TokenState:
     grid: tuple[int, int]
     n0: int
     track: bool = False
+    train_step: bool = False  # a training step of the shared trainer (bench.patch.training_step)
     size: Optional[torch.Tensor] = None
     origin: Optional[torch.Tensor] = None
     last: Optional[torch.Tensor] = None
@@ -257,8 +268,10 @@ class Reducer:
     options: ClassVar[dict[str, Option]] = {}
     # Flags the harness reads
     needs_training: ClassVar[bool] = False  # off-the-shelf numbers are meaningless without it
-    needs_teacher: ClassVar[bool] = False  # extra_losses wants the unreduced teacher's outputs
     changes_token_count: ClassVar[bool] = True
+    # Lines the report tables add when the method has rows, by table ("accuracy", "structure"; "{model}"
+    # is replaced by the table's model); plain text, no behaviour
+    report_notes: ClassVar[dict[str, str]] = {}
     # Shown in the note column of the method's off-the-shelf accuracy rows: what such a row is and
     # is not (e.g. a calibrated-only model that is known to lose heavily before fine-tuning)
     off_the_shelf_note: ClassVar[Optional[str]] = None
@@ -353,42 +366,16 @@ class Reducer:
         """MACs of the method's own modules (predictors, merge matrices, fusion)."""
         return 0
 
-    def paper_count_macs(self, info: ModelInfo) -> Optional[int]:
-        """The count the method's own publication made its GFLOPs with, where that is not the suite's
-        count (``bench.flops.analytic``); None when it is.  The suite's tables always use its own count;
-        this one only lets the published-vs-reproduced table compare a paper's figure with the number
-        the paper's own rule gives (``bench.published.PAPER_COUNT_SOURCES``) and say so."""
-        return None
+    def flops_conventions(self, info: ModelInfo) -> dict:
+        """Named counts made by other conventions than the suite's (``bench.flops.analytic``), e.g. a
+        paper's own rule or an official code's formula; ``{}`` when the method has none.
 
-    # -- training --------------------------------------------------------------------------
-    def extra_losses(self, model, outputs, targets, state: Optional[TokenState], teacher_out=None) -> dict:
-        """Extra training losses (already weighted), e.g. DynamicViT's ratio loss.
-
-        ``state`` is the student's last TokenState; ``teacher_out`` (when the
-        trainer runs a teacher) is a dict with ``logits`` and ``features`` (the
-        teacher's normed tokens from ``forward_features``)."""
+        The key :data:`PAPER_COUNT` (MACs, an int) is the count the method's own publication made
+        its GFLOPs with: the published-vs-reproduced table compares a paper's figure with it
+        (``bench.published.PAPER_COUNT_SOURCES``).  Every other key is reported as is (JSON-able)
+        next to the suite's count by ``pmbench flops`` and the cost stage (``method_conventions``).
+        The suite's tables always use the suite's own count."""
         return {}
-
-    def recipe(self, info: ModelInfo) -> dict:
-        """The method's fine-tuning defaults as ``bench.train.TrainConfig`` field overrides
-        (e.g. distillation weights, learning rate, epochs scaled to the profile)."""
-        return {}
-
-    def on_epoch(self, model, epoch: int, num_epochs: float) -> None:
-        """Per-epoch hook (before the epoch starts), e.g. schedules.  ``num_epochs`` is the
-        schedule's length in epochs, fractional for a schedule shorter than one epoch."""
-
-    def on_step(self, model, epoch: float, num_epochs: float) -> None:
-        """Per-iteration hook; ``epoch`` is fractional (EViT's per-iteration keep-rate schedule)."""
-
-    def param_group(self, name: str) -> str:
-        """Optimiser group key of a parameter ('backbone' unless the method says otherwise)."""
-        return "backbone"
-
-    def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
-        """Learning-rate multiplier of a parameter group at a (fractional) epoch of a schedule of
-        ``num_epochs`` epochs."""
-        return 1.0
 
     # -- dense prediction ------------------------------------------------------------------
     def restore(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -410,6 +397,100 @@ class Reducer:
     # -- reporting ------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"name": self.name, "spec": self.spec(), "options": dict(self.cfg)}
+
+
+class Trainable(Reducer):
+    """Capability: a method with its own fine-tuning (a recipe, extra losses, per-parameter learning
+    rates or a per-step schedule).  The shared trainer (``bench.train``) and the stages ask
+    ``isinstance(red, Trainable)``; any other reducer is fine-tuned with the trainer's defaults."""
+
+    needs_teacher: ClassVar[bool] = False  # extra_losses wants the unreduced teacher's outputs
+
+    def recipe(self, info: ModelInfo) -> dict:
+        """The method's fine-tuning defaults as ``bench.train.TrainConfig`` field overrides
+        (e.g. distillation weights, learning rate, epochs scaled to the profile)."""
+        return {}
+
+    def extra_losses(self, model, outputs, targets, state: Optional[TokenState], teacher_out=None) -> dict:
+        """Extra training losses (already weighted), e.g. DynamicViT's ratio loss.
+
+        ``state`` is the student's last TokenState; ``teacher_out`` (when the
+        trainer runs a teacher) is a dict with ``logits`` and ``features`` (the
+        teacher's normed tokens from ``forward_features``)."""
+        return {}
+
+    def lr_multiplier(self, name: str, epoch: float, num_epochs: float) -> float:
+        """Learning-rate multiplier of parameter ``name`` (as in ``model.named_parameters()``) at a
+        (fractional) epoch of a schedule of ``num_epochs`` epochs (fractional for a schedule shorter
+        than one epoch); 0 freezes it for that step."""
+        return 1.0
+
+    def on_step(self, model, epoch: float, num_epochs: float) -> None:
+        """Called before every training step; ``epoch`` is fractional (e.g. EViT's keep-rate schedule)."""
+
+
+def keep_map(idx: torch.Tensor, n_tokens: int, n_prefix: int) -> torch.Tensor:
+    """The ``old_to_new`` map (:meth:`TokenState.remap`) of a top-k selection: the prefix tokens stay in
+    front, the kept patch tokens ``idx`` (B, k; patch indices in the order they are kept) follow them,
+    every other token maps to -1 (left the sequence; a method that merges them may overwrite that)."""
+    B, k = idx.shape
+    old_to_new = torch.full((B, n_tokens), -1, dtype=torch.long, device=idx.device)
+    old_to_new[:, :n_prefix] = torch.arange(n_prefix, device=idx.device)
+    old_to_new.scatter_(1, idx + n_prefix, (n_prefix + torch.arange(k, device=idx.device)).expand(B, -1))
+    return old_to_new
+
+
+PAPER_COUNT = "paper_count_macs"  # the key of Reducer.flops_conventions the published table compares with
+
+
+def split_conventions(red: "Reducer", info: ModelInfo) -> tuple[Optional[int], dict]:
+    """``(paper count in MACs or None, the other named counts)`` of ``red.flops_conventions(info)``."""
+    conv = dict(red.flops_conventions(info))
+    return conv.pop(PAPER_COUNT, None), conv
+
+
+# --------------------------------------------------------------------------- declared capabilities
+class Calibrated(Reducer):
+    """Capability: a method whose structure is learned from data before it is used (Prune and Merge's
+    per-layer centres; a plug-in's token scores).  The harness asks ``isinstance(red, Calibrated)``,
+    never the method's name, and then
+
+    1. patches the backbone with the reducer and calls :meth:`calibrate` on batches of its training
+       split (classification: images and labels; segmentation: crops and pixel labels);
+    2. re-patches the model (:func:`bench.patch.apply`), so modules built from the structure are
+       rebuilt, and saves a checkpoint: :meth:`Reducer.export_state` carries the structure there, and
+       :meth:`Reducer.import_state` brings it back before the reducer is patched onto a model;
+    3. evaluates, fine-tunes, counts, times and segments with that structure; a checkpoint's
+       structure reaches a reducer through :func:`bench.checkpoint.load_structure`.
+    """
+
+    structure_name: ClassVar[str] = "learned structure"  # what error messages call it
+    default_structure: ClassVar[str] = "the method's data-free default structure"  # used before calibration
+    # The ``pmbench`` sub-command that calibrates the method under torchrun (``--launcher torchrun``:
+    # it takes --init, --reducer, the data flags, --iters, --batch-size, --seed, --out and --json and
+    # sums its scores over the ranks); None: the method calibrates in one process only.
+    launch_calibrate_command: ClassVar[Optional[str]] = None
+
+    def calibrate(self, model, batches, info: ModelInfo, *, loss_fn=None, iters: Optional[int] = None,
+                  device=None, progress=None, meta: Optional[dict] = None, **options) -> dict:
+        """Learn the structure on ``batches`` and adopt it; returns a JSON-able summary.
+
+        ``model`` is patched with this reducer and maps a batch's inputs to logits; ``batches`` yields
+        ``(inputs, targets)``; ``loss_fn(logits, targets)`` is the loss to score with (default: cross
+        entropy; segmentation passes per-pixel logits with ignored pixels at -100); at most ``iters``
+        batches are used.  ``meta`` is recorded with the structure (e.g. the task).  The summary may
+        hold ``per_layer``: ``[{"layer": i, "tokens": n}, ...]`` for the per-block structure table."""
+        raise NotImplementedError
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the reducer holds a learned structure (not its data-free default)."""
+        raise NotImplementedError
+
+    def structure_in(self, checkpoint: dict) -> Optional[dict]:
+        """The exported structure inside a checkpoint dict (None when it holds none)."""
+        st = checkpoint.get("reducer_state") if isinstance(checkpoint, dict) else None
+        return st or None
 
 
 def keep_count(keep: float, n: int) -> int:

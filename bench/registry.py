@@ -1,7 +1,7 @@
 """Reducer registry: names -> classes, spec strings -> configured reducers.
 
-Built-in methods are listed below by import path (imported on first use, so
-one broken method cannot break the others).  External methods register through
+Built-in methods are listed in :data:`bench.plugins.BUILTIN` by import path (imported on first
+use, so one broken method cannot break the others).  External methods register through
 the Python entry-point group ``pmbench.reducers``::
 
     [project.entry-points."pmbench.reducers"]
@@ -17,18 +17,10 @@ import importlib
 from importlib import metadata
 from typing import Optional
 
-from .reducer import ConfigError, Reducer
+from .plugins import BUILTIN, REDUCER_GROUP, entry_points
+from .reducer import Calibrated, ConfigError, Reducer
 
-ENTRY_POINT_GROUP = "pmbench.reducers"
-
-BUILTIN: dict[str, str] = {
-    "none": "bench.reducer:Reducer",
-    "tome": "baselines.tome:ToMe",
-    "evit": "baselines.evit:EViT",
-    "dynamicvit": "baselines.dynamicvit:DynamicViT",
-    "mstm": "baselines.mstm:MSTM",
-    "pm": "pm.reducer:PruneAndMerge",
-}
+ENTRY_POINT_GROUP = REDUCER_GROUP
 
 _registered: dict[str, type] = {}
 
@@ -42,11 +34,7 @@ def register(cls: type) -> type:
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:
-    try:
-        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except TypeError:  # pragma: no cover - very old importlib.metadata
-        eps = metadata.entry_points().get(ENTRY_POINT_GROUP, [])
-    return {ep.name: ep for ep in eps}
+    return entry_points(ENTRY_POINT_GROUP)
 
 
 def _load_path(path: str) -> type:
@@ -137,6 +125,11 @@ def build(spec) -> Reducer:
     name, opts = parse_spec(spec)
     cls = get(name)
     return cls(**opts)
+
+
+def is_calibrated(spec) -> bool:
+    """Whether a spec's (or a reducer's) method declares the :class:`bench.reducer.Calibrated` capability."""
+    return isinstance(build(spec), Calibrated)
 
 
 def describe_all() -> list[dict]:

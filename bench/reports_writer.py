@@ -126,7 +126,7 @@ def _excerpts(ctx) -> list[str]:
         t = ctx.tables["accuracy"]
         lines += ["", f"## {t['title']} (excerpt)", "",
                   f"Top-1, its drop vs the unreduced model (points), GMACs of the {acc[0].get('model', 'model')} and "
-                  f"the speed-up measured at the {getattr(ctx, 'speedup_ref', None) or 'speed stage'} size. "
+                  f"the speed-up measured at the {ctx.speedup_ref or 'speed stage'} size. "
                   f"See [accuracy.md](accuracy.md) for the full table (intervals, McNemar p-values) and its "
                   "provenance header.", ""]
         lines += _excerpt(acc, ["model", "config", "kind", "structure", "top1", "drop", "gmacs", "speedup"])

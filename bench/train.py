@@ -11,10 +11,10 @@ distillation from a teacher (the unreduced model) exactly as DeiT's
     hard KD = cross_entropy(s, t.argmax(1))
     distill_form "deit": (1 - a) * base + a * KD        "add": base + a * KD  (Prune and Merge)
 
-The reducer of the model (``bench.patch.get_reducer``) plugs in through its
-training hooks: ``param_group``/``lr_scale`` (extra optimiser groups and their
-per-epoch lr multipliers), ``extra_losses`` (added to the loss and logged),
-``on_epoch`` / ``on_step`` and ``needs_teacher``.  ``reducer.recipe`` is *not*
+A reducer of the model (``bench.patch.get_reducer``) with the
+:class:`bench.reducer.Trainable` capability plugs in through its training hooks:
+``lr_multiplier`` (per parameter and step), ``extra_losses`` (added to the loss
+and logged), ``on_step`` and ``needs_teacher``.  ``reducer.recipe`` is *not*
 applied here (the CLI merges it into the config defaults), so ``train`` does
 exactly what its config says.
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from . import distributed as dist
 from . import patch
 from .checkpoint import read_checkpoint, save_checkpoint
-from .reducer import ConfigError
+from .reducer import ConfigError, Trainable
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "pos_embed_prefix")
 
@@ -145,21 +145,16 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 31)
 
 
-def param_groups(model, weight_decay: float, reducer=None) -> list[dict]:
-    """AdamW groups: (reducer group key) x (decay / no decay)."""
-    groups: dict[tuple[str, bool], list] = {}
-    names: dict[tuple[str, bool], list] = {}
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups, one per trainable parameter (``name``): its learning rate is set every step, the
+    schedule's times the reducer's :meth:`~bench.reducer.Trainable.lr_multiplier`; no weight decay on
+    1-D parameters, biases and tokens."""
+    out = []
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name.endswith(".bias")
-        key = reducer.param_group(name) if reducer is not None else "backbone"
-        groups.setdefault((key, no_decay), []).append(p)
-        names.setdefault((key, no_decay), []).append(name)
-    out = []
-    for (key, no_decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        out.append({"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "pm_group": key,
-                    "pm_names": names[(key, no_decay)]})
+        out.append({"params": [p], "weight_decay": 0.0 if no_decay else weight_decay, "name": name})
     return out
 
 
@@ -227,7 +222,8 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
     amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
     seed_everything(cfg.seed + rank)
     model.to(device)
-    reducer = patch.get_reducer(model)
+    red = patch.get_reducer(model)
+    reducer = red if isinstance(red, Trainable) else None  # the trainer's hooks: recipe losses, lr, schedule
     use_teacher = cfg.distill != "none" or bool(reducer is not None and reducer.needs_teacher)
     if use_teacher and teacher is None:
         raise ConfigError("this training needs a teacher (distillation or the reducer's losses); "
@@ -250,7 +246,7 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
     # fractional epoch of each step, so fractions of a schedule (DynamicViT's 1/6 freeze) hold for
     # a schedule shorter than one epoch too.
     num_epochs = sched_steps / spe
-    groups = param_groups(model, cfg.weight_decay, reducer)
+    groups = param_groups(model, cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = CosineSchedule(cfg.lr, cfg.min_lr, sched_steps, int(round(cfg.warmup_epochs * spe)), cfg.warmup_lr)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
@@ -349,8 +345,6 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
                 end_epoch(cur_epoch)
                 run_loss, run_n = 0.0, 0
             cur_epoch = epoch
-            if reducer is not None:
-                reducer.on_epoch(model_obj, epoch, num_epochs)
             if sampler is not None and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             if sampler is not None and hasattr(sampler, "skip"):
@@ -374,14 +368,14 @@ def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=Non
         epoch_f = step / spe
         if reducer is not None:
             reducer.on_step(model_obj, epoch_f, num_epochs)
-        # learning rate of this step (x the reducer's per-group multiplier)
+        # learning rate of this step (x the reducer's per-parameter multiplier)
         lr = sched.lr_at(step)
         for g in opt.param_groups:
-            scale = reducer.lr_scale(g["pm_group"], epoch_f, num_epochs) if reducer is not None else 1.0
-            g["lr"] = lr * scale
+            g["lr"] = lr * reducer.lr_multiplier(g["name"], epoch_f, num_epochs) if reducer is not None else lr
         with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
                             enabled=amp):
-            out = ddp_model(x)
+            with patch.training_step(model_obj):  # the reducer is told, not left to guess, that this is a step
+                out = ddp_model(x)
             logits, logits_kd = _split_outputs(out)
             terms = {"ce": base_loss(logits, y)}
             teacher_out = None

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench import flops, models, patch, profiles, registry, speed
+from bench.reducer import ModelInfo
 
 
 def main(argv=None) -> int:
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         (a.configs.split(",") if a.configs else [c for c in profiles.PAPER_CONFIGS if c != "none"])
     torch.manual_seed(0)
     base = models.create(a.model).eval()
-    info = patch.model_info(base)
+    info = ModelInfo.from_model(base)
     g0 = flops.analytic(info, registry.build("none")).gmacs
     ms, mac = {"none": base}, {}
     for s in configs:

@@ -1,4 +1,4 @@
-"""Calibration: the gradient-weighted attention score and the structure search (pm.md §1.2-1.4).
+"""Calibration: the gradient-weighted attention score and the structure search (docs/methods/pm.md §1.2-1.4).
 
 Official score (first-order Taylor of the loss w.r.t. the attention map), per
 layer l and key token j, for one iteration on a batch of B images::
@@ -14,7 +14,7 @@ the probabilities come from the shared attention's explicit path
 Differences from the released code, all deliberate:
 
 * scores are all-reduced (summed) over ranks under torch.distributed
-  (pm.md §5.18; the original keeps rank 0's local scores);
+  (docs/methods/pm.md §5.18; the original keeps rank 0's local scores);
 * by default no optimiser step is taken.  The official pass steps AdamW at
   lr 1e-6 (wd as configured) while scoring, which nudges the weights and
   makes the scores depend on batch order and optimiser state; ``opt_step=True``
@@ -35,9 +35,9 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from bench import distributed as bd
+from bench import patch
 from bench.reducer import AttnRequest, ConfigError, ModelInfo
-
-from .reducer import PruneAndMerge
 
 
 class ScoreAccumulator:
@@ -88,14 +88,12 @@ class ScoreAccumulator:
 
 def all_reduce_scores(scores: torch.Tensor) -> torch.Tensor:
     """Sum the accumulated scores over ranks (no-op without an initialised process group)."""
-    from bench import distributed as bd
-
     return bd.all_reduce_sum(scores.clone())
 
 
 def collect_scores(
     model,
-    reducer: PruneAndMerge,
+    reducer,
     loader: Iterable,
     info: ModelInfo,
     iters: Optional[int] = None,
@@ -105,8 +103,12 @@ def collect_scores(
     weight_decay: float = 0.05,
     device: Optional[str] = None,
     progress=None,
+    loss_fn=None,
 ) -> tuple[torch.Tensor, dict]:
-    """Accumulated raw scores (depth, n_patches) over the loader (then all-reduced)."""
+    """Accumulated raw scores (depth, n_patches) over the loader (then all-reduced); ``reducer`` is
+    the :class:`pm.reducer.PruneAndMerge` the model is patched with; ``loss_fn(logits, targets)``
+    (default: cross entropy) is the loss whose gradient weights the attention."""
+    loss_fn = loss_fn or F.cross_entropy
     kind = reducer.cfg["score"]
     if kind == "random":
         g = torch.Generator().manual_seed(reducer.cfg["seed"])
@@ -118,66 +120,57 @@ def collect_scores(
     model.eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=weight_decay) if opt_step else None
-    reducer._calib = acc
     t0 = time.time()
     try:
-        for it, batch in enumerate(loader):
-            if iters is not None and it >= iters:
-                break
-            if max_images is not None and acc.images >= max_images:
-                break
-            images, targets = batch[0].to(dev), batch[1].to(dev)
-            if kind == "cls_attn":
-                with torch.no_grad():
-                    model(images)
-                acc.finish_batch(None, images.shape[0])
-                continue
-            images = images.requires_grad_(True)  # the probabilities need a graph even with frozen weights
-            loss = F.cross_entropy(model(images), targets)
-            if not torch.isfinite(loss):  # NaN/inf scores would silently decide the structure
-                raise ConfigError(f"PM calibration: the loss is {loss.item()} at iteration {it + 1}; the weights "
-                                  "or the inputs are not finite (check --init/--weights and the data)")
-            if opt is not None:  # official: AdamW at lr 1e-6 steps while scoring
-                for A in acc.probs.values():
-                    A.retain_grad()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                acc.finish_batch(None, images.shape[0], grads={i: A.grad for i, A in acc.probs.items()})
-                opt.step()
-            else:
-                acc.finish_batch(loss, images.shape[0])
-            if progress:
-                progress(acc.iterations, acc.images, time.time() - t0)
+        with reducer.scoring(acc):
+            for it, batch in enumerate(loader):
+                if iters is not None and it >= iters:
+                    break
+                if max_images is not None and acc.images >= max_images:
+                    break
+                images, targets = batch[0].to(dev), batch[1].to(dev)
+                if kind == "cls_attn":
+                    with torch.no_grad():
+                        model(images)
+                    acc.finish_batch(None, images.shape[0])
+                    continue
+                images = images.requires_grad_(True)  # the probabilities need a graph even with frozen weights
+                loss = loss_fn(model(images), targets)
+                if not torch.isfinite(loss):  # NaN/inf scores would silently decide the structure
+                    raise ConfigError(f"PM calibration: the loss is {loss.item()} at iteration {it + 1}; the weights "
+                                      "or the inputs are not finite (check --init/--weights and the data)")
+                if opt is not None:  # official: AdamW at lr 1e-6 steps while scoring
+                    for A in acc.probs.values():
+                        A.retain_grad()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    acc.finish_batch(None, images.shape[0], grads={i: A.grad for i, A in acc.probs.items()})
+                    opt.step()
+                else:
+                    acc.finish_batch(loss, images.shape[0])
+                if progress:
+                    progress(acc.iterations, acc.images, time.time() - t0)
     finally:
-        reducer._calib = None
         model.train(was_training)
     scores = all_reduce_scores(acc.scores)
     if not torch.isfinite(scores).all():
         raise ConfigError("PM calibration produced non-finite scores (NaN/inf attention or gradients); the "
                           "weights or the inputs are not finite (check --init/--weights and the data)")
-    from bench import distributed as bd
-
     if acc.iterations == 0 and bd.world_size() == 1:
         raise ConfigError("PM calibration saw no batch (empty split, or --iters/--max-images too small?)")
     return scores, {"iterations": acc.iterations, "images": acc.images, "score": kind,
                     "opt_step": opt_step, "seconds": round(time.time() - t0, 2)}
 
 
-def calibrate(model, reducer: PruneAndMerge, loader: Iterable, iters=None, max_images=None,
+def calibrate(model, reducer, loader: Iterable, iters=None, max_images=None,
               opt_step=False, lr=1e-6, weight_decay=0.05, device=None, progress=None) -> dict:
     """Score on ``loader`` with the model patched by ``reducer``, search the structure and
     re-patch the model with it (fresh M/R initialised from the scores).  Returns the summary."""
-    from bench import patch
-
     if patch.get_reducer(model) is not reducer:
         patch.apply(model, reducer)
     info = patch.get_context(model).info
-    scores, meta = collect_scores(model, reducer, loader, info, iters=iters, max_images=max_images,
-                                  opt_step=opt_step, lr=lr, weight_decay=weight_decay, device=device,
-                                  progress=progress)
-    reducer.structure_from_scores(scores, info, meta)
+    out = reducer.calibrate(model, loader, info, iters=iters, max_images=max_images, opt_step=opt_step, lr=lr,
+                            weight_decay=weight_decay, device=device, progress=progress)
     img = (info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1])
     patch.apply(model, reducer, img_size=img)  # rebuild M/R with the new shapes
-    out = reducer.per_layer()
-    out["calibration"] = meta
     return out

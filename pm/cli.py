@@ -12,7 +12,6 @@ structure (per-layer centres, pruned masks, scores) and the spec, so
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
@@ -73,30 +72,9 @@ def _prepare(args) -> None:
         proxy.ensure_backbone(size=parse_data(args.data).get("size") or "default")
 
 
-def load_weights(model, path: str) -> None:
-    """A state_dict (or a checkpoint dict with a 'model'/'state_dict' entry) into ``model``."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=False)
-        for k in ("model", "state_dict", "model_state"):
-            if isinstance(sd, dict) and isinstance(sd.get(k), dict):
-                sd = sd[k]
-                break
-    sd = {k: v for k, v in sd.items() if not k.startswith("reducer_modules.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing:
-        from bench.reducer import ConfigError
-
-        raise ConfigError(f"weights {path} do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
-
-
 def build_model(args, n_classes=None):
     """The unpatched model with the requested weights, and its name."""
-    from bench import models, patch
+    from bench import patch
     from bench.reducer import ConfigError
 
     if args.init:
@@ -113,22 +91,16 @@ def build_model(args, n_classes=None):
     if args.model == proxy.PROXY_MODEL and not (args.weights or args.pretrained):
         from bench.data import parse_data
 
+        from bench.checkpoint import load_proxy_backbone
+
         d = parse_data(args.data)
-        return proxy.load_backbone(size=d.get("size") or "default"), args.model
-    kw = {"img_size": args.img_size} if args.img_size else {}
-    nc = args.num_classes or n_classes
-    try:
-        from bench.weights import load_pretrained
-    except ImportError:
-        load_pretrained = None
-    if (args.weights or args.pretrained) and load_pretrained is not None:
-        return load_pretrained(args.model, weights=args.weights, num_classes=nc, img_size=args.img_size), args.model
-    model = models.create(args.model, pretrained=args.pretrained, num_classes=nc, **kw)
-    if args.weights:
-        load_weights(model, args.weights)
-    elif not args.pretrained:
+        return load_proxy_backbone(size=d.get("size") or "default"), args.model
+    if not (args.weights or args.pretrained):
         raise ConfigError("pm-calibrate needs trained weights: --init CKPT, --weights FILE or --pretrained")
-    return model, args.model
+    from bench.weights import load_pretrained  # the one loader of pretrained / local weight files
+
+    nc = args.num_classes or n_classes
+    return load_pretrained(args.model, weights=args.weights, num_classes=nc, img_size=args.img_size), args.model
 
 
 def top1(model, loader, device) -> float:

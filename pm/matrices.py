@@ -1,4 +1,4 @@
-"""Merge / reconstruct matrices of one PM block (pm.md §1.5-1.6).
+"""Merge / reconstruct matrices of one PM block (docs/methods/pm.md §1.5-1.6).
 
 Patch tokens are indexed 0..n-1 in raster order (row ``p // width``, column
 ``p % width``); the sequence index of patch ``p`` is ``p + n_prefix``.  Prefix

@@ -1,7 +1,7 @@
 """Prune and Merge (PM-ViT, Mao et al., arXiv 2503.23455) as a ``bench`` reducer.
 
 Every compressed block l (all blocks by default) runs, on the full token
-sequence x (B, N, D) in raster order (pm.md §1.1)::
+sequence x (B, N, D) in raster order (docs/methods/pm.md §1.1)::
 
     y   = M_l x                       (C_l tokens: prefix + centres, merged segments)
     y   = y + Attn(LN(y)); y = y + MLP(LN(y))     (the shared block; fused SDPA at inference)
@@ -38,19 +38,19 @@ Without a calibrated structure the reducer uses a *uniform* structure
 uncalibrated models only.  keep=1, prune=0 gives M = R = I, the unreduced
 model (the official pre-calibration state).
 
-Ablation options (pm.md §3.4 lists the paper's ablations; none are in the
+Ablation options (docs/methods/pm.md §3.4 lists the paper's ablations; none are in the
 released code): ``score`` (grad | cls_attn | random), ``structure``
 (global | local), ``assign`` (raster | grid2d), ``merge`` (false: non-centres
 are pruned instead of merged), ``shortcut`` (false: pruned tokens leave the
 output, zero rows), ``trainable`` (false: frozen M and R).
 
-Fine-tuning (pm.md §1.9, §5.9-10): self-distillation from the unreduced model
+Fine-tuning (docs/methods/pm.md §1.9, §5.9-10): self-distillation from the unreduced model
 (CE + alpha*KL*tau^2, alpha 0.8 for DeiT-T width, else 1, tau 20); one
 learning-rate schedule for all parameter groups by default; ``lr_quirk=true``
 reproduces the released code's groups (every >=2-D weight, M and R included,
 at a constant 1e-6; biases/norms/embeddings follow the cosine).
 
-Resolutions of pm.md §5: (1) merge and restore inside every block (no staged
+Resolutions of docs/methods/pm.md §5: (1) merge and restore inside every block (no staged
 mode); (2) ``tm_prune_merge_to_center`` semantics; (3) Taylor score as in
 :mod:`pm.calibrate`; (4) decay 0.025*l (option ``decay``); (5) keep/prune are
 global fractions over the compressed layers; (6) raster assignment with the
@@ -66,16 +66,19 @@ and segmentation protocols live in the shared harness.)
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, Reducer, TokenState
+from bench.checkpoint import load_structure
+from bench.reducer import (PAPER_COUNT, AttnRequest, BlockTokens, Calibrated, ConfigError, ModelInfo, Option,
+                           TokenState, Trainable)
 
 from . import matrices, structure
+from .calibrate import collect_scores
 
 STATE_FORMAT = "pm-structure/1"
 NO_DECAY_KEYS = ("bias", "pos_embed", "cls_token", "dist_token", "reg_token", "gamma")
@@ -117,16 +120,33 @@ class _Layer:
         return self
 
 
-class PruneAndMerge(Reducer):
+class PruneAndMerge(Calibrated, Trainable):
     name = "pm"
     summary = ("Prune and Merge: static per-layer merge/reconstruct matrices + shortcut, "
                "gradient-weighted global structure (Mao et al. 2025)")
     needs_training = False
+    launch_calibrate_command = "pm-calibrate"  # pm/cli.py, registered as a pmbench sub-command
     # docs/proxy.md: on a real pretrained ViT-Ti/16 (AugReg) keep 0.6 calibrated lost 19.8 points
     # before fine-tuning, the official code giving the same scores, structure and matrices
     off_the_shelf_note = ("calibrated, not fine-tuned: on real pretrained ViTs this loses heavily before "
                           "fine-tuning (ViT-Ti/16 keep 0.6: -19.8 points, docs/proxy.md)")
     needs_teacher = False  # distillation goes through the trainer's soft KD (recipe)
+    structure_name = "PM structure"
+    default_structure = "PM's uniform structure (int(N*keep) evenly spread centres in every compressed block)"
+    report_notes = {
+        "accuracy": "structure (PM rows): calibrated = PM's calibrated structure with its calibrated merge/"
+                    "reconstruct matrices M, R (sparse: each token feeds one centre; the off-the-shelf rows); "
+                    "fine-tuned = the same structure with the fine-tuned checkpoint's M, R (free fine-tuning "
+                    "fills them densely, so they run as dense matmuls and cost more). gmacs = the row's own "
+                    "model ({model}) as it runs; speedup = the row's own matrices at the speed stage's size "
+                    "(fine-tuned rows: the fine-tuned M, R transplanted, see the flops and throughput tables)",
+        "structure": "structure (PM rows): calibrated = PM's calibrated structure with the merge/reconstruct "
+                     "matrices M, R as calibration builds them (each token feeds one centre: sparse gather, the "
+                     "off-the-shelf model); fine-tuned = the same structure with the fine-tuned checkpoint's M, R "
+                     "(free fine-tuning, the official setting, makes them dense, so merge and reconstruct run as "
+                     "matmuls: 2*C*N*D MACs per block), i.e. the cost of the fine-tuned model; pm_matrices = the "
+                     "implementation each row runs",
+    }
     options = {
         "keep": Option("float", 0.6, "fraction of the patch tokens kept as centres, averaged over compressed layers"),
         "prune": Option("float", 0.1, "fraction of (token, layer) pairs pruned (shortcut past the block)"),
@@ -146,7 +166,7 @@ class PruneAndMerge(Reducer):
                        choices=("auto", "gather", "matmul", "dense")),
         "lr_quirk": Option("bool", False, "reproduce the released code's LR groups (>=2-D weights at 1e-6)"),
         "decay": Option("float", 0.025, "depth decay of the scores, S' = S * (1 - decay * l)"),
-        "min_centers": Option("int", 1, "minimum centres per layer (pm.md §5.17)"),
+        "min_centers": Option("int", 1, "minimum centres per layer (docs/methods/pm.md §5.17)"),
         "seed": Option("int", 0, "seed of score=random"),
     }
 
@@ -160,7 +180,7 @@ class PruneAndMerge(Reducer):
         self._auto = False  # structure generated data-free (uniform / identity) for the patched model
         self._layers: dict[int, _Layer] = {}
         self._mats: Optional[PMMatrices] = None
-        self._calib = None  # set by pm.calibrate while scoring
+        self._calib = None  # the score accumulator while calibrating (see scoring())
         self._exact_cache: dict = {}
         self.base_lr: Optional[float] = None
         self.min_lr: float = 1e-6
@@ -254,12 +274,37 @@ class PruneAndMerge(Reducer):
 
     def load_structure(self, path) -> None:
         """Structure from a checkpoint file (``pmbench flops/speed --checkpoint``)."""
-        from bench.checkpoint import read_checkpoint
+        load_structure(self, path)
 
-        st = find_state(read_checkpoint(path))
-        if st is None:
-            raise ConfigError(f"pm: {path} holds no PM structure (was it written by pm-calibrate / pm training?)")
-        self.import_state(st)
+    def structure_in(self, checkpoint) -> Optional[dict]:
+        return find_state(checkpoint)
+
+    # -- calibration (the Calibrated capability) -----------------------------------------------------
+    @property
+    def calibrated(self) -> bool:
+        return self.structs is not None and not self._auto
+
+    def calibrate(self, model, batches, info: ModelInfo, *, loss_fn=None, iters=None, device=None,
+                  progress=None, meta=None, **options) -> dict:
+        """Gradient-weighted scores on ``batches`` (:func:`pm.calibrate.collect_scores`; ``options``:
+        ``max_images``, ``opt_step``, ``lr``, ``weight_decay``), then the structure search.  The caller
+        re-patches the model so M and R are rebuilt from the new structure."""
+        scores, m = collect_scores(model, self, batches, info, iters=iters, device=device, progress=progress,
+                                   loss_fn=loss_fn, **options)
+        self.structure_from_scores(scores, info, {**m, **(meta or {})})
+        out = self.per_layer()
+        out["calibration"] = m
+        return out
+
+    @contextlib.contextmanager
+    def scoring(self, accumulator):
+        """While active the blocks run unreduced and every attention reports its probabilities to
+        ``accumulator.request(i)`` (calibration)."""
+        self._calib = accumulator
+        try:
+            yield accumulator
+        finally:
+            self._calib = None
 
     # -- patching ---------------------------------------------------------------------------------
     def on_patch(self, model, info: ModelInfo) -> None:
@@ -431,17 +476,20 @@ class PruneAndMerge(Reducer):
 
     @staticmethod
     def _pm_code_formula(info: ModelInfo, tokens_per_block: list[int]) -> int:
-        """pm.md §2.1: 12ND^2 + 2N^2D + hN^2 per block, head as n_patches * classes * D, no patch embed."""
+        """docs/methods/pm.md §2.1: 12ND^2 + 2N^2D + hN^2 per block, head as n_patches * classes * D, no patch embed."""
         D, h = info.dim, info.num_heads
         return info.n_patches * info.num_classes * D + sum(12 * n * D * D + 2 * n * n * D + h * n * n
                                                            for n in tokens_per_block)
 
     def paper_count_macs(self, info: ModelInfo) -> int:
-        """The PM README's convention (pm.md §1.4): the official code's formula, merge/reconstruct excluded."""
+        """The PM README's convention (docs/methods/pm.md §1.4): the official code's formula, merge/reconstruct excluded."""
         return self._pm_code_formula(info, self.tokens_per_block(info))
 
+    def flops_conventions(self, info: ModelInfo) -> dict:
+        return {PAPER_COUNT: self.paper_count_macs(info), **self.flops_report(info)}
+
     def flops_report(self, info: ModelInfo) -> dict:
-        """The official PM code's count (pm.md §2.1) and the full counts."""
+        """The official PM code's count (docs/methods/pm.md §2.1) and the full counts."""
         D, N = info.dim, info.n_tokens
         counts = self.tokens_per_block(info)
         layers = self.compressed_layers(info.depth)
@@ -467,7 +515,7 @@ class PruneAndMerge(Reducer):
 
     # -- training ------------------------------------------------------------------------------------------
     def recipe(self, info: ModelInfo) -> dict:
-        """pm.md §5.10: self-distillation (CE + alpha*KL*tau^2, tau 20), AdamW, cosine to 1e-6, no
+        """docs/methods/pm.md §5.10: self-distillation (CE + alpha*KL*tau^2, tau 20), AdamW, cosine to 1e-6, no
         warm-up, the README's augmentation; epochs are the orchestration's (official 60).  The lr is
         the official value at global batch 512 (not rescaled here)."""
         if info.dim >= 768:  # run.sh (ViT-B): no mixup / cutmix / erasing, plain CE
@@ -491,6 +539,9 @@ class PruneAndMerge(Reducer):
         if parts[-1] in NO_DECAY_KEYS or any(p.startswith("norm") or p.endswith("_norm") for p in parts[:-1]):
             return "no_decay"
         return "decay_const_lr"
+
+    def lr_multiplier(self, name: str, epoch: float, num_epochs: float) -> float:
+        return self.lr_scale(self.param_group(name), epoch, num_epochs)
 
     def lr_scale(self, group: str, epoch: float, num_epochs: float) -> float:
         """Under ``lr_quirk`` the 'decay_const_lr' group trains at a constant 1e-6: the multiplier

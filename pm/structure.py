@@ -1,4 +1,4 @@
-"""Structure search: which tokens every compressed layer keeps, merges and prunes (pm.md §1.4).
+"""Structure search: which tokens every compressed layer keeps, merges and prunes (docs/methods/pm.md §1.4).
 
 Official ``tm_prune`` (mode 'attn', ``tm_prune_merge_to_center.py``)::
 
@@ -13,7 +13,7 @@ so Σ_l |centres_l| = K up to ties and Σ_l C_l = L * int(n * keep) + L * n_pref
 the two thresholds per layer instead: exactly ``int(n * keep)`` centres and
 ``int(n * prune)`` pruned tokens in every layer.
 
-Resolution of pm.md §5.17: a layer left without centres would crash the
+Resolution of docs/methods/pm.md §5.17: a layer left without centres would crash the
 official code; here its best unpruned token is promoted until the layer has
 ``min_centers`` centres (this can only add tokens, and only in that case).
 
@@ -96,7 +96,7 @@ def search(
         mask = dec[l] >= prune_thr[l]
         score = dec[l] * mask
         centers = (score >= keep_thr[l]) & mask
-        if centers.sum() < min_centers:  # pm.md §5.17
+        if centers.sum() < min_centers:  # docs/methods/pm.md §5.17
             order = torch.argsort(score, descending=True, stable=True)
             for j in order.tolist():
                 if centers.sum() >= min_centers:
@@ -134,11 +134,6 @@ def uniform(n: int, layers: Sequence[int], keep: float, prune: float, merge: boo
         score[pruned] = 0.0
         out.append(LayerStructure(int(l), list(centers), pruned, score))
     return out
-
-
-def identity(n: int, layers: Sequence[int]) -> list[LayerStructure]:
-    """Every token a centre: M = R = I (the official model before calibration)."""
-    return uniform(n, layers, 1.0, 0.0)
 
 
 def summary(structs: Sequence[LayerStructure], n_prefix: int = 1) -> dict:

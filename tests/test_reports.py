@@ -58,13 +58,13 @@ def test_transplanted_matrices_run_as_the_fine_tuned_model(pm_checkpoints):
     dense block (what FlopCounterMode measures too)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from bench.stages.common import transplant_pm
+    from bench.stages.common import transplant
 
     _, cal, ft, src = pm_checkpoints
     torch.manual_seed(0)
     wide = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=12, num_heads=2, num_classes=3).eval()
     red = registry.build(SPEC)
-    transplant_pm(wide, red, ft)
+    transplant(wide, red, ft)
     mats, smats = wide.reducer_modules["pm"], src.reducer_modules["pm"]
     for l in range(12):
         assert torch.equal(mats.merge[str(l)], smats.merge[str(l)])
@@ -86,7 +86,7 @@ def test_transplanted_matrices_run_as_the_fine_tuned_model(pm_checkpoints):
     # another token geometry is refused, not silently mis-costed
     other = VisionTransformer(img_size=48, patch_size=8, embed_dim=32, depth=12, num_heads=2, num_classes=3)
     with pytest.raises(ConfigError, match="does not match"):
-        transplant_pm(other, registry.build(SPEC), ft)
+        transplant(other, registry.build(SPEC), ft)
 
 
 def _ctx(tmp_path, fixture=True):
@@ -127,8 +127,8 @@ def test_fine_tuned_pm_rows_in_flops_throughput_and_accuracy(tmp_path, pm_checkp
     model, cal, ft, _ = pm_checkpoints
     ctx = _ctx(tmp_path)
     ctx.stages = ["accuracy", "cost", "speed", "seg"]
-    ctx.pm_structures = {SPEC: cal}
-    ctx.pm_finetuned = {(model, SPEC): ft}
+    ctx.calibrated = {SPEC: cal}
+    ctx.finetuned = {(model, SPEC): ft}
     cost.run(ctx)
     fl = ctx.tables["flops"]["rows"]
     by = {(r["config"], r["structure"]): r for r in fl}
@@ -138,7 +138,7 @@ def test_fine_tuned_pm_rows_in_flops_throughput_and_accuracy(tmp_path, pm_checkp
     assert c["pm_matrices"] == "sparse (gather)" and f["pm_matrices"] == "sparse + dense (per block)"
     # the other rows are what they were without fine-tuned checkpoints
     ctx2 = _ctx(tmp_path / "b")
-    ctx2.pm_structures = {SPEC: cal}
+    ctx2.calibrated = {SPEC: cal}
     cost.run(ctx2)
     assert {(r["config"], r["gmacs"]) for r in ctx2.tables["flops"]["rows"]} == \
         {(r["config"], r["gmacs"]) for r in fl if r["structure"] != "fine-tuned"}

@@ -66,17 +66,17 @@ def test_train_and_evaluate_proxy(tmp_path, proxy_ckpt):
 
 def test_pm_calibration_in_segmenter(tmp_path, proxy_ckpt):
     """PM's structure from pixel-CE gradient scores, saved, reloaded by the backbone, evaluated."""
-    from bench.seg import pm_seg
+    from bench.seg.evaluate import calibrate_to_file
     from bench.seg.evaluate import seg_eval
 
     spec = "pm:keep=0.5,prune=0,structure=local,trainable=false"
     st = tmp_path / "pm.pth"
-    summary = pm_seg.calibrate_to_file("proxy", spec, "proxy:smoke", proxy_ckpt, st, iters=1)
+    summary = calibrate_to_file("proxy", spec, "proxy:smoke", proxy_ckpt, st, iters=1)
     assert summary["calibration"]["iterations"] == 1 and st.exists()
     # seeded loader: a second calibration (global RNGs disturbed) gives the same structure
     torch.manual_seed(123), np.random.seed(123)
     st2 = tmp_path / "pm2.pth"
-    pm_seg.calibrate_to_file("proxy", spec, "proxy:smoke", proxy_ckpt, st2, iters=1)
+    calibrate_to_file("proxy", spec, "proxy:smoke", proxy_ckpt, st2, iters=1)
     a, b = (torch.load(p, weights_only=False)["reducer_state"] for p in (st, st2))
     a["meta"].pop("seconds"), b["meta"].pop("seconds")  # wall time
     assert _same(a, b)

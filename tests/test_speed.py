@@ -15,6 +15,7 @@ import torch
 
 from bench import patch, registry, speed
 from bench.cli import main
+from bench.orchestrate import StageArtefacts
 
 STAMP_KEYS = {"device", "device_type", "threads", "torch", "timm", "python", "commit", "date"}
 
@@ -153,7 +154,7 @@ def test_cli_speed_single_model_text(capsys):
 
 
 # --------------------------------------------------------------------------- the speed stage, paper settings on CPU
-class _Ctx:
+class _Ctx(StageArtefacts):
     """The parts of bench.orchestrate.RunContext the speed stage uses; results go through a JSON round
     trip as they do through the result cache."""
 
@@ -162,6 +163,7 @@ class _Ctx:
 
         from bench.orchestrate import Progress
 
+        super().__init__()
         self.profile, self.device, self.failures, self.tables = prof, "cpu", [], {}
         self.progress = Progress(io.StringIO())
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bench import checkpoint, models, patch, registry
 from bench.data import ShardedEpochSampler
-from bench.reducer import ConfigError, Reducer
+from bench.reducer import ConfigError, Reducer, Trainable
 from bench.train import CosineSchedule, TrainConfig, distill_loss, param_groups, train
 from fixtures_data import make_imagefolder
 
@@ -45,8 +45,8 @@ def test_overfits_a_tiny_batch():
 def test_param_groups_no_decay_on_1d_and_tokens():
     model = tiny()
     groups = param_groups(model, 0.05)
-    nd = {n for g in groups if g["weight_decay"] == 0 for n in g["pm_names"]}
-    d = {n for g in groups if g["weight_decay"] > 0 for n in g["pm_names"]}
+    nd = {g["name"] for g in groups if g["weight_decay"] == 0}
+    d = {g["name"] for g in groups if g["weight_decay"] > 0}
     assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= nd
     assert {"blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"} <= d
 
@@ -85,7 +85,7 @@ def test_resume_continues_exactly(tmp_path):
     assert not torch.equal(_flat(straight), _flat(part))
 
 
-class Probe(Reducer):
+class Probe(Trainable):
     """A reducer that records the trainer's calls (hooks, groups, lr scales, extra losses)."""
 
     name = "probe"
@@ -98,14 +98,8 @@ class Probe(Reducer):
     def on_patch(self, model, info):
         patch.reducer_modules(model)["gain"] = torch.nn.Linear(1, 1)
 
-    def param_group(self, name):
-        return "probe" if name.startswith("reducer_modules") else "backbone"
-
-    def lr_scale(self, group, epoch, num_epochs):
-        return 10.0 if group == "probe" else 1.0
-
-    def on_epoch(self, model, epoch, num_epochs):
-        self.calls.append(("epoch", epoch, num_epochs))
+    def lr_multiplier(self, name, epoch, num_epochs):
+        return 10.0 if name.startswith("reducer_modules") else 1.0
 
     def on_step(self, model, epoch, num_epochs):
         self.calls.append(("step", round(epoch, 3)))
@@ -129,7 +123,8 @@ def test_reducer_hooks_groups_teacher_and_log(tmp_path):
     orig = torch.optim.AdamW.step
 
     def spy(self, *a, **k):
-        opt_lrs.append({g["pm_group"]: g["lr"] for g in self.param_groups})
+        opt_lrs.append({("probe" if g["name"].startswith("reducer_modules") else "backbone"): g["lr"]
+                        for g in self.param_groups})
         return orig(self, *a, **k)
 
     torch.optim.AdamW.step = spy
@@ -137,7 +132,6 @@ def test_reducer_hooks_groups_teacher_and_log(tmp_path):
         train(model, tensor_loader(n=16, bs=8), cfg, teacher=teacher)
     finally:
         torch.optim.AdamW.step = orig
-    assert red.calls[0] == ("epoch", 0, 2) and ("epoch", 1, 2) in red.calls
     assert [c for c in red.calls if c[0] == "step"] == [("step", 0.0), ("step", 0.5), ("step", 1.0), ("step", 1.5)]
     assert all(l["probe"] == pytest.approx(10 * l["backbone"]) for l in opt_lrs)
     recs = [json.loads(l) for l in log.read_text().splitlines()]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .. import flops, models, patch, registry
 from ..cli import emit
-from ..reducer import ModelInfo
+from ..checkpoint import load_structure
+from ..reducer import Calibrated, ModelInfo, split_conventions
 from .common import add_model_args, img_size_of
 
 
@@ -31,8 +32,8 @@ def build(args):
         kw["img_size"] = args.img_size
     red = registry.build(args.reducer)  # spec errors before any model is built
     model = models.create(args.model, num_classes=args.num_classes, **kw)
-    if args.checkpoint and hasattr(red, "load_structure"):
-        red.load_structure(args.checkpoint)
+    if args.checkpoint and isinstance(red, Calibrated):
+        load_structure(red, args.checkpoint)
     img = img_size_of(args, model)
     ps = tuple(model.patch_embed.patch_size)
     if img[0] < ps[0] or img[1] < ps[1]:
@@ -49,12 +50,11 @@ def run(args):
     info = ModelInfo.from_model(model, img)
     rep = flops.analytic(info, red, args.model)
     out = rep.to_dict()
-    paper = red.paper_count_macs(info)
+    paper, conv = split_conventions(red, info)
     if paper is not None:
         out["paper_count_gmacs"] = round(paper / 1e9, 4)
-    extra = getattr(red, "flops_report", None)
-    if callable(extra):
-        out["method_conventions"] = extra(info)
+    if conv:
+        out["method_conventions"] = conv
     if args.measure:
         out["measured_macs"] = flops.measured_macs(model, img)
         out["measured_gmacs"] = round(out["measured_macs"] / 1e9, 4)

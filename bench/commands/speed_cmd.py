@@ -8,7 +8,8 @@ import torch
 
 from .. import env, models, patch, registry, speed
 from ..cli import emit
-from ..reducer import ConfigError
+from ..checkpoint import load_structure
+from ..reducer import Calibrated, ConfigError
 from .common import add_model_args, img_size_of
 
 
@@ -71,8 +72,8 @@ def run(args):
     kw = {"img_size": args.img_size} if args.img_size else {}
     base = models.create(args.model, num_classes=args.num_classes, **kw)
     img = img_size_of(args, base)
-    if args.checkpoint and hasattr(red, "load_structure"):
-        red.load_structure(args.checkpoint)
+    if args.checkpoint and isinstance(red, Calibrated):
+        load_structure(red, args.checkpoint)
     reduced = copy.deepcopy(base) if args.vs else base
     patch.apply(reduced, red, img_size=img)
     label = red.spec()

@@ -15,7 +15,7 @@ from .. import distributed as dist
 from .. import env, models, patch, registry
 from .. import preprocess as pp
 from ..cli import emit
-from ..reducer import ConfigError, ModelInfo
+from ..reducer import ConfigError, ModelInfo, Trainable
 
 # flag -> TrainConfig field (all default None = "not given")
 _FLAGS = [
@@ -174,7 +174,7 @@ def run(args):
     minfo = ModelInfo.from_model(model)
 
     cfg_d = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
-    recipe = red.recipe(minfo) if red.name != "none" else {}
+    recipe = red.recipe(minfo) if isinstance(red, Trainable) else {}
     bad = sorted(set(recipe) - set(cfg_d))
     if bad:
         raise ConfigError(f"reducer '{red.spec()}' recipe sets unknown TrainConfig fields {bad}")
@@ -192,7 +192,7 @@ def run(args):
     cfg = TrainConfig.from_dict(cfg_d)
 
     teacher = None
-    wants_teacher = cfg.distill != "none" or red.needs_teacher
+    wants_teacher = cfg.distill != "none" or (isinstance(red, Trainable) and red.needs_teacher)
     tspec = args.teacher if args.teacher is not None else ("self" if wants_teacher else "none")
     if tspec == "self":
         if base is None or (base is model and red.name != "none"):

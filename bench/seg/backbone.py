@@ -41,7 +41,10 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from bench import patch as bpatch
 from bench import registry
-from bench.reducer import ConfigError, ModelInfo
+from bench.checkpoint import load_structure
+from bench.reducer import Calibrated, ConfigError, ModelInfo
+
+from .checkpoint import block_rules, load_weights
 
 
 # --------------------------------------------------------------------------- position embedding
@@ -70,31 +73,7 @@ class SegViT(TimmViT):
 
 
 # --------------------------------------------------------------------------- key conversion
-# One transformer block: (timm ``Block`` sub-key, mmseg ``TransformerEncoderLayer`` sub-key).  The
-# encoder conversion in both directions and the original Segmenter's decoder conversion
-# (bench/seg/checkpoint.py) are all generated from this one table.
-BLOCK_KEYS = [
-    ("norm1.", "ln1."),
-    ("norm2.", "ln2."),
-    ("attn.qkv.weight", "attn.attn.in_proj_weight"),
-    ("attn.qkv.bias", "attn.attn.in_proj_bias"),
-    ("attn.proj.", "attn.attn.out_proj."),
-    ("mlp.fc1.", "ffn.layers.0.0."),
-    ("mlp.fc2.", "ffn.layers.1."),
-]
-
-
-def block_rules(src: str, dst: str, to_timm: bool) -> list[tuple[str, str]]:
-    """Regex rules renaming ``<src><i>.<sub-key>`` to ``<dst><i>.<other sub-key>`` for every block
-    entry of :data:`BLOCK_KEYS` (mmseg -> timm names when ``to_timm``, else timm -> mmseg)."""
-    rules = []
-    for timm_key, mmseg_key in BLOCK_KEYS:
-        a, b = (mmseg_key, timm_key) if to_timm else (timm_key, mmseg_key)
-        tail = "" if a.endswith(".") else "$"  # a prefix ("ln1.") or a whole parameter name
-        rules.append((rf"^{re.escape(src)}(\d+)\.{re.escape(a)}{tail}", dst + r"\1." + b))
-    return rules
-
-
+# The block-key table and rule generator live with the checkpoint loaders (bench/seg/checkpoint.py).
 _MMSEG_RULES = [
     (r"^patch_embed\.projection\.", "vit.patch_embed.proj."),
     *block_rules("layers.", "vit.blocks.", to_timm=True),
@@ -169,7 +148,7 @@ def _register():
 
         Arguments are those of mmseg's ``VisionTransformer`` plus:
         ``reducer`` (spec string), ``reducer_structure`` (file for methods whose structure is
-        calibrated, e.g. PM; passed to the reducer's ``load_structure``), ``drop_path_attn``
+        calibrated, e.g. PM; read by ``bench.checkpoint.load_structure``), ``drop_path_attn``
         (also drop-path the attention residual, as timm does; mmseg does not) and
         ``pad_to_img_size`` (zero-pad windows smaller than ``img_size`` at the bottom/right and crop
         the features back: for reducers whose structure is tied to one token grid, e.g. PM's merge
@@ -244,9 +223,9 @@ def _register():
             """(Re)patch the encoder with ``spec`` (a spec string or a Reducer)."""
             red = registry.build(spec)
             if structure:
-                if not hasattr(red, "load_structure"):
+                if not isinstance(red, Calibrated):
                     raise ConfigError(f"reducer '{red.name}' takes no structure file (reducer_structure)")
-                red.load_structure(structure)
+                load_structure(red, structure)
             bpatch.remove(self.vit)
             bpatch.apply(self.vit, red, img_size=self.img_size)
             if bpatch.is_patched(self.vit):
@@ -271,8 +250,6 @@ def _register():
 
         def init_weights(self):
             if self.pretrained or (isinstance(self.init_cfg, dict) and self.init_cfg.get("type") == "Pretrained"):
-                from .checkpoint import load_weights
-
                 src = self.pretrained or self.init_cfg["checkpoint"]
                 sd = load_weights(src)
                 sd = sd.get("state_dict", sd.get("model", sd))

@@ -1,4 +1,4 @@
-"""Loading Segmenter weights under torch's ``weights_only`` default (environment.md §3 item 7).
+"""Loading Segmenter weights under torch's ``weights_only`` default (docs/environment.md §1).
 
 Accepted files:
 
@@ -24,6 +24,33 @@ from pathlib import Path
 import torch
 
 from bench.reducer import ConfigError
+
+# --------------------------------------------------------------------------- key conversion
+# One transformer block: (timm ``Block`` sub-key, mmseg ``TransformerEncoderLayer`` sub-key).  The
+# encoder conversion in both directions and the original Segmenter's decoder conversion
+# (below) are all generated from this one table.
+BLOCK_KEYS = [
+    ("norm1.", "ln1."),
+    ("norm2.", "ln2."),
+    ("attn.qkv.weight", "attn.attn.in_proj_weight"),
+    ("attn.qkv.bias", "attn.attn.in_proj_bias"),
+    ("attn.proj.", "attn.attn.out_proj."),
+    ("mlp.fc1.", "ffn.layers.0.0."),
+    ("mlp.fc2.", "ffn.layers.1."),
+]
+
+
+def block_rules(src: str, dst: str, to_timm: bool) -> list[tuple[str, str]]:
+    """Regex rules renaming ``<src><i>.<sub-key>`` to ``<dst><i>.<other sub-key>`` for every block
+    entry of :data:`BLOCK_KEYS` (mmseg -> timm names when ``to_timm``, else timm -> mmseg)."""
+    rules = []
+    for timm_key, mmseg_key in BLOCK_KEYS:
+        a, b = (mmseg_key, timm_key) if to_timm else (timm_key, mmseg_key)
+        tail = "" if a.endswith(".") else "$"  # a prefix ("ln1.") or a whole parameter name
+        rules.append((rf"^{re.escape(src)}(\d+)\.{re.escape(a)}{tail}", dst + r"\1." + b))
+    return rules
+
+
 
 
 def _safe_globals():
@@ -102,8 +129,6 @@ def load_weights(path, trust: bool = False) -> dict:
 
 
 def _segmenter_decoder_rules() -> list[tuple[str, str]]:
-    from .backbone import block_rules
-
     return [
         (r"^decoder\.proj_dec\.", "decode_head.dec_proj."),
         (r"^decoder\.cls_emb$", "decode_head.cls_emb"),

@@ -1,6 +1,6 @@
 """Segmentation cost: GMACs per sliding window / per image, and FPS.
 
-Convention (as the classification tables, measurement.md §1.2): multiply-accumulates,
+Convention (as the classification tables, docs/flops.md §1): multiply-accumulates,
 called "GFLOPs" in the papers.
 
 * encoder: :func:`bench.flops.analytic` on the timm encoder at the window size, with
@@ -13,7 +13,7 @@ called "GFLOPs" in the papers.
 * per image: the sum over the windows that mmseg's ``slide_inference`` visits, each
   at its actual crop size (a window of a small image is smaller than the crop).
 
-FPS (ALGM's protocol, measurement.md §4.3): a batch of B copies of one real crop of the
+FPS (ALGM's protocol, docs/flops.md §2): a batch of B copies of one real crop of the
 evaluation data (B = 32, and 1), ``encode_decode`` (encoder + head + upsampling to the
 crop), eval + ``inference_mode``, warm-up then timed iterations, median over repeats.
 On a small CPU the iteration counts are tiny and are stated in the result.

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from bench import env, registry
-from bench.reducer import ConfigError
+from bench.reducer import Calibrated, ConfigError
 
 from . import configs as segconfigs
 from . import cost
+from .calibrate import calibrate, calibration_loader
 
 
 def _is_proxy(cfg) -> bool:
@@ -69,15 +70,15 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
              random_weights: bool = False, trust: bool = False, speed: bool = True,
              fps_batches=(32, 1), speed_warmup: int = 1, speed_iters: int = 1, speed_repeats: int = 3,
              device: Optional[str] = None, max_images: Optional[int] = None, num_workers: int = 0,
-             reducer_structure=None, pm_calib_iters: int = 20, log=None) -> dict:
+             reducer_structure=None, calib_iters: int = 20, log=None) -> dict:
     """Evaluate ``config`` with ``reducer`` on ``data``; returns a JSON-able dict.
 
     Keys: ``miou``, ``aAcc`` (percent), ``gmacs_per_window`` (at the config's crop size),
     ``gmacs_per_image`` (mean over the evaluated images, summed over their windows),
     ``fps_bs32``, ``fps_bs1`` (windows/s, None when ``speed`` is off), ``stamp``, and details.
 
-    PM without a structure file is calibrated first (:mod:`bench.seg.pm_seg`, pixel-CE
-    gradient scores on ``pm_calib_iters`` training batches), not fine-tuned.
+    A :class:`bench.reducer.Calibrated` method without a structure file (e.g. PM) is calibrated first
+    (:mod:`bench.seg.calibrate`: pixel-CE loss on ``calib_iters`` training batches), not fine-tuned.
     """
     from mmengine.evaluator import Evaluator
     from mmengine.runner import Runner
@@ -100,15 +101,13 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
     model.to(device).eval()
     calib = None
     bb_red = model.backbone.reducer
-    if bb_red.name == "pm" and str(getattr(bb_red, "source", "")).startswith("uniform") and pm_calib_iters:
-        from . import pm_seg
-
+    if isinstance(bb_red, Calibrated) and not bb_red.calibrated and calib_iters:
         from .data import check_ade_layout
 
         check_ade_layout(cfg.train_dataloader.dataset.data_root, ("training",))
         if log:
-            log(f"  calibrating PM structure on {pm_calib_iters} training batches")
-        calib = pm_seg.calibrate(model, pm_seg.calibration_loader(cfg), pm_calib_iters)
+            log(f"  calibrating the {bb_red.name} structure on {calib_iters} training batches")
+        calib = calibrate(model, calibration_loader(cfg), calib_iters)
         model.eval()
     loader = Runner.build_dataloader(cfg.test_dataloader)
     evaluator = Evaluator(IoUMetric(iou_metrics=["mIoU"]))
@@ -156,7 +155,7 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
         "missing_reducer_modules": load_info.get("missing_reducer_modules", []),
         "n_images": n,
         "reducer_structure": (str(reducer_structure) if reducer_structure else
-                              ("calibrated here: " + json.dumps(calib["calibration"], default=str)) if calib else None),
+                              ("calibrated here: " + json.dumps(calib.get("calibration", calib), default=str)) if calib else None),
         "miou": float(metrics["mIoU"]),
         "aAcc": float(metrics["aAcc"]),
         "window": list(crop),
@@ -187,3 +186,12 @@ def slide_or_whole(test_cfg, h, w, crop, stride):
     if test_cfg.get("mode", "whole") == "slide":
         return cost.slide_windows(h, w, crop, stride)
     return [(h, w)]
+
+
+def calibrate_to_file(config, spec: str, data: str, checkpoint, out, iters: int = 20) -> dict:
+    """Build ``config`` with the Calibrated ``spec`` and ``checkpoint``, calibrate on ``data``'s training
+    split, save the structure to ``out`` (for ``reducer_structure=`` / ``--reducer-structure``)."""
+    cfg = segconfigs.build_config(config, spec, data, splits=("training",))
+    model, _ = build_segmentor(cfg, checkpoint)
+    model.eval()
+    return calibrate(model, calibration_loader(cfg), iters, out=out)

@@ -1,6 +1,6 @@
 """The segmentation table's configurations and rows (used by the orchestration).
 
-Keep rates 0.8 / 0.7 / 0.5 as in PM-Segmenter (pm.md §3.3).  Each method reads "keep" in
+Keep rates 0.8 / 0.7 / 0.5 as in PM-Segmenter (docs/methods/pm.md §3.3).  Each method reads "keep" in
 its own way (PM: tokens per compressed block; EViT and MSTM: per reduction stage;
 DynamicViT: rho per stage); ToMe has no keep rate, so its r is chosen per keep rate to
 match EViT's encoder GMACs at that keep rate on the same window (:func:`matched_tome_r`).
@@ -13,7 +13,17 @@ from bench import registry
 from bench.reducer import ConfigError, ModelInfo
 
 KEEPS = (0.8, 0.7, 0.5)
-PM_SEG = "pm:keep={k},prune=0,structure=local,trainable=false"
+# The rows of one keep rate k, in table order: (method, label or None, spec template).  "{tome_r}" is
+# ToMe's r matched to EViT's encoder GMACs at that keep rate.  Segmentation is our extension of
+# MSTM: both restore rules (baselines/mstm.py docstring).
+ROWS = [
+    ("pm", None, "pm:keep={k},prune=0,structure=local,trainable=false"),
+    ("tome", None, "tome:r={tome_r}"),
+    ("evit", None, "evit:keep={k}"),
+    ("dynamicvit", None, "dynamicvit:rho={k}"),
+    ("mstm", None, "mstm:keep={k}"),
+    ("mstm", "mstm (restore=own)", "mstm:keep={k},restore=own"),
+]
 
 
 def matched_tome_r(info: ModelInfo, target_macs: int) -> int:
@@ -35,7 +45,7 @@ def matched_tome_r(info: ModelInfo, target_macs: int) -> int:
 def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
     """Rows ``{"method", "keep", "spec"}`` (plus ``"label"`` where a method has several rows per
     keep rate) for the table (baseline first); methods whose module is missing are left out."""
-    methods = methods or ["pm", "tome", "evit", "dynamicvit", "mstm"]
+    methods = methods or list(dict.fromkeys(m for m, _, _ in ROWS))
     have = set()
     for m in methods:
         try:
@@ -45,20 +55,15 @@ def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
             pass
     rows = [{"method": "baseline", "keep": 1.0, "spec": "none"}]
     for k in keeps:
-        if "pm" in have:
-            rows.append({"method": "pm", "keep": k, "spec": PM_SEG.format(k=k)})
-        if "tome" in have:
-            target = bflops.analytic(info, registry.build(f"evit:keep={k}")).total
-            rows.append({"method": "tome", "keep": k, "spec": f"tome:r={matched_tome_r(info, target)}"})
-        if "evit" in have:
-            rows.append({"method": "evit", "keep": k, "spec": f"evit:keep={k}"})
-        if "dynamicvit" in have:
-            rows.append({"method": "dynamicvit", "keep": k, "spec": f"dynamicvit:rho={k}"})
-        if "mstm" in have:
-            rows.append({"method": "mstm", "keep": k, "spec": f"mstm:keep={k}"})
-            # segmentation is our extension of MSTM: both restore rules (baselines/mstm.py docstring)
-            rows.append({"method": "mstm", "label": "mstm (restore=own)", "keep": k,
-                         "spec": f"mstm:keep={k},restore=own"})
+        for method, label, template in ROWS:
+            if method not in have:
+                continue
+            fill = {"k": k}
+            if "{tome_r}" in template:
+                target = bflops.analytic(info, registry.build(f"evit:keep={k}")).total
+                fill["tome_r"] = matched_tome_r(info, target)
+            rows.append({"method": method, **({"label": label} if label else {}), "keep": k,
+                         "spec": template.format(**fill)})
     return [r for r in rows if r["method"] in have or r["method"] == "baseline"]
 
 
@@ -71,12 +76,3 @@ def config_info(config) -> ModelInfo:
     model, _ = build_segmentor(cfg, None, random_weights=True)
     crop = tuple(cfg.model.test_cfg.get("crop_size", cfg.model.backbone.img_size))
     return model.backbone.model_info(crop)
-
-
-def markdown(rows: list[dict]) -> str:
-    cols = ["method", "keep", "spec", "miou", "gmacs_per_window", "gmacs_per_image", "fps_bs32", "fps_bs1"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        out.append("| " + " | ".join("" if r.get(c) is None else
-                                     (f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r[c])) for c in cols) + " |")
-    return "\n".join(out)

@@ -4,7 +4,7 @@ Launchers:
 
 * CPU or one GPU, single process: ``Runner.from_cfg(cfg).train()`` as mmseg's ``tools/train.py``;
 * ``torchrun`` (``WORLD_SIZE`` > 1): on CUDA mmengine's own ``pytorch`` launcher; on CPU torch
-  the two workarounds of environment.md §3 item 9: the gloo process group is created here
+  the two workarounds of docs/environment.md §2: the gloo process group is created here
   before the Runner (mmengine's ``init_dist`` calls ``torch.cuda.set_device``), and the DDP
   wrapper gets ``device_ids=None`` (mmengine passes the local rank, which CPU DDP rejects).
 

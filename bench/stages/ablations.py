@@ -24,7 +24,7 @@ def run(ctx) -> None:
     rows = []
     for label, spec in abl:
         try:
-            ck = src.pm_calibrate(spec, ctx)
+            ck = src.calibrate(spec, ctx)
         except Exception as e:
             ctx.failures.append(f"ablation {label} ({spec}) calibration: {e}")
             continue
@@ -56,7 +56,7 @@ def run(ctx) -> None:
                                   f"fine-tuned {max_steps or str(epochs) + ' epoch(s) of'} steps with PM's "
                                   "self-distillation recipe"]),
                   ["ablation", "config", "top1_calibrated", "top1_finetuned", "gmacs", "steps", "finetune_s"])
-    layers = getattr(ctx, "pm_layers", {})
+    layers = ctx.structure_summaries
     srows = []
     for spec, per in layers.items():
         if not per:

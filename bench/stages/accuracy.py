@@ -1,8 +1,8 @@
 """Stage ``accuracy``: top-1 of every configuration, off-the-shelf and fine-tuned.
 
 Proxy profiles: the proxy backbone (trained by the suite, cached) is the
-starting point of every row.  Off-the-shelf rows patch it as is (PM: after
-calibration, before fine-tuning; methods that declare ``needs_training``, i.e.
+starting point of every row.  Off-the-shelf rows patch it as is (methods with the Calibrated
+capability, e.g. PM: after calibration, before fine-tuning; methods that declare ``needs_training``, i.e.
 DynamicViT's untrained predictors, get no off-the-shelf row: the number would
 not measure the method).  Fine-tuned rows run the method's own recipe
 (``Reducer.recipe``) through the shared trainer with the unreduced backbone as
@@ -13,9 +13,10 @@ unreduced model is given on the same images with a paired 95% interval and the
 exact McNemar p-value (:mod:`bench.stats`); the per-image outcomes are written
 to ``accuracy_per_image.csv``.
 
-PM's fine-tuned checkpoints are handed to the cost and speed stages (``ctx.pm_finetuned``): free
-fine-tuning makes M and R dense, so the fine-tuned model costs more than the calibrated one, and its
-rows there (``structure`` = fine-tuned) are costed on its own matrices.
+The fine-tuned checkpoints of Calibrated methods are handed to the cost and speed stages
+(``ctx.finetuned``): fine-tuning may change their learned modules (PM: free fine-tuning makes M and R
+dense, so the fine-tuned model costs more than the calibrated one), and their rows there
+(``structure`` = fine-tuned) are costed on the fine-tuned modules.
 
 Paper profile: the same with pretrained DeiT weights on ImageNet.
 """
@@ -28,7 +29,7 @@ import pandas as pd
 from .. import flops, proxy_ranking, registry, stats
 from ..reducer import ModelInfo
 from ..results import atomic_write_text, file_hash
-from .common import method_of, short_model
+from .common import method_notes, calibrated_specs, method_of, short_model
 from .sources import Source
 
 COLUMNS = ["model", "method", "config", "kind", "structure", "top1", "drop", "drop_ci95", "mcnemar_p", "top5", "gmacs", "speedup",
@@ -102,8 +103,9 @@ def run(ctx) -> None:
     skipped = sorted({method_of(s) for s in ctx.profile["accuracy_configs"] if registry.build(s).needs_training})
     notes = [f"model: {src.model_name} ({src.describe()})",
              f"input: {src.prep.describe()}; labels: {src.labels.describe()}",
-             "kind: off-the-shelf = reducer applied to the trained backbone as is (PM: calibrated, "
-             "not fine-tuned); fine-tuned = the method's recipe through the shared trainer",
+             "kind: off-the-shelf = reducer applied to the trained backbone as is (methods that learn a "
+             "structure from data: calibrated, not fine-tuned); fine-tuned = the method's recipe through the "
+             "shared trainer",
              "drop = top-1 of the row minus the unreduced model's, on the same images (points); drop_ci95 = paired "
              "bootstrap 95% interval (10,000 resamples of the images); mcnemar_p = exact McNemar test of the "
              "per-image outcomes (a drop whose interval excludes 0 is real on these images)",
@@ -119,14 +121,8 @@ def run(ctx) -> None:
     if skipped:
         notes.append(f"no off-the-shelf rows for {', '.join(skipped)}: its own modules are untrained before "
                      "fine-tuning, so such a number would not measure the method")
-    if any(r["method"] == "pm" for r in rows):
-        notes.append("structure (PM rows): calibrated = PM's calibrated structure with its calibrated merge/"
-                     "reconstruct matrices M, R (sparse: each token feeds one centre; the off-the-shelf rows); "
-                     "fine-tuned = the same structure with the fine-tuned checkpoint's M, R (free fine-tuning "
-                     "fills them densely, so they run as dense matmuls and cost more). gmacs = the row's own "
-                     f"model ({short_model(src.model_name)}) as it runs; speedup = the row's own matrices at "
-                     "the speed stage's size (fine-tuned rows: the fine-tuned M, R transplanted, see the "
-                     "flops and throughput tables)")
+    cal_specs = calibrated_specs(sorted({r["config"] for r in rows}))
+    notes += [n.format(model=short_model(src.model_name)) for n in method_notes(cal_specs, "accuracy")]
     if ctx.profile["data_source"] == "proxy":
         ranking = proxy_ranking.ranking_note(rows)
         if ranking:
@@ -142,7 +138,7 @@ def run(ctx) -> None:
         if note:  # what the method says its off-the-shelf rows are (not part of the cached measurement)
             r["note"] = note
         r["structure"] = (("fine-tuned" if r["kind"] == "fine-tuned" else "calibrated")
-                          if r["method"] == "pm" else None)
+                          if r["config"] in cal_specs else None)
     meta = ctx.meta(data_source=ctx.profile["data_source"], batch_size=src.eval_batch, precision="fp32",
                     preprocess=src.prep.as_dict(), n_classes=n_classes, notes=notes)
     drop = {"correct", "checkpoint"} | ({"top5"} if n_classes <= 10 else set())
@@ -166,14 +162,15 @@ def run_source(ctx, src) -> list:
     base_desc = {"kind": "accuracy", "model": src.model_name, "data": src.input_key(), "backbone": bb_hash,
                  "per_image": 1}
 
-    # PM needs a calibrated structure before anything else (off-the-shelf = calibrated, not fine-tuned).
-    pm_ckpts = {}
-    for spec in sorted({s for s in configs + ft_configs if method_of(s) == "pm"}):
+    # Calibrated methods need their structure before anything else (off-the-shelf = calibrated, not
+    # fine-tuned)
+    calibrated = {}
+    for spec in sorted(set(calibrated_specs(configs + ft_configs))):
         try:
-            pm_ckpts[spec] = src.pm_calibrate(spec, ctx)
+            calibrated[spec] = src.calibrate(spec, ctx)
         except Exception as e:
-            ctx.failures.append(f"pm-calibrate {spec}: {e}")
-    ctx.pm_structures = pm_ckpts
+            ctx.failures.append(f"{method_of(spec)}-calibrate {spec}: {e}")
+    ctx.calibrated = calibrated
 
     for spec in configs:
         if registry.build(spec).needs_training:
@@ -181,27 +178,28 @@ def run_source(ctx, src) -> list:
 
         def measure(spec=spec):
             if src.launcher is not None:
-                if method_of(spec) == "pm":
-                    return _launched_row(src, spec, "off-the-shelf", pm_ckpts[spec])
+                if spec in calibrated:
+                    return _launched_row(src, spec, "off-the-shelf", calibrated[spec])
                 return _launched_row(src, spec, "off-the-shelf", backbone_path, reducer=spec)
-            if method_of(spec) == "pm":
-                model, red = src.load_checkpoint(pm_ckpts[spec])
+            if spec in calibrated:
+                model, red = src.load_checkpoint(calibrated[spec])
             else:
                 model, red = src.patched_backbone(spec)
             return _eval_row(ctx, src, model, spec, "off-the-shelf", red)
 
-        if method_of(spec) == "pm" and spec not in pm_ckpts:
+        if registry.is_calibrated(spec) and spec not in calibrated:
             continue
         desc = {**base_desc, "spec": spec, "row": "off-the-shelf",
-                "ckpt": file_hash(pm_ckpts[spec]) if spec in pm_ckpts else None}
+                "ckpt": file_hash(calibrated[spec]) if spec in calibrated else None}
         try:
             rows.append(ctx.job(desc, measure, f"eval {spec} (off-the-shelf)", 4.0))
         except Exception as e:
             ctx.failures.append(f"eval {spec}: {e}")
 
     for spec in ft_configs:
-        init = pm_ckpts.get(spec)
-        if method_of(spec) == "pm" and init is None:
+        init = calibrated.get(spec)
+        is_cal = registry.is_calibrated(spec)
+        if is_cal and init is None:
             continue
         desc = {**base_desc, "spec": spec, "row": "fine-tuned", "epochs": prof["finetune_epochs"],
                 "max_steps": prof.get("finetune_max_steps"),
@@ -220,16 +218,15 @@ def run_source(ctx, src) -> list:
 
         try:
             row = ctx.job(desc, measure, f"fine-tune + eval {spec}", 40.0)
-            if method_of(spec) == "pm" and not _checkpoint_ok(row):
-                # the cost and speed stages cost PM's fine-tuned matrices: its checkpoint must exist
+            if is_cal and not _checkpoint_ok(row):
+                # the cost and speed stages cost the fine-tuned learned modules: its checkpoint must exist
                 ctx.cache.force, f = True, ctx.cache.force
                 try:
                     row = ctx.job(desc, measure, f"fine-tune + eval {spec} (re-run: checkpoint missing)", 40.0)
                 finally:
                     ctx.cache.force = f
-            if method_of(spec) == "pm":
-                ctx.pm_finetuned = getattr(ctx, "pm_finetuned", None) or {}
-                ctx.pm_finetuned[(src.model_name, registry.build(spec).spec())] = Path(row["checkpoint"])
+            if is_cal:
+                ctx.finetuned[(src.model_name, registry.build(spec).spec())] = Path(row["checkpoint"])
             rows.append(row)
         except Exception as e:
             ctx.failures.append(f"fine-tune {spec}: {e}")

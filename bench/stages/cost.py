@@ -1,14 +1,15 @@
 """Stage ``cost``: analytic GMACs of every configuration at the real model sizes.
 
-PM configurations get a second row when the accuracy stage fine-tuned them (``structure`` =
-fine-tuned): the fine-tuned checkpoint's structure and merge/reconstruct matrices transplanted onto the
-model (:func:`bench.stages.common.transplant_pm`), costed as that model runs them (dense matmuls where
-fine-tuning filled M and R).  The calibrated rows, and every other row, are unchanged."""
+Configurations of Calibrated methods get a second row when the accuracy stage fine-tuned them
+(``structure`` = fine-tuned): the fine-tuned checkpoint's structure and learned modules transplanted onto
+the model (:func:`bench.stages.common.transplant`), costed as that model runs them (PM: dense matmuls
+where fine-tuning filled M and R).  The calibrated rows, and every other row, are unchanged."""
 from __future__ import annotations
 
 from .. import flops
-from .common import (FINETUNED, finetuned_key, info_for, method_of, pm_finetuned_copy, pm_finetuned_note,
-                     pm_finetuned_path, pm_structure_note, reducer_for, short_model, structure_label)
+from ..reducer import split_conventions
+from .common import (FINETUNED, finetuned_key, info_for, method_of, finetuned_copy, finetuned_note,
+                     finetuned_path, structure_note, reducer_for, short_model, structure_label)
 
 _MATRICES = {("gather",): "sparse (gather)", ("matmul",): "dense (matmul)", ("dense",): "dense (official diag)",
              ("gather", "matmul"): "sparse + dense (per block)"}
@@ -21,10 +22,13 @@ def run(ctx) -> None:
     ctx.progress.plan(len(jobs), 0.5 * len(jobs))
     base_gmacs = {}
 
-    def conventions(red, info, res):
-        conv = getattr(red, "flops_report", None)
-        if callable(conv):
-            res["method_conventions"] = conv(info)
+    def counts(red, info, model_name):
+        rep = flops.analytic(info, red, model_name)
+        paper, conv = split_conventions(red, info)
+        res = {"gmacs": rep.gmacs, "reducer_gmacs": rep.reducer_extra / 1e9, "spec": red.spec(),
+               "blocks": rep.blocks, "paper_count_gmacs": None if paper is None else paper / 1e9}
+        if conv:
+            res["method_conventions"] = conv
         return res
 
     for model_name, spec in jobs:
@@ -32,32 +36,23 @@ def run(ctx) -> None:
             info = info_for(model_name)
             red = reducer_for(ctx, spec)
             red.check(info)
-            rep = flops.analytic(info, red, model_name)
-            paper = red.paper_count_macs(info)
-            res = {"gmacs": rep.gmacs, "reducer_gmacs": rep.reducer_extra / 1e9, "spec": red.spec(),
-                   "blocks": rep.blocks, "paper_count_gmacs": None if paper is None else paper / 1e9}
-            return conventions(red, info, res)
+            return counts(red, info, model_name)
 
         def measure_finetuned(model_name=model_name, spec=spec):
-            # the fine-tuned checkpoint's structure and M, R on this model: the implementation (gather where
-            # M, R kept their calibrated support, matmul where fine-tuning filled them) it actually runs
-            m, red = pm_finetuned_copy(ctx, model_name, spec)
-            info = info_for(model_name)
-            rep = flops.analytic(info, red, model_name)
-            paper = red.paper_count_macs(info)
-            res = {"gmacs": rep.gmacs, "reducer_gmacs": rep.reducer_extra / 1e9, "spec": red.spec(),
-                   "blocks": rep.blocks, "paper_count_gmacs": None if paper is None else paper / 1e9}
-            res = conventions(red, info, res)
+            # the fine-tuned checkpoint's structure and learned modules on this model: the implementation
+            # (e.g. PM: gather where M, R kept their calibrated support, matmul where fine-tuning filled them)
+            m, red = finetuned_copy(ctx, model_name, spec)
+            res = counts(red, info_for(model_name), model_name)
             del m
             return res
 
         variants = [("calibrated", measure)]
-        if pm_finetuned_path(ctx, model_name, spec) is not None:
+        if finetuned_path(ctx, model_name, spec) is not None:
             variants.append((FINETUNED, measure_finetuned))
         for variant, fn in variants:
             ft = variant == FINETUNED
             desc = {"kind": "cost", "rev": 2, "model": model_name, "spec": spec,
-                    "structure": getattr(ctx, "structure_key", lambda s: None)(spec)}
+                    "structure": ctx.structure_key(spec)}
             if ft:
                 desc["matrices"] = finetuned_key(ctx, model_name, spec)
             try:  # rev 2: results carry paper_count_gmacs, so older cached results are not reused
@@ -93,8 +88,8 @@ def run(ctx) -> None:
                         "(DynamicViT paper: the official per-layer formula, predictors excluded; PM README: "
                         "the official code's formula, no patch embedding, merge/reconstruct excluded); "
                         "for comparison with published figures only.",
-                        *pm_structure_note(ctx, prof["cost_configs"]),
-                        *pm_finetuned_note(ctx, prof["cost_configs"], [r["model"] for r in rows])]),
+                        *structure_note(ctx, prof["cost_configs"]),
+                        *finetuned_note(ctx, prof["cost_configs"], [r["model"] for r in rows])]),
         ["model", "method", "config", "structure", "gmacs", "gmacs_ratio", "reducer_gmacs", "pm_matrices",
          "paper_count_gmacs"],
     )

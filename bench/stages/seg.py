@@ -55,7 +55,8 @@ def run(ctx) -> None:
     from ..seg.table import KEEPS, config_info, table_specs
 
     keeps = tuple(prof.get("seg_keeps", KEEPS))
-    plan = {config: table_specs(config_info(config), keeps=keeps) for config, _, _ in targets}
+    extra = [{"method": method_of(s), "keep": None, "spec": s} for s in prof.get("seg_configs", [])]
+    plan = {config: table_specs(config_info(config), keeps=keeps) + extra for config, _, _ in targets}
     ctx.progress.plan(sum(len(v) for v in plan.values()), 20.0 * sum(len(v) for v in plan.values()))
     for config, data, ck in targets:
         for row_spec in plan[config]:
@@ -66,7 +67,7 @@ def run(ctx) -> None:
             def measure(config=config, spec=spec, data=data, ck=ck):
                 kw = {}
                 if prof.get("proxy_size") == "smoke" or prof.get("fixture"):
-                    kw.update(fps_batches=(2, 1), speed_repeats=2, max_images=4, pm_calib_iters=2)
+                    kw.update(fps_batches=(2, 1), speed_repeats=2, max_images=4, calib_iters=2)
                 r = seg_eval(config, spec, data, checkpoint=str(ck) if ck else None, device=ctx.device, **kw)
                 return {k: v for k, v in r.items() if k in (
                     "miou", "aAcc", "gmacs_per_window", "gmacs_per_image", "fps_bs32", "fps_bs1", "stamp",
@@ -87,8 +88,9 @@ def run(ctx) -> None:
                            notes=["mIoU: mmseg IoUMetric with the config's sliding-window test",
                                   "GMACs: encoder (analytic, per-block token counts) + decode head, per 512x512 "
                                   "window (proxy: the proxy crop) and per image",
-                                  "reducers applied off-the-shelf to the trained Segmenter (PM: calibrated with "
-                                  "PM-Segmenter's settings, not fine-tuned; DynamicViT: untrained predictors)",
+                                  "reducers applied off-the-shelf to the trained Segmenter (methods that learn a "
+                                  "structure from data, e.g. PM, calibrated on the training crops, not fine-tuned; "
+                                  "PM with PM-Segmenter's settings; DynamicViT: untrained predictors)",
                                   "ToMe has no keep rate: its r is chosen per keep rate to match EViT's GMACs",
                                   "MSTM in a Segmenter is our extension: 'mstm' restores a merged token from the "
                                   "crucial token it joined (ToMe-style unmerge), 'mstm (restore=own)' from its own "

@@ -6,15 +6,13 @@ fixture data with a tiny model (``--fixture``, what the tests run).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from .. import patch, registry
-from ..reducer import ModelInfo
+from ..reducer import ConfigError, ModelInfo, Trainable
 from ..results import file_hash
-from .common import method_of
 
 
 class Source:
@@ -140,7 +138,7 @@ class Source:
     def train_loader(self, batch_size: int, aug: bool = True):
         from ..data import build_loader
 
-        # shuffled (seeded) also without augmentation: PM's calibration takes the first batches, and in
+        # shuffled (seeded) also without augmentation: calibration takes the first batches, and in
         # folder order those would hold the first class or two only (the official code shuffles too)
         return build_loader(self.data, "train", batch_size, train=aug, prep=self.prep, labels=self.labels,
                             shuffle=True)
@@ -179,15 +177,16 @@ class Source:
         d.mkdir(parents=True, exist_ok=True)
         return d / name
 
-    def pm_calibrate(self, spec: str, ctx) -> Path:
-        """Calibrate PM's structure on the training split; returns the checkpoint (cached by content)."""
-        from pm.calibrate import calibrate
-        from pm.cli import save
+    def calibrate(self, spec: str, ctx) -> Path:
+        """Calibrate a :class:`bench.reducer.Calibrated` method's structure on the training split; returns
+        the checkpoint (cached by content)."""
+        from ..checkpoint import save_checkpoint
 
+        name = registry.build(spec).name
         bb = self.ensure_backbone()
-        desc = {"kind": "pm-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.input_key(),
+        desc = {"kind": f"{name}-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.input_key(),
                 "iters": self.calib_iters, "batch": self.calib_batch, **self.launch_key()}
-        out = self._work(f"pm-{registry.build(spec).spec().replace(':', '_').replace('=', '').replace(',', '_')}"
+        out = self._work(f"{name}-{registry.build(spec).spec().replace(':', '_').replace('=', '').replace(',', '_')}"
                          f"-{file_hash(bb, 8)}{self._launch_tag()}.pt")
 
         def run():
@@ -195,20 +194,23 @@ class Source:
                 return self._launch_calibrate(spec, bb, out)
             model, red = self.patched_backbone(spec)
             loader = self.train_loader(self.calib_batch, aug=False)
-            summ = calibrate(model, red, loader, iters=self.calib_iters, device=self.ctx.device)
-            save(out, model, red, self.model_name, {k: v for k, v in summ.items() if k != "flops"})
+            info = patch.get_context(model).info
+            summ = red.calibrate(model, loader, info, iters=self.calib_iters, device=self.ctx.device)
+            patch.apply(model, red, img_size=(info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1]))
+            if not getattr(model, "pmbench_name", None):
+                model.pmbench_name = self.model_name
+            save_checkpoint(out, model, extra={"calibration": summ})
             return {"path": str(out), "hash": file_hash(out), "per_layer": summ.get("per_layer"),
                     "sum_tokens": summ.get("sum_tokens")}
 
-        rec = ctx.job(desc, run, f"pm-calibrate {spec}", 15.0)
+        rec = ctx.job(desc, run, f"{name}-calibrate {spec}", 15.0)
         if not Path(rec["path"]).exists() or file_hash(rec["path"]) != rec["hash"]:
             ctx.cache.force, f = True, ctx.cache.force
             try:
-                rec = ctx.job(desc, run, f"pm-calibrate {spec} (re-run: checkpoint missing)", 15.0)
+                rec = ctx.job(desc, run, f"{name}-calibrate {spec} (re-run: checkpoint missing)", 15.0)
             finally:
                 ctx.cache.force = f
-        ctx.pm_layers = getattr(ctx, "pm_layers", {})
-        ctx.pm_layers[spec] = rec.get("per_layer")
+        ctx.structure_summaries[spec] = rec.get("per_layer")
         return Path(rec["path"])
 
     def _launch_tag(self) -> str:
@@ -216,14 +218,19 @@ class Source:
         return f"-torchrun{self.world}" if self.launcher is not None else ""
 
     def _launch_calibrate(self, spec: str, bb: Path, out: Path) -> dict:
-        """``pmbench pm-calibrate`` under torchrun: the same images as one process (the global batch
+        """The method's calibration sub-command (PM: ``pmbench pm-calibrate``) under torchrun: the same images as one process (the global batch
         split over the ranks: the shuffled order's first ``batch`` images), scores summed over ranks."""
         from ..launch import per_rank_batch
 
-        b = per_rank_batch(self.calib_batch, self.world, "PM calibration")
-        res = self.launcher.run(["pm-calibrate", "--init", str(bb), "--reducer", spec, *self.cli_input_args(),
+        red = registry.build(spec)
+        command = red.launch_calibrate_command
+        if command is None:
+            raise ConfigError(f"{red.name} declares no sub-command that calibrates it under torchrun "
+                              "(Calibrated.launch_calibrate_command); run without --launcher torchrun/--nproc")
+        b = per_rank_batch(self.calib_batch, self.world, f"{red.name} calibration")
+        res = self.launcher.run([command, "--init", str(bb), "--reducer", spec, *self.cli_input_args(),
                                  "--iters", str(self.calib_iters), "--batch-size", str(b), "--seed", "0",
-                                 "--out", str(out)], f"pm-calibrate {spec}")
+                                 "--out", str(out)], f"{command} {spec}")
         return {"path": str(out), "hash": file_hash(out), "per_layer": res.get("per_layer"),
                 "sum_tokens": res.get("sum_tokens"), "world_size": res.get("world_size")}
 
@@ -284,7 +291,8 @@ class Source:
         return self.evaluate(model)
 
     def finetune(self, spec: str, init, epochs: float, ctx, max_steps=None):
-        """Fine-tune ``spec`` with its recipe from the backbone (or ``init`` for PM); returns (ckpt, history)."""
+        """Fine-tune ``spec`` with its recipe from the backbone (or ``init``: a calibrated checkpoint); returns
+        (ckpt, history)."""
         from ..checkpoint import save_checkpoint
         from ..train import TrainConfig, train
 
@@ -296,7 +304,8 @@ class Source:
         info = ModelInfo.from_model(model, self.img_size)
         cfg = {"batch_size": self.train_batch, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 0.05,
                "distill": "none", "progress": False}
-        cfg.update(red.recipe(info))
+        if isinstance(red, Trainable):
+            cfg.update(red.recipe(info))
         cfg.update({"epochs": epochs, "device": self.ctx.device, "seed": 0, "progress": False})
         cfg.update(self.finetune_overrides(spec))
         max_steps = max_steps or ctx.profile.get("finetune_max_steps")

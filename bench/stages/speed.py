@@ -20,11 +20,11 @@ import time
 import torch
 
 from .. import env, flops, speed
-from .common import (FINETUNED, base_model, finetuned_key, info_for, method_of, patched_copy, pm_finetuned_copy,
-                     pm_finetuned_note, pm_finetuned_path, pm_structure_note, reducer_for, short_model,
+from .common import (FINETUNED, base_model, finetuned_key, info_for, method_of, patched_copy, finetuned_copy,
+                     finetuned_note, finetuned_path, structure_note, reducer_for, short_model,
                      structure_label)
 
-# "finetuned": PM with the fine-tuned checkpoint's merge/reconstruct matrices (an eager row of its own)
+# "finetuned": a Calibrated method with the fine-tuned checkpoint's learned modules (an eager row of its own)
 VARIANT_LABEL = {"compile": "compile", "channels_last": "channels-last", "finetuned": FINETUNED}
 COLUMNS = ["model", "method", "config", "structure", "variant", "precision", "batch_size", "img_s", "img_s_min",
            "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "speedup_min", "speedup_max",
@@ -67,7 +67,7 @@ def _build(ctx, model_name: str, spec: str, variant: str):
         if spec == "none":
             _BUILT[key] = (base if variant == "eager" else copy.deepcopy(base), "none")
         else:
-            m, red = (pm_finetuned_copy if variant == "finetuned" else patched_copy)(ctx, model_name, spec)
+            m, red = (finetuned_copy if variant == "finetuned" else patched_copy)(ctx, model_name, spec)
             _BUILT[key] = (m, red.spec())
             _REDUCERS[key] = red
     return _BUILT[key]
@@ -171,7 +171,7 @@ def run(ctx) -> None:
                 for s in configs:
                     if s != "none":
                         eager.append((s, "eager"))
-                        if pm_finetuned_path(ctx, model_name, s) is not None:
+                        if finetuned_path(ctx, model_name, s) is not None:
                             eager.append((s, "finetuned"))  # the fine-tuned model's cost, next to it
                 eager += [("none", v) for v in timm_variants if v != "compile"]
                 eager_jobs.append((model_name, prec, cfg, eager))
@@ -196,7 +196,7 @@ def run(ctx) -> None:
                 continue
             desc = {"kind": "speed", "rev": 2, "model": model_name, "entries": entries, "cfg": cfg.__dict__,
                     "device": env.device_name(ctx.device),
-                    "structure": [getattr(ctx, "structure_key", lambda s: None)(s) for s, _ in entries]}
+                    "structure": [ctx.structure_key(s) for s, _ in entries]}
             if any(v == "finetuned" for _, v in entries):
                 desc["matrices"] = [finetuned_key(ctx, model_name, s) if v == "finetuned" else None
                                     for s, v in entries]
@@ -225,8 +225,8 @@ def run(ctx) -> None:
                            "attn_kernel: the kernel scaled_dot_product_attention used in the last warm-up call (eager: the "
                            "backend SDPA selected for the real inputs; compiled: the profiler's op names); "
                            "fused_sdpa in the CSV/JSON",
-                           *pm_structure_note(ctx, sorted({r["config"] for r in rows})),
-                           *pm_finetuned_note(ctx, sorted({r["config"] for r in rows}),
+                           *structure_note(ctx, sorted({r["config"] for r in rows})),
+                           *finetuned_note(ctx, sorted({r["config"] for r in rows}),
                                               sorted({r["model"] for r in rows})), *skipped])
     release()
     ctx.speed_protocol = protocols[0] if protocols else ""

@@ -1,0 +1,92 @@
+"""Issue 12's layering rule, for the current flat layout of ``bench/``: a module imports only modules
+of its own or a lower layer (module-level and function-local imports alike), and the harness never
+imports a method package (``pm``, ``baselines``): methods reach it through the registry.
+
+Layers, lowest first (a module not listed is reported, so a new one must be placed):
+
+0. core      the contract and what it needs: errors, reducer, plugins, registry, patch, flops
+1. runtime   data, models, weights, checkpoints, training, evaluation, timing, environment
+2. seg       the Segmenter path (``bench/seg/``)
+3. pipeline  profiles, overrides, stages, regression gate
+4. report    tables, the published numbers, plots
+5. front-end the command lines (``cli``, ``commands/``, ``seg/cli``, ``orchestrate``, ``entry``, ``testrun``)
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+LAYERS = {
+    "core": ["bench.errors", "bench.reducer", "bench.plugins", "bench.registry", "bench.patch", "bench.flops"],
+    "runtime": ["bench.env", "bench.outputs", "bench.stats", "bench.distributed", "bench.preprocess", "bench.proxy",
+                "bench.fixtures", "bench.models", "bench.weights", "bench.checkpoint", "bench.data", "bench.train",
+                "bench.evaluate", "bench.speed", "bench.results"],
+    "seg": ["bench.seg"],
+    "pipeline": ["bench.profiles", "bench.overrides", "bench.stages", "bench.gate"],
+    "report": ["bench.report", "bench.reports_writer", "bench.published", "bench.plots"],
+    # orchestrate is run_all.sh's command line (it runs the stages, then writes the reports);
+    # seg.cli holds the seg-* commands
+    "front-end": ["bench.cli", "bench.commands", "bench.seg.cli", "bench.orchestrate", "bench.entry", "bench.testrun"],
+}
+ORDER = list(LAYERS)
+METHOD_PACKAGES = ("pm", "baselines")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(mod: str):
+    best = None
+    for layer, prefixes in LAYERS.items():
+        for p in prefixes:
+            if (mod == p or mod.startswith(p + ".")) and (best is None or len(p) > len(best[1])):
+                best = (layer, p)
+    return None if best is None else best[0]
+
+
+def imported_modules(path: Path, mod: str) -> set[str]:
+    """Every repository module ``path`` imports, at module level or inside functions."""
+    is_pkg = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = mod.split(".")
+                base = base[: len(base) - node.level + (1 if is_pkg else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.add(target)
+            out |= {f"{target}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in ("bench", *METHOD_PACKAGES)}
+
+
+def _modules():
+    return [(p, module_name(p)) for p in sorted(BENCH.rglob("*.py"))]
+
+
+def test_every_bench_module_has_a_layer():
+    assert [m for _, m in _modules() if m != "bench" and layer_of(m) is None] == []
+
+
+def test_no_module_imports_a_higher_layer_or_a_method():
+    bad = []
+    for path, mod in _modules():
+        mine = layer_of(mod)
+        if mine is None:
+            continue
+        for target in imported_modules(path, mod):
+            if target.split(".")[0] in METHOD_PACKAGES:
+                bad.append(f"{mod} imports the method package {target}")
+                continue
+            theirs = layer_of(target)
+            if theirs is not None and ORDER.index(theirs) > ORDER.index(mine):
+                bad.append(f"{mod} ({mine}) imports {target} ({theirs})")
+    assert bad == [], "\n".join(sorted(set(bad)))
