@@ -66,13 +66,14 @@ PROFILES = {
         "data_source": "proxy",
         "cost_models": COST_MODELS,
         "cost_configs": COST_CONFIGS,
-        # docs/speed.md: iterations calibrated per model to >= 1 s per timing (DeiT-T: 0.3 s, its rows are
-        # information; the efficiency target is benchmarks/efficiency.py at 1 s), 5 interleaved repeats,
-        # each row bracketed by baseline timings; plain-timm baselines on DeiT-T/S: channels-last, and
+        # docs/speed.md: iterations calibrated per model to >= 0.4 s per timing (DeiT-T: 0.25 s, its rows are
+        # information; the efficiency target is benchmarks/efficiency.py at 1 s), 7 interleaved repeats,
+        # every row timed right between two baseline timings (pair_every 1: the ratio never spans other
+        # rows, so drifts of the machine cancel); plain-timm baselines on DeiT-T/S: channels-last, and
         # torch.compile of the unreduced DeiT-S (the reference size of the accuracy table's speed-ups)
-        "speed": {"batch_size": 8, "precision": "fp32", "warmup": 1, "min_time": 1.0, "repeats": 5,
+        "speed": {"batch_size": 8, "precision": "fp32", "warmup": 1, "min_time": 0.4, "repeats": 7, "pair_every": 1,
                   "models": COST_MODELS, "configs": PAPER_CONFIGS,
-                  "per_model": {"deit_tiny_patch16_224": {"min_time": 0.3, "timm_baselines": ["channels_last"]},
+                  "per_model": {"deit_tiny_patch16_224": {"min_time": 0.25, "timm_baselines": ["channels_last"]},
                                 "deit_small_patch16_224": {"timm_baselines": ["channels_last", "compile"]},
                                 # DeiT-B on 2 CPU cores: the paper configurations only, smaller batch
                                 "deit_base_patch16_224": {"batch_size": 4,

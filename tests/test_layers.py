@@ -23,7 +23,7 @@ LAYERS = {
     "core": ["bench.errors", "bench.reducer", "bench.plugins", "bench.registry", "bench.patch", "bench.flops"],
     "runtime": ["bench.env", "bench.outputs", "bench.stats", "bench.distributed", "bench.preprocess", "bench.proxy",
                 "bench.fixtures", "bench.models", "bench.weights", "bench.checkpoint", "bench.data", "bench.train",
-                "bench.evaluate", "bench.speed", "bench.results"],
+                "bench.evaluate", "bench.speed", "bench.results", "bench.launch", "bench.proxy_ranking"],
     "seg": ["bench.seg"],
     "pipeline": ["bench.profiles", "bench.overrides", "bench.stages", "bench.gate"],
     "report": ["bench.report", "bench.reports_writer", "bench.published", "bench.plots"],

@@ -260,7 +260,7 @@ def test_paper_profile_runs_on_fixtures(tmp_path):
     accr = {(x["config"], x["kind"]): x for x in acc["rows"]}
     assert accr[("pm:keep=0.6", "fine-tuned")]["structure"] == "fine-tuned"
     assert accr[("pm:keep=0.6", "off-the-shelf")]["note"].startswith("calibrated, not fine-tuned")
-    assert "note" not in accr[("pm:keep=0.6", "fine-tuned")] and "note" not in accr[("none", "off-the-shelf")]
+    assert not accr[("pm:keep=0.6", "fine-tuned")].get("note") and not accr[("none", "off-the-shelf")].get("note")
     assert accr[("pm:keep=0.6", "fine-tuned")]["gmacs"] > accr[("pm:keep=0.6", "off-the-shelf")]["gmacs"]
     assert accr[("pm:keep=0.6", "fine-tuned")]["speedup"] == spd[("pm:keep=0.6", "fine-tuned")]["speedup"]
     # reports: 3 classes -> no top-5; every header says it is a fixture run and which stages it skipped

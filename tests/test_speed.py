@@ -248,7 +248,8 @@ def test_default_profile_speed_protocol():
         sp = profiles.get(name)["speed"]
         assert sp["repeats"] >= 5 and sp.get("iters") is None and sp["min_time"] > 0
     d = profiles.get("default")["speed"]
-    assert d["min_time"] >= 1.0  # DeiT-S/B, whose rows the agreement benchmark compares
+    # DeiT-S/B, whose rows the agreement benchmark compares: every row right between two baseline timings
+    assert d["min_time"] >= 0.4 and d["pair_every"] == 1 and d["repeats"] >= 7
     assert "compile" in d["per_model"]["deit_small_patch16_224"]["timm_baselines"]
 
 
@@ -283,10 +284,12 @@ x = torch.randn(4, 3, 224, 224)
 with torch.inference_mode():
     for _ in range(2):  # warm-up, as the protocol does
         base(x), red(x)
-    f0 = speed.minor_faults()
-    for _ in range(3):  # interleaved, as the protocol times them
+    windows = []
+    for _ in range(5):  # interleaved, as the protocol times them
+        f0 = speed.minor_faults()
         base(x), red(x)
-print(json.dumps({"desc": desc, "faults": (speed.minor_faults() - f0) / 6}))
+        windows.append((speed.minor_faults() - f0) / 2)
+print(json.dumps({"desc": desc, "faults": sorted(windows)[2]}))  # median over the windows
 """
 
 
