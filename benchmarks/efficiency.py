@@ -2,8 +2,8 @@
 
 Not a unit test: it times real models for minutes.  Every configuration of ``bench.profiles.PAPER_CONFIGS``
 is timed interleaved with the unreduced model by the suite's protocol (``bench.speed.measure``:
-iterations calibrated to ``--min-time`` s per timing, ``--repeats`` rounds, each row bracketed by
-baseline timings, bootstrap interval) and compared with its analytic MAC ratio::
+iterations calibrated to ``--min-time`` s per timing, ``--repeats`` rounds, each row timed right between
+two baseline timings (``--pair-every 1``), bootstrap interval) and compared with its analytic MAC ratio::
 
     python benchmarks/efficiency.py                        # DeiT-T, batch 8, target 0.85
     python benchmarks/efficiency.py --model deit_small_patch16_224 --json out.json
@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--configs", default=None, help="comma list of specs (default: the paper configurations)")
     p.add_argument("--min-time", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--pair-every", type=int, default=1, help="baseline timed around every this many rows (0: per round)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--target", type=float, default=0.85)
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         ms[s] = m
         mac[s] = g0 / flops.analytic(info, red).gmacs
     cfg = speed.SpeedConfig(batch_size=a.batch_size, min_time=a.min_time, repeats=a.repeats,
-                            img_size=tuple(base.patch_embed.img_size))
+                            pair_every=a.pair_every or None, img_size=tuple(base.patch_embed.img_size))
     res = speed.measure(ms, cfg, baseline="none",
                         progress=lambda i, n: print(f"  repeat {i}/{n}", file=sys.stderr, flush=True))
     rows = []

@@ -37,7 +37,9 @@ def run_stage(out: Path, profile: str) -> float:
 
 def load_rows(report_dir: Path) -> dict:
     rows = json.loads((report_dir / "throughput.json").read_text())["rows"]
-    return {(r["model"], r["config"], r.get("variant", "eager"), r["precision"], r["batch_size"]): r for r in rows}
+    # structure separates a calibrated method's rows (its calibrated and its fine-tuned learned modules)
+    return {(r["model"], r["config"], r.get("structure") or "-", r.get("variant", "eager"), r["precision"],
+             r["batch_size"]): r for r in rows}
 
 
 def compare(a: dict, b: dict, models: list[str], tol: float) -> tuple[list[dict], list[str]]:
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     rows, bad = compare(load_rows(dirs[0]), load_rows(dirs[1]), a.models.split(","), a.tolerance)
     if walls:
         print(f"speed stage wall time: run 1 {walls[0]:.0f} s, run 2 {walls[1]:.0f} s")
-    print(f"| {'row (model|config|variant|precision|batch)':58s} | run 1 | run 2 | diff % | noisy | agree |")
+    print(f"| {'row (model|config|structure|variant|precision|batch)':58s} | run 1 | run 2 | diff % | noisy | agree |")
     print(f"|{'-' * 60}|------:|------:|-------:|:------|:------|")
     for r in rows:
         print(f"| {r['row']:58s} | {r['run1']:.3f} | {r['run2']:.3f} | {r['diff_pct']:6.1f} | "
