@@ -14,35 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from plugin_install import install
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "calibrated_plugin_fixture"
 SPEC = "scoredrop:n=20,at=2"
-
-
-def install(fixture: Path, target: Path) -> Path:
-    """The fixture's modules plus a ``*.dist-info`` with its entry points (what pip would write)."""
-    meta = tomllib.loads((fixture / "pyproject.toml").read_text())
-    proj = meta["project"]
-    for mod in meta["tool"]["setuptools"]["py-modules"]:
-        shutil.copy(fixture / f"{mod}.py", target / f"{mod}.py")
-    dist = target / f"{proj['name'].replace('-', '_')}-{proj['version']}.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {proj['name']}\nVersion: {proj['version']}\n")
-    lines = []
-    for group, eps in proj["entry-points"].items():
-        lines.append(f"[{group}]")
-        lines += [f"{name} = {value}" for name, value in eps.items()]
-    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    return target
 
 
 def _cache(tmp: Path) -> Path:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from plugin_install import install
 
 from bench import flops, patch, registry
 from bench.reducer import ConfigError, ModelInfo
@@ -27,19 +26,7 @@ FIXTURE = Path(__file__).resolve().parent / "plugin_fixture"
 
 def install_fixture(target: Path) -> Path:
     """Install tests/plugin_fixture into ``target`` (no network, no build step)."""
-    meta = tomllib.loads((FIXTURE / "pyproject.toml").read_text())
-    proj = meta["project"]
-    for mod in meta["tool"]["setuptools"]["py-modules"]:
-        shutil.copy(FIXTURE / f"{mod}.py", target / f"{mod}.py")
-    dist = target / f"{proj['name'].replace('-', '_')}-{proj['version']}.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {proj['name']}\nVersion: {proj['version']}\n")
-    lines = []
-    for group, eps in proj["entry-points"].items():
-        lines.append(f"[{group}]")
-        lines += [f"{name} = {value}" for name, value in eps.items()]
-    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    return target
+    return install(FIXTURE, target)
 
 
 @pytest.fixture(scope="module")
