@@ -111,16 +111,15 @@ def run_eval(args):
 
     from bench.cli import emit
 
-    from .evaluate import seg_eval
+    from .evaluate import SegEvalConfig, seg_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    opts = SegEvalConfig(random_weights=args.random_weights, trust=args.trust_checkpoint, speed=args.speed,
+                         fps_batches=fps_batches, speed_iters=args.iters, speed_repeats=args.repeats,
+                         device=args.device, max_images=args.max_images, reducer_structure=args.reducer_structure)
     with _stdout_to_stderr(args.json):
-        res = seg_eval(args.config, args.reducer, args.data, args.checkpoint, random_weights=args.random_weights,
-                       trust=args.trust_checkpoint, speed=args.speed,
-                       fps_batches=fps_batches,
-                       speed_iters=args.iters, speed_repeats=args.repeats, device=args.device,
-                       max_images=args.max_images, reducer_structure=args.reducer_structure,
+        res = seg_eval(args.config, args.reducer, args.data, args.checkpoint, opts,
                        log=lambda m: print(m, file=sys.stderr))
     lines = [
         f"Segmenter {args.config}  reducer {res['reducer']}  data {args.data}  ({res['n_images']} images)",
