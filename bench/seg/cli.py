@@ -168,8 +168,8 @@ def run_train(args):
             meta = train.proxy_training_info() if args.max_iters is None else {}
         else:
             out = Path(args.out)
-            meta = train.train_segmenter(args.config, out, reducer=args.reducer, data=args.data,
-                                         load_from=args.load_from, max_iters=args.max_iters)
+            meta = train.train_segmenter(args.config, out, train.SegTrainConfig(
+                reducer=args.reducer, data=args.data, load_from=args.load_from, max_iters=args.max_iters))
     res = {"checkpoint": str(out), **meta}
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # torchrun: rank 0 reports
