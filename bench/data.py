@@ -28,6 +28,7 @@ uint8 images are written once to a memory-mapped file; since ``ToTensor`` is
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -369,12 +370,36 @@ def _prep_for(d: dict, img_size: Optional[int], crop_pct: Optional[float], prep:
     return pp.default(img_size or d["default_img_size"], pp.PROTOCOL_CROP_PCT if crop_pct is None else crop_pct)
 
 
-def build_dataset(data: str, split: str, *, train: bool = False, img_size: Optional[int] = None,
-                  crop_pct: Optional[float] = None, max_images: Optional[int] = None, seed: int = 0,
-                  cache: bool = False, prep: Optional[pp.Preprocess] = None,
-                  labels: Optional[LabelSpace] = None) -> Dataset:
-    """``prep``: the model's preprocessing (:func:`bench.preprocess.resolve`); without it DeiT's input
-    at ``img_size`` / ``crop_pct``.  ``labels``: the label space (default: resolved from the folders)."""
+@dataclass
+class DatasetConfig:
+    """What :func:`build_dataset` builds: ``train`` (augmentation), ``img_size`` / ``crop_pct`` (DeiT's
+    input without ``prep``), ``max_images`` (a stratified subset drawn with ``seed``), ``cache``
+    (evaluation images decoded once into a cache), ``prep``: the model's preprocessing
+    (:func:`bench.preprocess.resolve`), ``labels``: the label space (default: resolved from the folders)."""
+    train: bool = False
+    img_size: Optional[int] = None
+    crop_pct: Optional[float] = None
+    max_images: Optional[int] = None
+    seed: int = 0
+    cache: bool = False
+    prep: Optional[pp.Preprocess] = None
+    labels: Optional[LabelSpace] = None
+
+
+@dataclass
+class LoaderConfig(DatasetConfig):
+    """:func:`build_loader`'s options: the dataset's plus ``workers``, ``distributed`` and ``shuffle``."""
+    workers: int = 0
+    distributed: bool = False
+    shuffle: Optional[bool] = None
+
+
+def build_dataset(data: str, split: str, opts: Optional[DatasetConfig] = None, **overrides) -> Dataset:
+    """The dataset of ``data``'s ``split`` (``opts``: a :class:`DatasetConfig`; keyword ``overrides``
+    name its fields); without ``prep`` DeiT's input at ``img_size`` / ``crop_pct``."""
+    o = dataclasses.replace(opts or DatasetConfig(), **overrides)
+    train, img_size, crop_pct, max_images, seed = o.train, o.img_size, o.crop_pct, o.max_images, o.seed
+    cache, prep, labels = o.cache, o.prep, o.labels
     d = parse_data(data)
     root = data_root(data)
     prep = _prep_for(d, img_size, crop_pct, prep)
@@ -391,12 +416,10 @@ def build_dataset(data: str, split: str, *, train: bool = False, img_size: Optio
     return Subset(ds, idx) if idx is not None else ds
 
 
-def build_loader(data: str, split: str, batch_size: int, *, train: bool = False, img_size: Optional[int] = None,
-                 crop_pct: Optional[float] = None, workers: int = 0, distributed: bool = False,
-                 max_images: Optional[int] = None, seed: int = 0, cache: bool = False,
-                 prep: Optional[pp.Preprocess] = None, labels: Optional[LabelSpace] = None,
-                 shuffle: Optional[bool] = None) -> DataLoader:
-    """A DataLoader of (normalised float images, long labels).
+def build_loader(data: str, split: str, batch_size: int, opts: Optional[LoaderConfig] = None,
+                 **overrides) -> DataLoader:
+    """A DataLoader of (normalised float images, long labels); ``opts``: a :class:`LoaderConfig`
+    (keyword ``overrides`` name its fields).
 
     ``train=True``: augmentation, seeded per-epoch shuffling (call ``loader.sampler.set_epoch``),
     full batches only.  ``shuffle=True`` without ``train``: the evaluation transform in a seeded
@@ -405,12 +428,14 @@ def build_loader(data: str, split: str, batch_size: int, *, train: bool = False,
     """
     from . import distributed as dist
 
+    o = dataclasses.replace(opts or LoaderConfig(), **overrides)
+    train, workers, distributed, seed, cache, shuffle = o.train, o.workers, o.distributed, o.seed, o.cache, o.shuffle
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, not {batch_size}")
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, not {workers}")
-    ds = build_dataset(data, split, train=train, img_size=img_size, crop_pct=crop_pct, max_images=max_images,
-                       seed=seed, cache=cache and not train, prep=prep, labels=labels)
+    ds = build_dataset(data, split, train=train, img_size=o.img_size, crop_pct=o.crop_pct, max_images=o.max_images,
+                       seed=seed, cache=cache and not train, prep=o.prep, labels=o.labels)
     rank, world = (dist.rank(), dist.world_size()) if distributed else (0, 1)
     shuffle = train if shuffle is None else shuffle
     sampler = ShardedEpochSampler(len(ds), shuffle=shuffle, seed=seed, rank=rank, world=world, pad=train)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -57,10 +59,25 @@ def _baseline(ax, x, y, label="unreduced model") -> None:
         ax.plot([], [], color=BASELINE_COLOUR, ls="--", label=label)
 
 
-def _scatter_by_method(rows, xkey, ykey, title, xlabel, ylabel, out, name, figs, label_key="method",
-                       baseline=None, xline=None):
-    """One line per method (sorted by x), coloured by method; ``baseline``: (x, y) of the unreduced model
-    (x None: only its line); ``xline``: a vertical reference (speed-up 1)."""
+@dataclass
+class _Scatter:
+    """One figure of :func:`_scatter_by_method`: ``xkey`` / ``ykey`` of the rows against each other,
+    saved as ``name``; ``baseline``: (x, y) of the unreduced model (x None: only its line);
+    ``xline``: a vertical reference (speed-up 1); ``label_key``: the row key naming a line."""
+    xkey: str
+    ykey: str
+    title: str
+    xlabel: str
+    ylabel: str
+    name: str
+    baseline: Optional[tuple] = None
+    xline: Optional[float] = None
+    label_key: str = "method"
+
+
+def _scatter_by_method(rows, spec: _Scatter, out, figs) -> None:
+    """One line per method (sorted by x), coloured by method (see :class:`_Scatter`)."""
+    xkey, ykey, label_key, baseline, xline = spec.xkey, spec.ykey, spec.label_key, spec.baseline, spec.xline
     by = {}
     for r in rows:
         if r.get(xkey) is None or r.get(ykey) is None:
@@ -84,12 +101,12 @@ def _scatter_by_method(rows, xkey, ykey, title, xlabel, ylabel, out, name, figs,
         i = len(k) - 1
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[i % len(_MARKERS)],
                 ls=_STYLES[i % len(_STYLES)], color=method_colour(m), label=m)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(spec.xlabel)
+    ax.set_ylabel(spec.ylabel)
+    ax.set_title(spec.title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
-    _save(fig, out, name, figs)
+    _save(fig, out, spec.name, figs)
 
 
 def _accuracy_plots(ctx, acc: list, src: str, out: Path, figs: list) -> None:
@@ -103,14 +120,14 @@ def _accuracy_plots(ctx, acc: list, src: str, out: Path, figs: list) -> None:
             rows = [r for r in mrows if r.get("kind") == kind]
             tag = kind.replace("-", "_")
             ylabel = f"top-1 (%) of the {model} on {src} val"
-            _scatter_by_method(rows, "gmacs", "top1", f"top-1 vs GMACs ({kind}, {src} data)", f"GMACs of the {model}",
-                               ylabel, out, f"acc_vs_gmacs_{tag}{suffix}.png", figs,
-                               baseline=(base["gmacs"], base["top1"]) if base else None)
+            _scatter_by_method(rows, _Scatter("gmacs", "top1", f"top-1 vs GMACs ({kind}, {src} data)",
+                                              f"GMACs of the {model}", ylabel, f"acc_vs_gmacs_{tag}{suffix}.png",
+                                              baseline=(base["gmacs"], base["top1"]) if base else None), out, figs)
             where = f"measured at the {ref} size" if ref else "measured"
-            _scatter_by_method(rows, "speedup", "top1", f"top-1 vs measured speed-up ({kind}, {src} data)",
-                               f"speed-up vs the unreduced model ({where})", ylabel, out,
-                               f"acc_vs_speedup_{tag}{suffix}.png", figs,
-                               baseline=(1.0, base["top1"]) if base else None, xline=1.0)
+            _scatter_by_method(rows, _Scatter("speedup", "top1", f"top-1 vs measured speed-up ({kind}, {src} data)",
+                                              f"speed-up vs the unreduced model ({where})", ylabel,
+                                              f"acc_vs_speedup_{tag}{suffix}.png",
+                                              baseline=(1.0, base["top1"]) if base else None, xline=1.0), out, figs)
 
 
 def _seg_plot(seg: list, src: str, out: Path, figs: list) -> None:
@@ -120,10 +137,10 @@ def _seg_plot(seg: list, src: str, out: Path, figs: list) -> None:
         base = next((r for r in rows if r.get("config") == "none"), None)
         name = "seg_miou_vs_gmacs.png" if len(cms) == 1 else f"seg_miou_vs_gmacs_{cm}.png"
         model = "proxy Segmenter" if cm == "proxy" else f"Segmenter {str(cm).upper()}"
-        _scatter_by_method(rows, "gmacs_per_window", "miou", f"mIoU vs GMACs ({model}, {src} data)",
-                           f"GMACs per window of the {model}", "mIoU (%)", out, name, figs,
-                           baseline=(base["gmacs_per_window"], base["miou"]) if base and base.get("miou") is not None
-                           else None)
+        _scatter_by_method(rows, _Scatter("gmacs_per_window", "miou", f"mIoU vs GMACs ({model}, {src} data)",
+                                          f"GMACs per window of the {model}", "mIoU (%)", name,
+                                          baseline=(base["gmacs_per_window"], base["miou"])
+                                          if base and base.get("miou") is not None else None), out, figs)
 
 
 def _short_cfg(spec: str) -> str:

@@ -47,6 +47,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import env
 
@@ -300,26 +301,27 @@ def _sdpa_choice(args, kwargs) -> str:
             4: "_scaled_dot_product_fused_attention_overrideable"}.get(choice, "sdpa backend unknown")
 
 
+class _Ops(TorchDispatchMode):
+    """Records the names of the aten ops a call reaches (and SDPA's kernel choice) in ``names``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.names.add(func.name())
+        if func is torch.ops.aten.scaled_dot_product_attention.default:
+            # inference_mode hands the composite op to the mode: ask SDPA which kernel it picks
+            self.names.add(_sdpa_choice(args, kwargs))
+        return func(*args, **kwargs)
+
+
 def _profiled_call(fn, device, compiled: bool = False) -> dict:
     """Call ``fn`` once and say which attention kernel ran.  Eager models: a dispatch mode records
     the aten ops the call reaches (SDPA has picked its kernel by then); compiled models: the profiler
     (a dispatch mode would send dynamo back to eager)."""
     if not compiled:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class _Ops(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.names = set()
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                self.names.add(func.name())
-                if func is torch.ops.aten.scaled_dot_product_attention.default:
-                    # inference_mode hands the composite op to the mode: ask SDPA which kernel it picks
-                    self.names.add(_sdpa_choice(args, kwargs))
-                return func(*args, **kwargs)
-
         with _Ops() as mode:
             fn()
         sync(device)
@@ -389,19 +391,8 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
 
     with torch.inference_mode(), ctx_factory():
         for k in list(fns):  # warm-up + kernel check + calibration, each model before any timing
-            f, xi = fns[k], inputs[k]
             try:
-                for w in range(max(1, cfg.warmup)):
-                    last = w == max(1, cfg.warmup) - 1
-                    t0 = time.perf_counter()
-                    if last and cfg.check_kernels:  # the last warm-up call says which kernels ran
-                        kernels[k] = _profiled_call(lambda: f(xi), dev, compiled=bool(opts[k]["compile"]))
-                    else:
-                        f(xi)
-                        sync(dev)
-                    if w == 0:  # includes compilation for a compiled model
-                        first_call[k] = time.perf_counter() - t0
-                iters[k] = calibrate_iters(timed_loop(lambda: f(xi), 1, dev), cfg)
+                iters[k] = _warm_up(k, fns[k], inputs[k], cfg, bool(opts[k]["compile"]), first_call, kernels)
             except Exception as e:  # noqa: BLE001
                 if k == baseline:
                     raise
@@ -441,6 +432,24 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
                 continue
             out["models"][k].update(speedup_stats(_pair_ratios(timings, baseline, k), cfg))
     return out
+
+
+def _warm_up(k: str, f, xi, cfg: SpeedConfig, compiled: bool, first_call: dict, kernels: dict) -> int:
+    """Warm up model ``k`` (``f`` on ``xi``): ``first_call[k]`` is the first call's seconds (compilation
+    included for a compiled model), ``kernels[k]`` what the last warm-up call ran (with
+    ``cfg.check_kernels``); returns the calibrated iteration count."""
+    dev = cfg.device
+    for w in range(max(1, cfg.warmup)):
+        last = w == max(1, cfg.warmup) - 1
+        t0 = time.perf_counter()
+        if last and cfg.check_kernels:  # the last warm-up call says which kernels ran
+            kernels[k] = _profiled_call(lambda: f(xi), dev, compiled=compiled)
+        else:
+            f(xi)
+            sync(dev)
+        if w == 0:  # includes compilation for a compiled model
+            first_call[k] = time.perf_counter() - t0
+    return calibrate_iters(timed_loop(lambda: f(xi), 1, dev), cfg)
 
 
 def _pair_ratios(timings: list, baseline: str, name: str) -> list[float]:

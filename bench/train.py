@@ -215,229 +215,293 @@ class JsonLog:
 # --------------------------------------------------------------------------- the loop
 def train(model, train_loader, cfg: TrainConfig, *, teacher=None, val_loader=None) -> dict:
     """Train ``model`` (patched or not) in place; returns the history (losses, accuracy, wall time)."""
-    cfg.validate()
-    t_start = time.time()
-    rank = dist.rank()
-    device = torch.device(dist.device_for_rank(cfg.device))
-    amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
-    seed_everything(cfg.seed + rank)
-    model.to(device)
-    red = patch.get_reducer(model)
-    reducer = red if isinstance(red, Trainable) else None  # the trainer's hooks: recipe losses, lr, schedule
-    use_teacher = cfg.distill != "none" or bool(reducer is not None and reducer.needs_teacher)
-    if use_teacher and teacher is None:
-        raise ConfigError("this training needs a teacher (distillation or the reducer's losses); "
-                          "pass --teacher self (the unreduced model) or a checkpoint")
-    if teacher is not None and use_teacher:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    else:
-        teacher = None
+    return _Trainer(model, train_loader, cfg, teacher, val_loader).run()
 
-    spe = len(train_loader)
-    if spe == 0:
-        raise ConfigError("the training loader yields no batches (dataset smaller than one batch?)")
-    # the schedule spans cfg.epochs; max_steps only stops early (so a capped run equals the
-    # first steps of the full one)
-    sched_steps = max(1, int(round(cfg.epochs * spe))) if cfg.epochs > 0 else int(cfg.max_steps)
-    total_steps = min(sched_steps, cfg.max_steps) if cfg.max_steps is not None else sched_steps
-    # The reducers' schedule hooks get the schedule length in (possibly fractional) epochs and the
-    # fractional epoch of each step, so fractions of a schedule (DynamicViT's 1/6 freeze) hold for
-    # a schedule shorter than one epoch too.
-    num_epochs = sched_steps / spe
-    groups = param_groups(model, cfg.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    sched = CosineSchedule(cfg.lr, cfg.min_lr, sched_steps, int(round(cfg.warmup_epochs * spe)), cfg.warmup_lr)
-    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
-    start_step = 0
-    last_good: Optional[tuple] = None  # (path, step) of the newest checkpoint known finite
-    if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
+class _Trainer:
+    """The state of one :func:`train` call; each piece of the loop is one method."""
+
+    def __init__(self, model, train_loader, cfg: TrainConfig, teacher, val_loader):
+        cfg.validate()
+        self.t_start = time.time()
+        self.cfg, self.train_loader, self.val_loader = cfg, train_loader, val_loader
+        self.rank = dist.rank()
+        self.device = device = torch.device(dist.device_for_rank(cfg.device))
+        self.amp = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+        seed_everything(cfg.seed + self.rank)
+        model.to(device)
+        self.model = model
+        red = patch.get_reducer(model)
+        self.reducer = red if isinstance(red, Trainable) else None  # the trainer's hooks: recipe losses, lr, schedule
+        self.teacher = self._prepare_teacher(teacher)
+        self._build_schedule()
+        self.start_step = 0
+        self.last_good: Optional[tuple] = None  # (path, step) of the newest checkpoint known finite
+        if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
+            self._resume()
+        self.ddp_model = self._wrap_ddp()
+        self.mixup_fn = self._make_mixup()
+        self.log = JsonLog(cfg.log_path, dist.is_main())
+        self.history = {"steps": [], "epochs": [], "total_steps": self.total_steps,
+                        "schedule_steps": self.sched_steps, "steps_per_epoch": self.spe}
+        self.sampler = getattr(train_loader, "sampler", None)
+        self.pbar = None
+        if cfg.progress and dist.is_main():
+            from tqdm import tqdm
+
+            self.pbar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", file=sys.stderr,
+                             mininterval=2.0, dynamic_ncols=True)
+        self.step = self.start_step
+        self.it = None
+        self.cur_epoch = -1
+        self.run_loss, self.run_n = 0.0, 0
+        self.model_obj = unwrap(model)
+
+    # ----------------------------------------------------------------------- setup
+    def _prepare_teacher(self, teacher):
+        cfg, reducer = self.cfg, self.reducer
+        use_teacher = cfg.distill != "none" or bool(reducer is not None and reducer.needs_teacher)
+        if use_teacher and teacher is None:
+            raise ConfigError("this training needs a teacher (distillation or the reducer's losses); "
+                              "pass --teacher self (the unreduced model) or a checkpoint")
+        if teacher is not None and use_teacher:
+            teacher.to(self.device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            return teacher
+        return None
+
+    def _build_schedule(self) -> None:
+        """Step counts, optimizer, learning-rate schedule and AMP scaler."""
+        cfg = self.cfg
+        self.spe = spe = len(self.train_loader)
+        if spe == 0:
+            raise ConfigError("the training loader yields no batches (dataset smaller than one batch?)")
+        # the schedule spans cfg.epochs; max_steps only stops early (so a capped run equals the
+        # first steps of the full one)
+        self.sched_steps = max(1, int(round(cfg.epochs * spe))) if cfg.epochs > 0 else int(cfg.max_steps)
+        self.total_steps = min(self.sched_steps, cfg.max_steps) if cfg.max_steps is not None else self.sched_steps
+        # The reducers' schedule hooks get the schedule length in (possibly fractional) epochs and the
+        # fractional epoch of each step, so fractions of a schedule (DynamicViT's 1/6 freeze) hold for
+        # a schedule shorter than one epoch too.
+        self.num_epochs = self.sched_steps / spe
+        groups = param_groups(self.model, cfg.weight_decay)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.sched = CosineSchedule(cfg.lr, cfg.min_lr, self.sched_steps, int(round(cfg.warmup_epochs * spe)),
+                                    cfg.warmup_lr)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.device.type == "cuda" else None
+
+    def _resume(self) -> None:
+        cfg, model = self.cfg, self.model
         ck = read_checkpoint(cfg.ckpt_path)
         unwrap(model).load_state_dict(ck["model"], strict=True)
         if "optimizer" in ck:
-            opt.load_state_dict(ck["optimizer"])
+            self.opt.load_state_dict(ck["optimizer"])
         if "scheduler" in ck:
-            sched.load_state_dict(ck["scheduler"])
-        start_step = int(ck.get("step") or 0)
-        if scaler is not None and "scaler" in ck.get("extra", {}):
-            scaler.load_state_dict(ck["extra"]["scaler"])
+            self.sched.load_state_dict(ck["scheduler"])
+        self.start_step = int(ck.get("step") or 0)
+        if self.scaler is not None and "scaler" in ck.get("extra", {}):
+            self.scaler.load_state_dict(ck["extra"]["scaler"])
         bad = nonfinite_weights(unwrap(model))
         if bad is not None:
             raise ConfigError(f"cannot resume from {cfg.ckpt_path}: its weights are not finite ({bad}); "
                               "start again from an earlier checkpoint")
-        last_good = (cfg.ckpt_path, start_step)
+        self.last_good = (cfg.ckpt_path, self.start_step)
 
-    ddp_model = model
-    if dist.is_distributed():
-        fu = cfg.find_unused_parameters
+    def _wrap_ddp(self):
+        model, device = self.model, self.device
+        if not dist.is_distributed():
+            return model
+        fu = self.cfg.find_unused_parameters
         if fu is None:
             fu = hasattr(unwrap(model), "reducer_modules") and len(list(unwrap(model).reducer_modules.parameters())) > 0
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
+        return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=fu)
 
-    mixup_fn = None
-    num_classes = unwrap(model).num_classes if hasattr(unwrap(model), "num_classes") else None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
+    def _make_mixup(self):
+        cfg = self.cfg
+        num_classes = unwrap(self.model).num_classes if hasattr(unwrap(self.model), "num_classes") else None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            from timm.data import Mixup
 
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+            return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                          num_classes=num_classes)
+        return None
 
-    def base_loss(logits, targets):
+    # ----------------------------------------------------------------------- checks, epochs, checkpoints
+    def _base_loss(self, logits, targets):
         if targets.ndim == 2:  # soft targets (mixup / cutmix)
             return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+        return F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
 
-    log = JsonLog(cfg.log_path, dist.is_main())
-    history = {"steps": [], "epochs": [], "total_steps": total_steps, "schedule_steps": sched_steps, "steps_per_epoch": spe}
-    sampler = getattr(train_loader, "sampler", None)
-    pbar = None
-    if cfg.progress and dist.is_main():
-        from tqdm import tqdm
-
-        pbar = tqdm(total=total_steps, initial=start_step, desc="train", file=sys.stderr, mininterval=2.0,
-                    dynamic_ncols=True)
-
-    step = start_step
-    it = None
-    cur_epoch = -1
-    run_loss, run_n = 0.0, 0
-    model_obj = unwrap(model)
-
-    def diverged(what: str, at: int):
+    def _diverged(self, what: str, at: int) -> TrainingDiverged:
         """The error for a divergence in (1-based) step ``at``; nothing is saved after it."""
-        if pbar is not None:
-            pbar.close()
-        log.write(event="diverged", step=at, reason=what)
-        log.close()
-        if last_good is not None:
-            where = (f"the last good checkpoint {last_good[0]} (step {last_good[1]}) is intact: resume it with "
-                     "--resume and a lower --lr or --clip-grad")
-        elif cfg.ckpt_path:
-            where = (f"no checkpoint was written by this run ({cfg.ckpt_path} untouched); "
+        if self.pbar is not None:
+            self.pbar.close()
+        self.log.write(event="diverged", step=at, reason=what)
+        self.log.close()
+        if self.last_good is not None:
+            where = (f"the last good checkpoint {self.last_good[0]} (step {self.last_good[1]}) is intact: resume "
+                     "it with --resume and a lower --lr or --clip-grad")
+        elif self.cfg.ckpt_path:
+            where = (f"no checkpoint was written by this run ({self.cfg.ckpt_path} untouched); "
                      "lower --lr or enable --clip-grad")
         else:
             where = "lower --lr or enable --clip-grad"
-        return TrainingDiverged(f"training diverged at step {at} of {total_steps}: {what}; {where}")
+        return TrainingDiverged(f"training diverged at step {at} of {self.total_steps}: {what}; {where}")
 
-    def check_weights():
-        bad = nonfinite_weights(model_obj)
+    def _check_weights(self) -> None:
+        bad = nonfinite_weights(self.model_obj)
         if bad is not None:
-            raise diverged(f"its update made the weights non-finite ({bad})", step)
+            raise self._diverged(f"its update made the weights non-finite ({bad})", self.step)
 
-    def end_epoch(e: int):
-        check_weights()  # validation of NaN weights would report a meaningless score
-        _end_epoch(e, history, log, model_obj, val_loader, device, amp, run_loss, run_n)
+    def _end_epoch(self, e: int) -> None:
+        self._check_weights()  # validation of NaN weights would report a meaningless score
+        _end_epoch(e, self.history, self.log, self.model_obj, self.val_loader, self.device, self.amp,
+                   self.run_loss, self.run_n)
 
-    def save_checked(done_steps: int):
-        nonlocal last_good
-        check_weights()
-        if cfg.ckpt_path:
-            _save(cfg, model_obj, opt, sched, done_steps, spe, scaler)
-            last_good = (cfg.ckpt_path, done_steps)
+    def _save_checked(self, done_steps: int) -> None:
+        self._check_weights()
+        if self.cfg.ckpt_path:
+            _save(self.cfg, self.model_obj, self.opt, self.sched, done_steps, self.spe, self.scaler)
+            self.last_good = (self.cfg.ckpt_path, done_steps)
 
-    while step < total_steps:
-        epoch = step // spe
-        if epoch != cur_epoch:
-            if cur_epoch >= 0:
-                end_epoch(cur_epoch)
-                run_loss, run_n = 0.0, 0
-            cur_epoch = epoch
-            if sampler is not None and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            if sampler is not None and hasattr(sampler, "skip"):
-                sampler.skip = (step % spe) * train_loader.batch_size  # consumed by the next pass
-                it = iter(train_loader)
-            else:
-                it = iter(train_loader)
-                for _ in range(step % spe):
-                    next(it)
-            ddp_model.train(cfg.train_mode)
-        s = _step_seed(cfg.seed, step, rank)
+    def _start_epoch(self, epoch: int) -> None:
+        """Close the running epoch (if any) and position the loader at ``self.step`` of ``epoch``."""
+        if self.cur_epoch >= 0:
+            self._end_epoch(self.cur_epoch)
+            self.run_loss, self.run_n = 0.0, 0
+        self.cur_epoch = epoch
+        sampler, spe, loader = self.sampler, self.spe, self.train_loader
+        if sampler is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if sampler is not None and hasattr(sampler, "skip"):
+            sampler.skip = (self.step % spe) * loader.batch_size  # consumed by the next pass
+            self.it = iter(loader)
+        else:
+            self.it = iter(loader)
+            for _ in range(self.step % spe):
+                next(self.it)
+        self.ddp_model.train(self.cfg.train_mode)
+
+    # ----------------------------------------------------------------------- one step
+    def _next_batch(self):
+        s = _step_seed(self.cfg.seed, self.step, self.rank)
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)
-        x, y = next(it)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if mixup_fn is not None:
+        x, y = next(self.it)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.mixup_fn is not None:
             if x.shape[0] % 2:
                 x, y = x[:-1], y[:-1]
-            x, y = mixup_fn(x, y)
-        epoch_f = step / spe
+            x, y = self.mixup_fn(x, y)
+        return x, y
+
+    def _set_lr(self, epoch_f: float) -> float:
+        """The learning rate of this step (x the reducer's per-parameter multiplier)."""
+        lr = self.sched.lr_at(self.step)
+        reducer = self.reducer
+        for g in self.opt.param_groups:
+            g["lr"] = lr * reducer.lr_multiplier(g["name"], epoch_f, self.num_epochs) if reducer is not None else lr
+        return lr
+
+    def _loss_terms(self, x, y) -> dict:
+        """The named loss terms of one forward pass (base, distillation, the reducer's)."""
+        cfg, teacher, reducer, model_obj = self.cfg, self.teacher, self.reducer, self.model_obj
+        with patch.training_step(model_obj):  # the reducer is told, not left to guess, that this is a step
+            out = self.ddp_model(x)
+        logits, logits_kd = _split_outputs(out)
+        terms = {"ce": self._base_loss(logits, y)}
+        teacher_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                f = teacher.forward_features(x)
+                teacher_out = {"logits": teacher.forward_head(f), "features": f}
+        if cfg.distill != "none":
+            kd = distill_loss(logits_kd, teacher_out["logits"], cfg.distill, cfg.distill_tau)
+            a = cfg.distill_alpha
+            if cfg.distill_form == "deit":
+                terms["ce"] = terms["ce"] * (1 - a)
+                terms["kd"] = kd * a
+            else:
+                terms["kd"] = kd * a
         if reducer is not None:
-            reducer.on_step(model_obj, epoch_f, num_epochs)
-        # learning rate of this step (x the reducer's per-parameter multiplier)
-        lr = sched.lr_at(step)
-        for g in opt.param_groups:
-            g["lr"] = lr * reducer.lr_multiplier(g["name"], epoch_f, num_epochs) if reducer is not None else lr
-        with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-                            enabled=amp):
-            with patch.training_step(model_obj):  # the reducer is told, not left to guess, that this is a step
-                out = ddp_model(x)
-            logits, logits_kd = _split_outputs(out)
-            terms = {"ce": base_loss(logits, y)}
-            teacher_out = None
-            if teacher is not None:
-                with torch.no_grad():
-                    f = teacher.forward_features(x)
-                    teacher_out = {"logits": teacher.forward_head(f), "features": f}
-            if cfg.distill != "none":
-                kd = distill_loss(logits_kd, teacher_out["logits"], cfg.distill, cfg.distill_tau)
-                a = cfg.distill_alpha
-                if cfg.distill_form == "deit":
-                    terms["ce"] = terms["ce"] * (1 - a)
-                    terms["kd"] = kd * a
-                else:
-                    terms["kd"] = kd * a
-            if reducer is not None:
-                extra = reducer.extra_losses(model_obj, out, y, patch.last_state(model_obj), teacher_out)
-                for k, v in (extra or {}).items():
-                    terms[k if k not in terms else f"reducer_{k}"] = v
-            loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v.detach()).all()}
-            raise diverged(f"the loss is {loss.item()}" + (f" ({', '.join(f'{k} {v}' for k, v in bad.items())})"
-                                                            if len(terms) > 1 and bad else ""), step + 1)
+            extra = reducer.extra_losses(model_obj, out, y, patch.last_state(model_obj), teacher_out)
+            for k, v in (extra or {}).items():
+                terms[k if k not in terms else f"reducer_{k}"] = v
+        return terms
+
+    def _backward_and_update(self, loss) -> None:
+        cfg, opt, scaler = self.cfg, self.opt, self.scaler
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
             if cfg.clip_grad:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.clip_grad)
+                torch.nn.utils.clip_grad_norm_(self.ddp_model.parameters(), cfg.clip_grad)
             scaler.step(opt)
             scaler.update()
         else:
             loss.backward()
             if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.clip_grad)
+                torch.nn.utils.clip_grad_norm_(self.ddp_model.parameters(), cfg.clip_grad)
             opt.step()
-        step += 1
-        sched.step_num = step
+
+    def _record(self, loss, terms: dict, lr: float, epoch_f: float, batch: int) -> None:
+        """Running epoch loss, progress bar, step log and the periodic checkpoint after a step."""
+        cfg, step = self.cfg, self.step
         lv = float(loss.detach())
-        run_loss += lv * x.shape[0]
-        run_n += x.shape[0]
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.2e}", refresh=False)
-        if step % cfg.log_every == 0 or step == total_steps:
+        self.run_loss += lv * batch
+        self.run_n += batch
+        if self.pbar is not None:
+            self.pbar.update(1)
+            self.pbar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.2e}", refresh=False)
+        if step % cfg.log_every == 0 or step == self.total_steps:
             rec = {"step": step, "epoch": round(epoch_f, 4), "lr": lr, "loss": lv,
                    **{k: float(v.detach()) for k, v in terms.items()}}
-            history["steps"].append(rec)
-            log.write(**rec)
-        if cfg.ckpt_path and cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and step < total_steps:
-            save_checked(step)  # only after the loss and the updated weights are checked finite
-    if cur_epoch >= 0:
-        end_epoch(cur_epoch)
-    save_checked(step)  # the final weights are checked even without a checkpoint path
-    if pbar is not None:
-        pbar.close()
-    history["wall_s"] = time.time() - t_start
-    history["final_step"] = step
-    log.write(event="done", wall_s=history["wall_s"], step=step)
-    log.close()
-    return history
+            self.history["steps"].append(rec)
+            self.log.write(**rec)
+        if cfg.ckpt_path and cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and step < self.total_steps:
+            self._save_checked(step)  # only after the loss and the updated weights are checked finite
+
+    def _train_step(self) -> None:
+        epoch = self.step // self.spe
+        if epoch != self.cur_epoch:
+            self._start_epoch(epoch)
+        x, y = self._next_batch()
+        epoch_f = self.step / self.spe
+        if self.reducer is not None:
+            self.reducer.on_step(self.model_obj, epoch_f, self.num_epochs)
+        lr = self._set_lr(epoch_f)
+        device = self.device
+        with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                            enabled=self.amp):
+            terms = self._loss_terms(x, y)
+            loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v.detach()).all()}
+            raise self._diverged(f"the loss is {loss.item()}" + (f" ({', '.join(f'{k} {v}' for k, v in bad.items())})"
+                                                                  if len(terms) > 1 and bad else ""), self.step + 1)
+        self._backward_and_update(loss)
+        self.step += 1
+        self.sched.step_num = self.step
+        self._record(loss, terms, lr, epoch_f, x.shape[0])
+
+    def run(self) -> dict:
+        while self.step < self.total_steps:
+            self._train_step()
+        if self.cur_epoch >= 0:
+            self._end_epoch(self.cur_epoch)
+        self._save_checked(self.step)  # the final weights are checked even without a checkpoint path
+        if self.pbar is not None:
+            self.pbar.close()
+        history = self.history
+        history["wall_s"] = time.time() - self.t_start
+        history["final_step"] = self.step
+        self.log.write(event="done", wall_s=history["wall_s"], step=self.step)
+        self.log.close()
+        return history
 
 
 def _end_epoch(epoch, history, log, model, val_loader, device, amp, run_loss, run_n):

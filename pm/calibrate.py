@@ -29,8 +29,10 @@ uniform scores without data.  Same weights and data give the same scores.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,24 +93,31 @@ def all_reduce_scores(scores: torch.Tensor) -> torch.Tensor:
     return bd.all_reduce_sum(scores.clone())
 
 
-def collect_scores(
-    model,
-    reducer,
-    loader: Iterable,
-    info: ModelInfo,
-    iters: Optional[int] = None,
-    max_images: Optional[int] = None,
-    opt_step: bool = False,
-    lr: float = 1e-6,
-    weight_decay: float = 0.05,
-    device: Optional[str] = None,
-    progress=None,
-    loss_fn=None,
-) -> tuple[torch.Tensor, dict]:
+@dataclass
+class ScoringOptions:
+    """How :func:`collect_scores` / :func:`calibrate` score: ``iters`` / ``max_images`` cap the batches
+    (None: the whole loader); ``opt_step``: AdamW steps at ``lr`` / ``weight_decay`` while scoring (as
+    the official code does); ``device`` (None: the model's); ``progress(iterations, images, seconds)``
+    after each batch; ``loss_fn(logits, targets)`` (None: cross entropy)."""
+    iters: Optional[int] = None
+    max_images: Optional[int] = None
+    opt_step: bool = False
+    lr: float = 1e-6
+    weight_decay: float = 0.05
+    device: Optional[str] = None
+    progress: Optional[Callable] = None
+    loss_fn: Optional[Callable] = None
+
+
+def collect_scores(model, reducer, loader: Iterable, info: ModelInfo, opts: Optional[ScoringOptions] = None,
+                   **overrides) -> tuple[torch.Tensor, dict]:
     """Accumulated raw scores (depth, n_patches) over the loader (then all-reduced); ``reducer`` is
-    the :class:`pm.reducer.PruneAndMerge` the model is patched with; ``loss_fn(logits, targets)``
-    (default: cross entropy) is the loss whose gradient weights the attention."""
-    loss_fn = loss_fn or F.cross_entropy
+    the :class:`pm.reducer.PruneAndMerge` the model is patched with; ``opts`` (keyword ``overrides``
+    name its fields) say how: ``loss_fn(logits, targets)`` (default: cross entropy) is the loss whose
+    gradient weights the attention."""
+    o = dataclasses.replace(opts or ScoringOptions(), **overrides)
+    iters, max_images, opt_step, device, progress = o.iters, o.max_images, o.opt_step, o.device, o.progress
+    loss_fn = o.loss_fn or F.cross_entropy
     kind = reducer.cfg["score"]
     if kind == "random":
         g = torch.Generator().manual_seed(reducer.cfg["seed"])
@@ -118,8 +127,8 @@ def collect_scores(
     acc = ScoreAccumulator(info.depth, info.n_prefix, info.n_patches, kind)
     was_training = model.training
     model.eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=weight_decay) if opt_step else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                            weight_decay=o.weight_decay) if opt_step else None
     t0 = time.time()
     try:
         with reducer.scoring(acc):
@@ -162,15 +171,17 @@ def collect_scores(
                     "opt_step": opt_step, "seconds": round(time.time() - t0, 2)}
 
 
-def calibrate(model, reducer, loader: Iterable, iters=None, max_images=None,
-              opt_step=False, lr=1e-6, weight_decay=0.05, device=None, progress=None) -> dict:
-    """Score on ``loader`` with the model patched by ``reducer``, search the structure and
-    re-patch the model with it (fresh M/R initialised from the scores).  Returns the summary."""
+def calibrate(model, reducer, loader: Iterable, opts: Optional[ScoringOptions] = None, **overrides) -> dict:
+    """Score on ``loader`` with the model patched by ``reducer`` (``opts``: a :class:`ScoringOptions`;
+    keyword ``overrides`` name its fields), search the structure and re-patch the model with it (fresh
+    M/R initialised from the scores).  Returns the summary."""
+    o = dataclasses.replace(opts or ScoringOptions(), **overrides)
     if patch.get_reducer(model) is not reducer:
         patch.apply(model, reducer)
     info = patch.get_context(model).info
-    out = reducer.calibrate(model, loader, info, iters=iters, max_images=max_images, opt_step=opt_step, lr=lr,
-                            weight_decay=weight_decay, device=device, progress=progress)
+    extra = {"loss_fn": o.loss_fn} if o.loss_fn is not None else {}
+    out = reducer.calibrate(model, loader, info, iters=o.iters, max_images=o.max_images, opt_step=o.opt_step,
+                            lr=o.lr, weight_decay=o.weight_decay, device=o.device, progress=o.progress, **extra)
     img = (info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1])
     patch.apply(model, reducer, img_size=img)  # rebuild M/R with the new shapes
     return out

@@ -130,18 +130,10 @@ def check_args(args) -> None:
     check_out_file(args.out, "--out")
 
 
-def run(args):
-    check_args(args)
-    from bench import models
-    from bench.data import data_root, resolve_labels
-
-    pp.merge_size_flags(args)
-    from bench import patch, registry
-    from bench.cli import emit
-    from bench.data import build_loader
+def _reducer_from_args(args):
+    """The PM reducer of ``--reducer`` with ``--keep`` / ``--prune`` applied."""
+    from bench import registry
     from bench.reducer import ConfigError
-
-    from .calibrate import calibrate
 
     name, opts = registry.parse_spec(args.reducer)
     if name != "pm":
@@ -150,7 +142,39 @@ def run(args):
         opts["keep"] = str(args.keep)
     if args.prune is not None:
         opts["prune"] = str(args.prune)
-    reducer = registry.get("pm")(**opts)
+    return registry.get("pm")(**opts)
+
+
+def _summary_text(res: dict, summ: dict, model_name, reducer, world: int, out) -> str:
+    """The human-readable report of one calibration (the structure per layer, GMACs, accuracies)."""
+    lines = [f"PM structure for {model_name} ({reducer.spec()}), {summ['calibration']['images']} images x "
+             f"{world} rank(s), score {summ['calibration']['score']}",
+             "  layer  tokens  centres  merged  pruned"]
+    for r in summ["per_layer"]:
+        lines.append(f"  {r['layer']:5d}  {r['tokens']:6d}  {r['centers']:7d}  {r['merged']:6d}  {r['pruned']:6d}")
+    lines.append(f"  sum of tokens over compressed layers: {summ['sum_tokens']}")
+    lines.append(f"  PM-code GMACs {res['flops']['pm_code_formula_gmacs']} (baseline "
+                 f"{res['flops']['pm_code_formula_baseline_gmacs']})")
+    for k in ("top1_unreduced", "top1_pm_before_finetune"):
+        if k in res:
+            lines.append(f"  {k}: {res[k]}")
+    lines.append(f"wrote {out}")
+    return "\n".join(lines)
+
+
+def run(args):
+    check_args(args)
+    from bench import models
+    from bench.data import data_root, resolve_labels
+
+    pp.merge_size_flags(args)
+    from bench import patch
+    from bench.cli import emit
+    from bench.data import build_loader
+
+    from .calibrate import ScoringOptions, calibrate
+
+    reducer = _reducer_from_args(args)
     from bench import distributed as bd
     from bench.data import describe_data
 
@@ -192,8 +216,9 @@ def run(args):
 
     max_images = max(1, args.max_images // world) if args.max_images is not None else None
     try:
-        summ = calibrate(model, reducer, loader, iters=args.iters, max_images=max_images,
-                         opt_step=args.opt_step, device=device, progress=progress)
+        summ = calibrate(model, reducer, loader, ScoringOptions(iters=args.iters, max_images=max_images,
+                                                                opt_step=args.opt_step, device=device,
+                                                                progress=progress))
     finally:
         if bar is not None:
             bar.close()
@@ -205,18 +230,6 @@ def run(args):
     if rank == 0:
         save(args.out, model, reducer, model_name, {k: v for k, v in res.items() if k != "flops"})
         res["out"] = str(args.out)
-        lines = [f"PM structure for {model_name} ({reducer.spec()}), {summ['calibration']['images']} images x "
-                 f"{world} rank(s), score {summ['calibration']['score']}",
-                 "  layer  tokens  centres  merged  pruned"]
-        for r in summ["per_layer"]:
-            lines.append(f"  {r['layer']:5d}  {r['tokens']:6d}  {r['centers']:7d}  {r['merged']:6d}  {r['pruned']:6d}")
-        lines.append(f"  sum of tokens over compressed layers: {summ['sum_tokens']}")
-        lines.append(f"  PM-code GMACs {res['flops']['pm_code_formula_gmacs']} (baseline "
-                     f"{res['flops']['pm_code_formula_baseline_gmacs']})")
-        for k in ("top1_unreduced", "top1_pm_before_finetune"):
-            if k in res:
-                lines.append(f"  {k}: {res[k]}")
-        lines.append(f"wrote {args.out}")
-        emit(res, args.json, "\n".join(lines))
+        emit(res, args.json, _summary_text(res, summ, model_name, reducer, world, args.out))
     bd.cleanup()
     return 0

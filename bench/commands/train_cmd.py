@@ -154,6 +154,31 @@ def read_config(path, fields_: dict) -> dict:
     return d
 
 
+def _teacher(args, cfg, red, model, base) -> tuple:
+    """(teacher model or None, its spec) from ``--teacher``: ``self`` (a copy of the unreduced starting
+    weights), a checkpoint (unpatched) or none; the default is ``self`` when distillation or the
+    reducer needs a teacher."""
+    teacher = None
+    wants_teacher = cfg.distill != "none" or (isinstance(red, Trainable) and red.needs_teacher)
+    tspec = args.teacher if args.teacher is not None else ("self" if wants_teacher else "none")
+    if tspec == "self":
+        if base is None or (base is model and red.name != "none"):
+            raise ConfigError("--teacher self needs the unreduced starting weights: give --init or --weights")
+        if not (args.init or args.weights or args.pretrained):
+            raise ConfigError("--teacher self: the model starts from random weights; give --init/--weights or a "
+                              "--teacher CHECKPOINT")
+        teacher = copy.deepcopy(base) if base is model else base
+    elif tspec not in ("none", None):
+        from ..checkpoint import load_model
+
+        teacher, tred = load_model(tspec)
+        if patch.is_patched(teacher):
+            patch.remove(teacher)
+    if wants_teacher and teacher is None:
+        raise ConfigError(f"distill={cfg.distill} / reducer '{red.spec()}' needs a teacher: --teacher self or PATH")
+    return teacher, tspec
+
+
 def run(args):
     check_args(args)
     pp.merge_size_flags(args)
@@ -191,24 +216,7 @@ def run(args):
                       "weights": args.weights, "reducer_full": red.full_spec(), "preprocess": prep.as_dict()}
     cfg = TrainConfig.from_dict(cfg_d)
 
-    teacher = None
-    wants_teacher = cfg.distill != "none" or (isinstance(red, Trainable) and red.needs_teacher)
-    tspec = args.teacher if args.teacher is not None else ("self" if wants_teacher else "none")
-    if tspec == "self":
-        if base is None or (base is model and red.name != "none"):
-            raise ConfigError("--teacher self needs the unreduced starting weights: give --init or --weights")
-        if not (args.init or args.weights or args.pretrained):
-            raise ConfigError("--teacher self: the model starts from random weights; give --init/--weights or a "
-                              "--teacher CHECKPOINT")
-        teacher = copy.deepcopy(base) if base is model else base
-    elif tspec not in ("none", None):
-        from ..checkpoint import load_model
-
-        teacher, tred = load_model(tspec)
-        if patch.is_patched(teacher):
-            patch.remove(teacher)
-    if wants_teacher and teacher is None:
-        raise ConfigError(f"distill={cfg.distill} / reducer '{red.spec()}' needs a teacher: --teacher self or PATH")
+    teacher, tspec = _teacher(args, cfg, red, model, base)
 
     train_loader = data_mod.build_loader(args.data, "train", cfg.batch_size, train=True, prep=prep, labels=labels,
                                          workers=args.workers, distributed=dist.is_distributed(),

@@ -23,10 +23,11 @@ def ensure_proxy_segmenter(force: bool = False, **kw):
     return f(force=force, **kw)
 
 
-def seg_eval(config, reducer="none", data="proxy", checkpoint=None, **kw) -> dict:
+def seg_eval(config, reducer="none", data="proxy", checkpoint=None, opts=None, **kw) -> dict:
+    """:func:`bench.seg.evaluate.seg_eval` (``opts``: a :class:`bench.seg.evaluate.SegEvalConfig`)."""
     from .evaluate import seg_eval as f
 
-    return f(config, reducer, data, checkpoint=checkpoint, **kw)
+    return f(config, reducer, data, checkpoint, opts, **kw)
 
 
 __all__ = ["ensure_proxy_segmenter", "seg_eval"]

@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmengine.model import BaseModule
+from mmseg.registry import MODELS
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from bench import patch as bpatch
@@ -135,194 +137,186 @@ def pmbench_to_mmseg(state: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the backbone
-def _register():
-    from mmengine.model import BaseModule
-    from mmseg.registry import MODELS
+class PMBenchViT(BaseModule):
+    """Segmenter ViT backbone with a token reducer (``reducer='tome:r=13'``); see module doc.
 
-    if "PMBenchViT" in MODELS.module_dict:
-        return MODELS.module_dict["PMBenchViT"]
+    Arguments are those of mmseg's ``VisionTransformer`` plus:
+    ``reducer`` (spec string), ``reducer_structure`` (file for methods whose structure is
+    calibrated, e.g. PM; read by ``bench.checkpoint.load_structure``), ``drop_path_attn``
+    (also drop-path the attention residual, as timm does; mmseg does not) and
+    ``pad_to_img_size`` (zero-pad windows smaller than ``img_size`` at the bottom/right and crop
+    the features back: for reducers whose structure is tied to one token grid, e.g. PM's merge
+    matrices; off by default because mmseg runs small windows unpadded).
+    """
 
-    @MODELS.register_module()
-    class PMBenchViT(BaseModule):
-        """Segmenter ViT backbone with a token reducer (``reducer='tome:r=13'``); see module doc.
-
-        Arguments are those of mmseg's ``VisionTransformer`` plus:
-        ``reducer`` (spec string), ``reducer_structure`` (file for methods whose structure is
-        calibrated, e.g. PM; read by ``bench.checkpoint.load_structure``), ``drop_path_attn``
-        (also drop-path the attention residual, as timm does; mmseg does not) and
-        ``pad_to_img_size`` (zero-pad windows smaller than ``img_size`` at the bottom/right and crop
-        the features back: for reducers whose structure is tied to one token grid, e.g. PM's merge
-        matrices; off by default because mmseg runs small windows unpadded).
-        """
-
-        def __init__(self, img_size=224, patch_size=16, patch_pad="corner", in_channels=3, embed_dims=768,
-                     num_layers=12, num_heads=12, mlp_ratio=4, out_origin=False, out_indices=-1, qkv_bias=True,
-                     drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, with_cls_token=True,
-                     output_cls_token=False, norm_cfg=dict(type="LN"), act_cfg=dict(type="GELU"),
-                     patch_norm=False, patch_bias=False, pre_norm=False, final_norm=False,
-                     interpolate_mode="bicubic", num_fcs=2, norm_eval=False, with_cp=False,
-                     frozen_exclude=("all",), pretrained=None, init_cfg=None,
-                     reducer="none", reducer_structure=None, drop_path_attn=False, pad_to_img_size=False):
-            super().__init__(init_cfg=init_cfg)
-            if isinstance(img_size, int):
-                img_size = (img_size, img_size)
-            img_size = tuple(img_size) if len(img_size) == 2 else (img_size[0], img_size[0])
-            unsupported = {
-                "patch_norm": patch_norm, "pre_norm": pre_norm, "out_origin": out_origin,
-                "with_cls_token=False": not with_cls_token, "num_fcs!=2": num_fcs != 2,
-                "with_cp": with_cp,
-            }
-            bad = [k for k, v in unsupported.items() if v]
-            if act_cfg.get("type") != "GELU":
-                bad.append(f"act_cfg={act_cfg}")
-            if norm_cfg.get("type") != "LN":
-                bad.append(f"norm_cfg={norm_cfg}")
-            oi = [out_indices] if isinstance(out_indices, int) else list(out_indices)
-            if oi not in ([-1], [num_layers - 1]):
-                bad.append(f"out_indices={out_indices} (only the last block's output)")
-            if patch_pad != "corner":
-                bad.append(f"patch_pad={patch_pad!r}")
-            if bad:
-                raise ConfigError(
-                    "PMBenchViT supports the Segmenter ViT layout only; unsupported setting(s): " + ", ".join(bad)
-                )
-            if pretrained is not None and not isinstance(pretrained, str):
-                raise TypeError("pretrained must be a str or None")
-            self.img_size = img_size
-            self.patch_size = patch_size
-            self.patch_pad = patch_pad
-            self.pretrained = pretrained
-            self.pad_to_img_size = pad_to_img_size
-            self.output_cls_token = output_cls_token
-            self.frozen_exclude = list(frozen_exclude)
-            eps = norm_cfg.get("eps", 1e-5)
-            self.vit = SegViT(
-                img_size=img_size, patch_size=patch_size, in_chans=in_channels, num_classes=0, global_pool="",
-                embed_dim=embed_dims, depth=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, class_token=True, no_embed_class=False, dynamic_img_size=True,
-                pos_drop_rate=drop_rate, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=eps),
-                act_layer=nn.GELU,
+    def __init__(self, img_size=224, patch_size=16, patch_pad="corner", in_channels=3, embed_dims=768,
+                 num_layers=12, num_heads=12, mlp_ratio=4, out_origin=False, out_indices=-1, qkv_bias=True,
+                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, with_cls_token=True,
+                 output_cls_token=False, norm_cfg=dict(type="LN"), act_cfg=dict(type="GELU"),
+                 patch_norm=False, patch_bias=False, pre_norm=False, final_norm=False,
+                 interpolate_mode="bicubic", num_fcs=2, norm_eval=False, with_cp=False,
+                 frozen_exclude=("all",), pretrained=None, init_cfg=None,
+                 reducer="none", reducer_structure=None, drop_path_attn=False, pad_to_img_size=False):
+        super().__init__(init_cfg=init_cfg)
+        if isinstance(img_size, int):
+            img_size = (img_size, img_size)
+        img_size = tuple(img_size) if len(img_size) == 2 else (img_size[0], img_size[0])
+        unsupported = {
+            "patch_norm": patch_norm, "pre_norm": pre_norm, "out_origin": out_origin,
+            "with_cls_token=False": not with_cls_token, "num_fcs!=2": num_fcs != 2,
+            "with_cp": with_cp,
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if act_cfg.get("type") != "GELU":
+            bad.append(f"act_cfg={act_cfg}")
+        if norm_cfg.get("type") != "LN":
+            bad.append(f"norm_cfg={norm_cfg}")
+        oi = [out_indices] if isinstance(out_indices, int) else list(out_indices)
+        if oi not in ([-1], [num_layers - 1]):
+            bad.append(f"out_indices={out_indices} (only the last block's output)")
+        if patch_pad != "corner":
+            bad.append(f"patch_pad={patch_pad!r}")
+        if bad:
+            raise ConfigError(
+                "PMBenchViT supports the Segmenter ViT layout only; unsupported setting(s): " + ", ".join(bad)
             )
-            self.vit.interpolate_mode = interpolate_mode
-            pe = self.vit.patch_embed
-            if not patch_bias:
-                old = pe.proj
-                pe.proj = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, bias=False)
-            if not drop_path_attn:
-                for blk in self.vit.blocks:
-                    blk.drop_path1 = nn.Identity()
-            self.vit.norm = nn.Identity()  # final norm applied after restore (see module doc)
-            self.norm = nn.LayerNorm(embed_dims, eps=eps) if final_norm else nn.Identity()
-            self.register_load_state_dict_pre_hook(_convert_on_load)
-            self.set_reducer(reducer, reducer_structure)
-            self._freeze()
+        if pretrained is not None and not isinstance(pretrained, str):
+            raise TypeError("pretrained must be a str or None")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.patch_pad = patch_pad
+        self.pretrained = pretrained
+        self.pad_to_img_size = pad_to_img_size
+        self.output_cls_token = output_cls_token
+        self.frozen_exclude = list(frozen_exclude)
+        eps = norm_cfg.get("eps", 1e-5)
+        self.vit = SegViT(
+            img_size=img_size, patch_size=patch_size, in_chans=in_channels, num_classes=0, global_pool="",
+            embed_dim=embed_dims, depth=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias, class_token=True, no_embed_class=False, dynamic_img_size=True,
+            pos_drop_rate=drop_rate, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=eps),
+            act_layer=nn.GELU,
+        )
+        self.vit.interpolate_mode = interpolate_mode
+        pe = self.vit.patch_embed
+        if not patch_bias:
+            old = pe.proj
+            pe.proj = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, bias=False)
+        if not drop_path_attn:
+            for blk in self.vit.blocks:
+                blk.drop_path1 = nn.Identity()
+        self.vit.norm = nn.Identity()  # final norm applied after restore (see module doc)
+        self.norm = nn.LayerNorm(embed_dims, eps=eps) if final_norm else nn.Identity()
+        self.register_load_state_dict_pre_hook(_convert_on_load)
+        self.set_reducer(reducer, reducer_structure)
+        self._freeze()
 
-        # -- reducer ---------------------------------------------------------------------
-        def set_reducer(self, spec, structure=None):
-            """(Re)patch the encoder with ``spec`` (a spec string or a Reducer)."""
-            red = registry.build(spec)
-            if structure:
-                if not isinstance(red, Calibrated):
-                    raise ConfigError(f"reducer '{red.name}' takes no structure file (reducer_structure)")
-                load_structure(red, structure)
-            bpatch.remove(self.vit)
-            bpatch.apply(self.vit, red, img_size=self.img_size)
-            if bpatch.is_patched(self.vit):
-                bpatch.set_tracking(self.vit, True)
-            self._reducer_spec = red.spec()
-            return red
+    # -- reducer ---------------------------------------------------------------------
+    def set_reducer(self, spec, structure=None):
+        """(Re)patch the encoder with ``spec`` (a spec string or a Reducer)."""
+        red = registry.build(spec)
+        if structure:
+            if not isinstance(red, Calibrated):
+                raise ConfigError(f"reducer '{red.name}' takes no structure file (reducer_structure)")
+            load_structure(red, structure)
+        bpatch.remove(self.vit)
+        bpatch.apply(self.vit, red, img_size=self.img_size)
+        if bpatch.is_patched(self.vit):
+            bpatch.set_tracking(self.vit, True)
+        self._reducer_spec = red.spec()
+        return red
 
-        @property
-        def reducer(self):
-            return bpatch.get_reducer(self.vit) or registry.build("none")
+    @property
+    def reducer(self):
+        return bpatch.get_reducer(self.vit) or registry.build("none")
 
-        def model_info(self, img_size=None) -> ModelInfo:
-            return ModelInfo.from_model(self.vit, tuple(img_size) if img_size else self.img_size)
+    def model_info(self, img_size=None) -> ModelInfo:
+        return ModelInfo.from_model(self.vit, tuple(img_size) if img_size else self.img_size)
 
-        # -- weights ---------------------------------------------------------------------
-        def _freeze(self):
-            if "all" in self.frozen_exclude:
-                return
-            for name, p in self.named_parameters():
-                if not any(e in name for e in self.frozen_exclude):
-                    p.requires_grad = False
+    # -- weights ---------------------------------------------------------------------
+    def _freeze(self):
+        if "all" in self.frozen_exclude:
+            return
+        for name, p in self.named_parameters():
+            if not any(e in name for e in self.frozen_exclude):
+                p.requires_grad = False
 
-        def init_weights(self):
-            if self.pretrained or (isinstance(self.init_cfg, dict) and self.init_cfg.get("type") == "Pretrained"):
-                src = self.pretrained or self.init_cfg["checkpoint"]
-                sd = load_weights(src)
-                sd = sd.get("state_dict", sd.get("model", sd))
-                if any(k.startswith("backbone.") for k in sd):
-                    sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-                elif any(k.startswith("encoder.") for k in sd):
-                    sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-                missing, unexpected = self.load_state_dict(sd, strict=False)
-                missing = [k for k in missing if not k.startswith("vit.reducer_modules.")]
-                if missing:
-                    raise ConfigError(f"pretrained backbone {src} lacks {len(missing)} weights, e.g. {missing[:3]}")
-                self._is_init = True
-                return
-            # mmseg's ViT init (timm 'jax'-style): trunc-normal 0.02, zero biases, MLP biases ~N(0, 1e-6)
-            nn.init.trunc_normal_(self.vit.pos_embed, std=0.02)
-            nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
-            for n, m in self.named_modules():
-                if n.startswith("vit.reducer_modules"):
-                    continue
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    if m.bias is not None:
-                        if ".mlp." in n:
-                            nn.init.normal_(m.bias, mean=0.0, std=1e-6)
-                        else:
-                            nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
+    def init_weights(self):
+        if self.pretrained or (isinstance(self.init_cfg, dict) and self.init_cfg.get("type") == "Pretrained"):
+            src = self.pretrained or self.init_cfg["checkpoint"]
+            sd = load_weights(src)
+            sd = sd.get("state_dict", sd.get("model", sd))
+            if any(k.startswith("backbone.") for k in sd):
+                sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+            elif any(k.startswith("encoder.") for k in sd):
+                sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+            missing, unexpected = self.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.startswith("vit.reducer_modules.")]
+            if missing:
+                raise ConfigError(f"pretrained backbone {src} lacks {len(missing)} weights, e.g. {missing[:3]}")
             self._is_init = True
+            return
+        # mmseg's ViT init (timm 'jax'-style): trunc-normal 0.02, zero biases, MLP biases ~N(0, 1e-6)
+        nn.init.trunc_normal_(self.vit.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
+        for n, m in self.named_modules():
+            if n.startswith("vit.reducer_modules"):
+                continue
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    if ".mlp." in n:
+                        nn.init.normal_(m.bias, mean=0.0, std=1e-6)
+                    else:
+                        nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self._is_init = True
 
-        # -- forward ---------------------------------------------------------------------
-        def forward(self, inputs: torch.Tensor):
-            p = self.patch_size
-            H, W = inputs.shape[-2:]
-            if H % p or W % p:  # mmseg AdaptivePadding('corner'): zeros at the bottom/right
-                inputs = F.pad(inputs, (0, (-W) % p, 0, (-H) % p))
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor):
+        p = self.patch_size
+        H, W = inputs.shape[-2:]
+        if H % p or W % p:  # mmseg AdaptivePadding('corner'): zeros at the bottom/right
+            inputs = F.pad(inputs, (0, (-W) % p, 0, (-H) % p))
+        gh, gw = inputs.shape[-2] // p, inputs.shape[-1] // p
+        fh, fw = gh, gw  # the grid returned
+        if self.pad_to_img_size and (inputs.shape[-2] < self.img_size[0] or inputs.shape[-1] < self.img_size[1]):
+            inputs = F.pad(inputs, (0, max(0, self.img_size[1] - inputs.shape[-1]),
+                                    0, max(0, self.img_size[0] - inputs.shape[-2])))
             gh, gw = inputs.shape[-2] // p, inputs.shape[-1] // p
-            fh, fw = gh, gw  # the grid returned
-            if self.pad_to_img_size and (inputs.shape[-2] < self.img_size[0] or inputs.shape[-1] < self.img_size[1]):
-                inputs = F.pad(inputs, (0, max(0, self.img_size[1] - inputs.shape[-1]),
-                                        0, max(0, self.img_size[0] - inputs.shape[-2])))
-                gh, gw = inputs.shape[-2] // p, inputs.shape[-1] // p
-            try:
-                x = self.vit.forward_features(inputs)
-            except RuntimeError as e:
-                if (gh * p, gw * p) == tuple(self.img_size):
-                    raise
-                raise RuntimeError(
-                    f"reducer '{self._reducer_spec}' failed on a {gh}x{gw} token grid (patched for "
-                    f"{self.img_size[0] // p}x{self.img_size[1] // p}): {e}. If its structure is tied to one grid "
-                    f"(e.g. PM), set model.backbone.pad_to_img_size=True"
-                ) from e
-            st = bpatch.last_state(self.vit)
-            if st is not None:
-                x = bpatch.get_reducer(self.vit).restore(x, st)
-            x = self.norm(x)
-            B, N, C = x.shape
-            if N != 1 + gh * gw:
-                raise RuntimeError(
-                    f"reducer '{self._reducer_spec}' returned {N} tokens after restore; the dense head needs "
-                    f"the full grid 1 + {gh}x{gw} = {1 + gh * gw} (its restore() must map tokens back)"
-                )
-            out = x[:, 1:].reshape(B, gh, gw, C)[:, :fh, :fw].permute(0, 3, 1, 2).contiguous()
-            if self.output_cls_token:
-                return ([out, x[:, 0]],)
-            return (out,)
+        try:
+            x = self.vit.forward_features(inputs)
+        except RuntimeError as e:
+            if (gh * p, gw * p) == tuple(self.img_size):
+                raise
+            raise RuntimeError(
+                f"reducer '{self._reducer_spec}' failed on a {gh}x{gw} token grid (patched for "
+                f"{self.img_size[0] // p}x{self.img_size[1] // p}): {e}. If its structure is tied to one grid "
+                f"(e.g. PM), set model.backbone.pad_to_img_size=True"
+            ) from e
+        st = bpatch.last_state(self.vit)
+        if st is not None:
+            x = bpatch.get_reducer(self.vit).restore(x, st)
+        x = self.norm(x)
+        B, N, C = x.shape
+        if N != 1 + gh * gw:
+            raise RuntimeError(
+                f"reducer '{self._reducer_spec}' returned {N} tokens after restore; the dense head needs "
+                f"the full grid 1 + {gh}x{gw} = {1 + gh * gw} (its restore() must map tokens back)"
+            )
+        out = x[:, 1:].reshape(B, gh, gw, C)[:, :fh, :fw].permute(0, 3, 1, 2).contiguous()
+        if self.output_cls_token:
+            return ([out, x[:, 0]],)
+        return (out,)
 
-    return PMBenchViT
+
 
 
 def _convert_on_load(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -346,6 +340,14 @@ def _convert_on_load(module, state_dict, prefix, local_metadata, strict, missing
                 raise ConfigError(f"cannot resize a non-square position embedding of {n} patches")
             state_dict[pk] = resize_pos_embed(src, module.vit.patch_embed.grid_size, (s, s),
                                               module.vit.interpolate_mode)
+
+
+def _register():
+    """Register :class:`PMBenchViT` in mmseg's ``MODELS`` once; a second import (mmengine's
+    ``custom_imports``, a reload) keeps and returns the class registered first."""
+    if "PMBenchViT" not in MODELS.module_dict:
+        MODELS.register_module(module=PMBenchViT)
+    return MODELS.module_dict["PMBenchViT"]
 
 
 PMBenchViT = _register()

@@ -111,16 +111,15 @@ def run_eval(args):
 
     from bench.cli import emit
 
-    from .evaluate import seg_eval
+    from .evaluate import SegEvalConfig, seg_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    opts = SegEvalConfig(random_weights=args.random_weights, trust=args.trust_checkpoint, speed=args.speed,
+                         fps_batches=fps_batches, speed_iters=args.iters, speed_repeats=args.repeats,
+                         device=args.device, max_images=args.max_images, reducer_structure=args.reducer_structure)
     with _stdout_to_stderr(args.json):
-        res = seg_eval(args.config, args.reducer, args.data, args.checkpoint, random_weights=args.random_weights,
-                       trust=args.trust_checkpoint, speed=args.speed,
-                       fps_batches=fps_batches,
-                       speed_iters=args.iters, speed_repeats=args.repeats, device=args.device,
-                       max_images=args.max_images, reducer_structure=args.reducer_structure,
+        res = seg_eval(args.config, args.reducer, args.data, args.checkpoint, opts,
                        log=lambda m: print(m, file=sys.stderr))
     lines = [
         f"Segmenter {args.config}  reducer {res['reducer']}  data {args.data}  ({res['n_images']} images)",
@@ -169,8 +168,8 @@ def run_train(args):
             meta = train.proxy_training_info() if args.max_iters is None else {}
         else:
             out = Path(args.out)
-            meta = train.train_segmenter(args.config, out, reducer=args.reducer, data=args.data,
-                                         load_from=args.load_from, max_iters=args.max_iters)
+            meta = train.train_segmenter(args.config, out, train.SegTrainConfig(
+                reducer=args.reducer, data=args.data, load_from=args.load_from, max_iters=args.max_iters))
     res = {"checkpoint": str(out), **meta}
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # torchrun: rank 0 reports

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmseg.datasets import BaseSegDataset
+from mmseg.registry import DATASETS
+
 from bench.reducer import ConfigError
 
 from . import proxy_data
@@ -19,26 +22,24 @@ ADE_LAYOUT = (
 )
 
 
+class PMBenchProxySegDataset(BaseSegDataset):
+    """The embedded proxy set (ADE20K layout, 6 classes, label 0 ignored)."""
+
+    METAINFO = dict(classes=proxy_data.CLASSES, palette=proxy_data.PALETTE)
+
+    def __init__(self, img_suffix=".jpg", seg_map_suffix=".png", reduce_zero_label=True,
+                 data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
+                 **kwargs):
+        super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix,
+                         reduce_zero_label=reduce_zero_label, data_prefix=data_prefix, **kwargs)
+
+
 def _register():
-    from mmseg.datasets import BaseSegDataset
-    from mmseg.registry import DATASETS
-
-    if "PMBenchProxySegDataset" in DATASETS.module_dict:
-        return DATASETS.module_dict["PMBenchProxySegDataset"]
-
-    @DATASETS.register_module()
-    class PMBenchProxySegDataset(BaseSegDataset):
-        """The embedded proxy set (ADE20K layout, 6 classes, label 0 ignored)."""
-
-        METAINFO = dict(classes=proxy_data.CLASSES, palette=proxy_data.PALETTE)
-
-        def __init__(self, img_suffix=".jpg", seg_map_suffix=".png", reduce_zero_label=True,
-                     data_prefix=dict(img_path="images/validation", seg_map_path="annotations/validation"),
-                     **kwargs):
-            super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix,
-                             reduce_zero_label=reduce_zero_label, data_prefix=data_prefix, **kwargs)
-
-    return PMBenchProxySegDataset
+    """Register :class:`PMBenchProxySegDataset` in mmseg's ``DATASETS`` once; a second import keeps and
+    returns the class registered first."""
+    if "PMBenchProxySegDataset" not in DATASETS.module_dict:
+        DATASETS.register_module(module=PMBenchProxySegDataset)
+    return DATASETS.module_dict["PMBenchProxySegDataset"]
 
 
 PMBenchProxySegDataset = _register()

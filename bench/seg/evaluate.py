@@ -9,8 +9,10 @@ checkpoint fail with a clear message unless ``random_weights=True`` (smoke tests
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -66,12 +68,42 @@ def _reference_crop(model, data, crop) -> torch.Tensor:
     return x.detach().cpu()
 
 
-def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", checkpoint=None, *,
-             random_weights: bool = False, trust: bool = False, speed: bool = True,
-             fps_batches=(32, 1), speed_warmup: int = 1, speed_iters: int = 1, speed_repeats: int = 3,
-             device: Optional[str] = None, max_images: Optional[int] = None, num_workers: int = 0,
-             reducer_structure=None, calib_iters: int = 20, log=None) -> dict:
+@dataclass
+class SegEvalConfig:
+    """The options of :func:`seg_eval` (everything but what to evaluate and the log).
+
+    ``random_weights``: untrained weights when there is no checkpoint (smoke tests); ``trust``: allow
+    pickled (non-weights-only) checkpoints; ``speed``: measure FPS at each of ``fps_batches`` with
+    ``speed_warmup`` / ``speed_iters`` / ``speed_repeats``; ``max_images``: stop after this many
+    evaluation images; ``reducer_structure``: a calibrated structure file; ``calib_iters``: training
+    batches to calibrate a :class:`bench.reducer.Calibrated` method without one (0: do not calibrate).
+    """
+    random_weights: bool = False
+    trust: bool = False
+    speed: bool = True
+    fps_batches: tuple = (32, 1)
+    speed_warmup: int = 1
+    speed_iters: int = 1
+    speed_repeats: int = 3
+    device: Optional[str] = None
+    max_images: Optional[int] = None
+    num_workers: int = 0
+    reducer_structure: Optional[str] = None
+    calib_iters: int = 20
+
+    def validate(self) -> None:
+        for name in ("max_images", "speed_iters", "speed_repeats"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{name} must be >= 1 (or not given), got {v}")
+
+
+def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", checkpoint=None,
+             opts: Optional[SegEvalConfig] = None, *, log=None, **overrides) -> dict:
     """Evaluate ``config`` with ``reducer`` on ``data``; returns a JSON-able dict.
+
+    ``opts`` (a :class:`SegEvalConfig`) holds the options; keyword ``overrides`` name its fields
+    (``seg_eval(..., speed=False)`` is ``seg_eval(..., SegEvalConfig(speed=False))``).
 
     Keys: ``miou``, ``aAcc`` (percent), ``gmacs_per_window`` (at the config's crop size),
     ``gmacs_per_image`` (mean over the evaluated images, summed over their windows),
@@ -80,35 +112,76 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
     A :class:`bench.reducer.Calibrated` method without a structure file (e.g. PM) is calibrated first
     (:mod:`bench.seg.calibrate`: pixel-CE loss on ``calib_iters`` training batches), not fine-tuned.
     """
-    from mmengine.evaluator import Evaluator
-    from mmengine.runner import Runner
-    from mmseg.evaluation import IoUMetric
-
-    for name, v in (("max_images", max_images), ("speed_iters", speed_iters), ("speed_repeats", speed_repeats)):
-        if v is not None and (isinstance(v, bool) or v < 1):
-            raise ConfigError(f"{name} must be >= 1 (or not given), got {v}")
+    o = dataclasses.replace(opts or SegEvalConfig(), **overrides)
+    o.validate()
     red = registry.build(reducer)
-    cfg = segconfigs.build_config(config, red.spec(), data, num_workers=num_workers,
-                                  reducer_structure=reducer_structure)
-    if checkpoint is None and _is_proxy(cfg) and not random_weights:
+    cfg = segconfigs.build_config(config, red.spec(), data, num_workers=o.num_workers,
+                                  reducer_structure=o.reducer_structure)
+    if checkpoint is None and _is_proxy(cfg) and not o.random_weights:
         from .train import ensure_proxy_segmenter
 
         # the proxy Segmenter trained on the same proxy set (proxy:smoke -> its 30-iteration smoke model)
         size = str(data or "proxy").partition(":")[2].strip() or "default"
         checkpoint = ensure_proxy_segmenter(size=size, log=log or print)
-    device = device or env.default_device()
-    model, load_info = build_segmentor(cfg, checkpoint, random_weights=random_weights, trust=trust)
+    device = o.device or env.default_device()
+    model, load_info = build_segmentor(cfg, checkpoint, random_weights=o.random_weights, trust=o.trust)
     model.to(device).eval()
-    calib = None
-    bb_red = model.backbone.reducer
-    if isinstance(bb_red, Calibrated) and not bb_red.calibrated and calib_iters:
-        from .data import check_ade_layout
+    calib = _calibrate_if_needed(model, cfg, o.calib_iters, log)
+    loop = _test_loop(model, cfg, o.max_images, log)
+    crop = loop["crop"]
+    win = cost.window_macs(model, crop)
+    res = {
+        "config": str(config),
+        "reducer": red.spec(),
+        "data": data,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "weights": load_info["weights"],
+        "needs_training": bool(getattr(type(red), "needs_training", False)),
+        "missing_reducer_modules": load_info.get("missing_reducer_modules", []),
+        "n_images": loop["n"],
+        "reducer_structure": (str(o.reducer_structure) if o.reducer_structure else
+                              ("calibrated here: " + json.dumps(calib.get("calibration", calib), default=str)) if calib else None),
+        "miou": float(loop["metrics"]["mIoU"]),
+        "aAcc": float(loop["metrics"]["aAcc"]),
+        "window": list(crop),
+        "gmacs_per_window": round(win["total_macs"] / 1e9, 4),
+        "gmacs_encoder_per_window": round(win["encoder_macs"] / 1e9, 4),
+        "gmacs_head_per_window": round(win["head_macs"] / 1e9, 4),
+        "gmacs_per_image": round(sum(loop["per_image_macs"]) / len(loop["per_image_macs"]) / 1e9, 4),
+        "gmacs_convention": "analytic MACs (papers' 'GFLOPs'): encoder per-block formula with the reducer's token "
+                            "schedule + SegmenterMaskTransformerHead; norms/softmax/upsampling not counted",
+        "eval_seconds": round(loop["eval_s"], 2),
+        "fps_bs32": None,
+        "fps_bs1": None,
+    }
+    if o.speed and loop["first"] is not None:
+        _measure_speed(res, model, loop["first"], crop, o, device)
+    res["stamp"] = env.stamp(device, threads=torch.get_num_threads())
+    return res
 
-        check_ade_layout(cfg.train_dataloader.dataset.data_root, ("training",))
-        if log:
-            log(f"  calibrating the {bb_red.name} structure on {calib_iters} training batches")
-        calib = calibrate(model, calibration_loader(cfg), calib_iters)
-        model.eval()
+
+def _calibrate_if_needed(model, cfg, calib_iters: int, log) -> Optional[dict]:
+    """Calibrate a :class:`~bench.reducer.Calibrated` backbone reducer that is not yet calibrated."""
+    bb_red = model.backbone.reducer
+    if not (isinstance(bb_red, Calibrated) and not bb_red.calibrated and calib_iters):
+        return None
+    from .data import check_ade_layout
+
+    check_ade_layout(cfg.train_dataloader.dataset.data_root, ("training",))
+    if log:
+        log(f"  calibrating the {bb_red.name} structure on {calib_iters} training batches")
+    calib = calibrate(model, calibration_loader(cfg), calib_iters)
+    model.eval()
+    return calib
+
+
+def _test_loop(model, cfg, max_images: Optional[int], log) -> dict:
+    """mmengine's test loop with IoUMetric, and the MACs of each image's windows; returns the metrics,
+    ``per_image_macs``, ``n`` (images), ``eval_s``, ``crop`` and the ``first`` batch."""
+    from mmengine.evaluator import Evaluator
+    from mmengine.runner import Runner
+    from mmseg.evaluation import IoUMetric
+
     loader = Runner.build_dataloader(cfg.test_dataloader)
     evaluator = Evaluator(IoUMetric(iou_metrics=["mIoU"]))
     evaluator.dataset_meta = loader.dataset.metainfo
@@ -128,9 +201,8 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
             evaluator.process(out, batch)
             for x in batch["inputs"]:
                 h, w = x.shape[-2:]
-                wins = slide_or_whole(test_cfg, h, w, crop, stride)
                 tot = 0
-                for hw in wins:
+                for hw in slide_or_whole(test_cfg, h, w, crop, stride):
                     if hw not in window_cache:
                         window_cache[hw] = cost.window_macs(model, hw)["total_macs"]
                     tot += window_cache[hw]
@@ -144,42 +216,20 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
     if n == 0:
         raise ConfigError("the evaluation set is empty")
     metrics = evaluator.evaluate(n if max_images is None else min(n, len(loader.dataset)))
-    win = cost.window_macs(model, crop)
-    res = {
-        "config": str(config),
-        "reducer": red.spec(),
-        "data": data,
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "weights": load_info["weights"],
-        "needs_training": bool(getattr(type(red), "needs_training", False)),
-        "missing_reducer_modules": load_info.get("missing_reducer_modules", []),
-        "n_images": n,
-        "reducer_structure": (str(reducer_structure) if reducer_structure else
-                              ("calibrated here: " + json.dumps(calib.get("calibration", calib), default=str)) if calib else None),
-        "miou": float(metrics["mIoU"]),
-        "aAcc": float(metrics["aAcc"]),
-        "window": list(crop),
-        "gmacs_per_window": round(win["total_macs"] / 1e9, 4),
-        "gmacs_encoder_per_window": round(win["encoder_macs"] / 1e9, 4),
-        "gmacs_head_per_window": round(win["head_macs"] / 1e9, 4),
-        "gmacs_per_image": round(sum(per_image_macs) / len(per_image_macs) / 1e9, 4),
-        "gmacs_convention": "analytic MACs (papers' 'GFLOPs'): encoder per-block formula with the reducer's token "
-                            "schedule + SegmenterMaskTransformerHead; norms/softmax/upsampling not counted",
-        "eval_seconds": round(eval_s, 2),
-        "fps_bs32": None,
-        "fps_bs1": None,
-    }
-    if speed and first is not None:
-        ref = _reference_crop(model, first, crop)
-        speed_out = {}
-        for b in fps_batches:
-            r = cost.fps(model, ref, b, warmup=speed_warmup, iters=speed_iters, repeats=speed_repeats,
-                         device=device)
-            speed_out[f"bs{b}"] = r
-            res[f"fps_bs{b}"] = round(r["img_s"], 3)
-        res["speed"] = speed_out
-    res["stamp"] = env.stamp(device, threads=torch.get_num_threads())
-    return res
+    return {"metrics": metrics, "per_image_macs": per_image_macs, "n": n, "eval_s": eval_s, "crop": crop,
+            "first": first}
+
+
+def _measure_speed(res: dict, model, first, crop, o: SegEvalConfig, device) -> None:
+    """FPS on one real crop of the first image at each batch size: ``res["fps_bs{b}"]`` and ``res["speed"]``."""
+    ref = _reference_crop(model, first, crop)
+    speed_out = {}
+    for b in o.fps_batches:
+        r = cost.fps(model, ref, b, warmup=o.speed_warmup, iters=o.speed_iters, repeats=o.speed_repeats,
+                     device=device)
+        speed_out[f"bs{b}"] = r
+        res[f"fps_bs{b}"] = round(r["img_s"], 3)
+    res["speed"] = speed_out
 
 
 def slide_or_whole(test_cfg, h, w, crop, stride):

@@ -13,12 +13,14 @@ under torch's ``weights_only`` default, unlike the Runner's own checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -47,12 +49,30 @@ def _setup_distributed(cfg) -> int:
     return world
 
 
-def train_segmenter(config, out: Path, *, reducer: Optional[str] = None, data: Optional[str] = None,
-                    load_from=None, max_iters: Optional[int] = None, work_dir=None, seed: int = 0,
-                    trust: bool = False, cfg_options: Optional[dict] = None) -> dict:
-    """Train (or fine-tune from ``load_from``) and save a clean checkpoint at ``out``."""
+@dataclass
+class SegTrainConfig:
+    """The options of :func:`train_segmenter`: ``reducer`` / ``data`` (as for ``seg_eval``);
+    ``load_from``: weights to fine-tune from (any supported layout; ``trust`` allows pickled ones);
+    ``max_iters``: shorten the config's schedule proportionally; ``work_dir`` (default
+    ``.cache/seg/work/<out stem>``); ``seed``; ``cfg_options``: merged into the mmengine config."""
+    reducer: Optional[str] = None
+    data: Optional[str] = None
+    load_from: Optional[Union[str, Path]] = None
+    max_iters: Optional[int] = None
+    work_dir: Optional[Union[str, Path]] = None
+    seed: int = 0
+    trust: bool = False
+    cfg_options: Optional[dict] = None
+
+
+def train_segmenter(config, out: Path, opts: Optional[SegTrainConfig] = None, **overrides) -> dict:
+    """Train (or fine-tune from ``load_from``) and save a clean checkpoint at ``out``; ``opts``: a
+    :class:`SegTrainConfig` (keyword ``overrides`` name its fields)."""
     from mmengine.runner import Runner
 
+    o = dataclasses.replace(opts or SegTrainConfig(), **overrides)
+    reducer, data, load_from, max_iters, work_dir = o.reducer, o.data, o.load_from, o.max_iters, o.work_dir
+    seed, trust, cfg_options = o.seed, o.trust, o.cfg_options
     work_dir = Path(work_dir or env.ROOT / ".cache" / "seg" / "work" / Path(out).stem)
     cfg = segconfigs.build_config(config, reducer, data, work_dir=str(work_dir), splits=("training", "validation"))
     if max_iters is not None:  # shorten the schedule proportionally
@@ -145,7 +165,7 @@ def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None,
     if log:
         log(f"[seg] training the proxy Segmenter -> {out} (first use; a few minutes on a CPU)")
     data = "proxy" if size == "default" else f"proxy:{size}"
-    meta = train_segmenter("proxy", out, data=data, max_iters=max_iters)
+    meta = train_segmenter("proxy", out, SegTrainConfig(data=data, max_iters=max_iters))
     if log:
         log(f"[seg] proxy Segmenter trained in {meta['train_seconds']:.0f} s; val {meta['val']}")
     return out

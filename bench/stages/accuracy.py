@@ -151,6 +151,18 @@ def _checkpoint_ok(row: dict) -> bool:
     return bool(p) and Path(p).exists() and file_hash(p) == row.get("checkpoint_hash")
 
 
+def _calibrate_all(ctx, src, specs: list) -> dict:
+    """Calibrate every Calibrated spec among ``specs`` on ``src``: {spec: structure file}; a failure is
+    recorded in ``ctx.failures`` and leaves the spec out."""
+    calibrated = {}
+    for spec in sorted(set(calibrated_specs(specs))):
+        try:
+            calibrated[spec] = src.calibrate(spec, ctx)
+        except Exception as e:
+            ctx.failures.append(f"{method_of(spec)}-calibrate {spec}: {e}")
+    return calibrated
+
+
 def run_source(ctx, src) -> list:
     prof = ctx.profile
     backbone_path = src.ensure_backbone()
@@ -164,12 +176,7 @@ def run_source(ctx, src) -> list:
 
     # Calibrated methods need their structure before anything else (off-the-shelf = calibrated, not
     # fine-tuned)
-    calibrated = {}
-    for spec in sorted(set(calibrated_specs(configs + ft_configs))):
-        try:
-            calibrated[spec] = src.calibrate(spec, ctx)
-        except Exception as e:
-            ctx.failures.append(f"{method_of(spec)}-calibrate {spec}: {e}")
+    calibrated = _calibrate_all(ctx, src, configs + ft_configs)
     ctx.calibrated = calibrated
 
     for spec in configs:

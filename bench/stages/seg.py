@@ -65,10 +65,13 @@ def run(ctx) -> None:
                     "ckpt": file_hash(ck) if ck else None, "device": ctx.device}
 
             def measure(config=config, spec=spec, data=data, ck=ck):
-                kw = {}
+                from ..seg.evaluate import SegEvalConfig
+
+                opts = SegEvalConfig(device=ctx.device)
                 if prof.get("proxy_size") == "smoke" or prof.get("fixture"):
-                    kw.update(fps_batches=(2, 1), speed_repeats=2, max_images=4, calib_iters=2)
-                r = seg_eval(config, spec, data, checkpoint=str(ck) if ck else None, device=ctx.device, **kw)
+                    opts = SegEvalConfig(device=ctx.device, fps_batches=(2, 1), speed_repeats=2, max_images=4,
+                                         calib_iters=2)
+                r = seg_eval(config, spec, data, str(ck) if ck else None, opts)
                 return {k: v for k, v in r.items() if k in (
                     "miou", "aAcc", "gmacs_per_window", "gmacs_per_image", "fps_bs32", "fps_bs1", "stamp",
                     "n_images", "reducer", "window", "fps_batches", "needs_training")}

@@ -147,14 +147,10 @@ def _rows(model_name: str, prec: str, r: dict, with_baseline: bool = True, struc
     return rows
 
 
-def run(ctx) -> None:
-    prof = ctx.profile
-    sp = prof["speed"]
-    rows, protocols, skipped = [], [], []
-    t0 = time.time()
-    budget = sp.get("budget_s")
+def _plan_jobs(ctx, prof: dict, sp: dict) -> tuple[list, list]:
+    """The timing groups of the profile's ``speed`` section: (eager jobs, compile jobs), each a list of
+    ``(model name, precision, SpeedConfig, [(config, variant), ...])``."""
     eager_jobs, compile_jobs = [], []
-    ran = 0
     for model_name in sp["models"]:
         over = sp.get("per_model", {}).get(model_name, {})
         configs = _setting(sp, over, "configs", prof["cost_configs"])
@@ -179,6 +175,17 @@ def run(ctx) -> None:
                 if ("compile" in timm_variants or compile_configs) and bs in comp_bs:
                     comp = [("none", "eager"), ("none", "compile")] + [(s, "compile") for s in compile_configs]
                     compile_jobs.append((model_name, prec, cfg, comp))
+    return eager_jobs, compile_jobs
+
+
+def run(ctx) -> None:
+    prof = ctx.profile
+    sp = prof["speed"]
+    rows, protocols, skipped = [], [], []
+    t0 = time.time()
+    budget = sp.get("budget_s")
+    eager_jobs, compile_jobs = _plan_jobs(ctx, prof, sp)
+    ran = 0
     est_one = lambda cfg, n: n * cfg.repeats * (cfg.min_time or 1.0) * 1.3 + 2.0  # noqa: E731
     ctx.progress.plan(len(eager_jobs) + len(compile_jobs),
                       sum(est_one(j[2], len(j[3])) for j in eager_jobs + compile_jobs))
