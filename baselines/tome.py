@@ -29,7 +29,6 @@ from typing import Optional
 
 import torch
 
-from bench.patch import gather_tokens
 from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable
 
 
@@ -45,6 +44,24 @@ def parse_r(num_layers: int, r: list[int], inflect: Optional[float]) -> list[int
     return [int(min_val + step * i) for i in range(num_layers)]
 
 
+_ODD: dict = {}
+
+
+def _odd_positions(t2: int, device) -> torch.Tensor:
+    """(1, t2) positions 1, 3, 5, ... of the B tokens, cached per length and device (every merge of
+    a forward asks for the same few)."""
+    key = (t2, str(device))
+    if key not in _ODD:
+        _ODD[key] = (2 * torch.arange(t2, device=device) + 1).unsqueeze(0)
+    return _ODD[key]
+
+
+def _rows_for(order: torch.Tensor, n: int, T: int) -> torch.Tensor:
+    """Flat row numbers of ``order`` (batch 1 or n) for a batch of n sequences of length T."""
+    order = order.expand(n, -1)
+    return (order + (torch.arange(n, device=order.device) * T).unsqueeze(1)).reshape(-1)
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool,
                             with_map: bool = True):
     """ToMe's matching (pure function).
@@ -55,8 +72,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
     ``with_map=False`` (inference) it is not built and ``old_to_new`` is None.
 
     ``merge`` computes exactly the official ``[unm, dst.scatter_reduce(src)]`` (bit for bit) as one
-    row copy of the kept tokens into the output, one of the r sources and one ``scatter_reduce_`` into
-    the output's destination part (no concatenation, no copy of ``dst``).
+    row gather of the whole sequence in the order [kept..., sources...] and one ``scatter_reduce_`` of
+    the sources into the destination part of the kept rows, in the official source order (no
+    concatenation, no copy of ``dst``).  The result is a view with the sequence's batch stride.
     """
     protected = int(class_token) + int(distill_token)
     T = metric.shape[1]
@@ -84,17 +102,24 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
     t2 = T // 2
     n_unm = t1 - r
     dev = metric.device
-    # positions in the full sequence (A token j sits at 2j, B token j at 2j+1) of the output tokens
-    # [unmerged A..., B...] and of the sources
-    keep_pos = torch.cat([unm_idx[..., 0] * 2, (2 * torch.arange(t2, device=dev) + 1).expand(B, -1)], dim=1)
-    src_pos = src_idx[..., 0] * 2
+    # One row order of the whole sequence per image (A token j sits at 2j, B token j at 2j+1):
+    # [unmerged A..., B..., sources...].  A single row gather in that order gives the output's kept
+    # rows followed by the r sources, so the sources are added in place (no second gather, no cat).
+    order = torch.cat([unm_idx[..., 0] * 2, _odd_positions(t2, dev).expand(B, -1), src_idx[..., 0] * 2], dim=1)
+    rows = (order + (torch.arange(B, device=dev) * T).unsqueeze(1)).reshape(-1)
     dst_out = dst_idx[..., 0] + n_unm  # the destination's index in the output
+    scatter_idx: dict[int, torch.Tensor] = {}
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         n, _, c = x.shape
-        out = gather_tokens(x, keep_pos)
-        out.scatter_reduce_(-2, dst_out.expand(n, r).unsqueeze(-1).expand(n, r, c), gather_tokens(x, src_pos),
-                            reduce=mode)
+        seq = x.reshape(n * T, c).index_select(0, rows if n == B else _rows_for(order, n, T)).view(n, T, c)
+        out, src = seq[:, :T - r], seq[:, T - r:]
+        if src.requires_grad:  # training: autograd keeps the sources, which the in-place add would overwrite
+            src = src.clone()
+        if c not in scatter_idx:  # x and the sizes of one merge share the matching: expand once per width
+            scatter_idx[c] = dst_out.unsqueeze(-1).expand(B, r, c)
+        out.scatter_reduce_(-2, scatter_idx[c] if n == B else dst_out.expand(n, r).unsqueeze(-1).expand(n, r, c),
+                            src, reduce=mode)
         if distill_token:  # [unm0, dst0, unm1.., dst1..]: CLS and the distillation token stay at 0 and 1
             return torch.cat([out[:, :1], out[:, n_unm:n_unm + 1], out[:, 1:n_unm], out[:, n_unm + 1:]], dim=1)
         return out
@@ -121,9 +146,14 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
     return merge, old_to_new
 
 
-def merge_wavg(merge, x: torch.Tensor, size: torch.Tensor):
-    """Size-weighted average merge; returns merged x and merged sizes."""
-    x = merge(x * size, mode="sum")
+def merge_wavg(merge, x: torch.Tensor, size: Optional[torch.Tensor] = None):
+    """Size-weighted average merge; returns merged x and merged sizes.  ``size=None`` means every
+    token has size 1 (the first merge): ``x * 1`` is ``x`` bit for bit, so that product is skipped."""
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        x = merge(x, mode="sum")
+    else:
+        x = merge(x * size, mode="sum")
     size = merge(size, mode="sum")
     return x / size, size
 
@@ -200,7 +230,7 @@ class ToMe(Trainable):
             return x
         if state.track:  # the index map only serves source tracking; inference skips it
             state.remap(x, old_to_new)
-        x_new, state.size = merge_wavg(merge, x, state.ensure_size(x))
+        x_new, state.size = merge_wavg(merge, x, state.size)
         return x_new
 
     # -- declarations --------------------------------------------------------------------

@@ -138,6 +138,7 @@ class RunContext(StageArtefacts):
         self.stages: list[str] = list(STAGES)  # the stages this invocation runs (set by main)
         self.skipped_stages: dict[str, str] = {}  # stage -> why it produced no table
         self.launcher = None  # bench.launch.Launcher with --nproc / --launcher torchrun (paper profile)
+        self.proxy_retrained = False  # --retrain-proxy: the backbone was trained again in this run
 
     @property
     def fixture(self) -> bool:
@@ -186,6 +187,8 @@ class RunContext(StageArtefacts):
         if self.launcher is not None:
             m["launcher"] = {"kind": "torchrun", "nproc_per_node": self.launcher.cfg.nproc_per_node,
                              "nnodes": self.launcher.cfg.nnodes, "world_size": self.launcher.world_size}
+        if self.profile["data_source"] == "proxy":
+            m["proxy_backbone"] = self.proxy_backbone_line()
         if self.fixture:
             from .fixtures import TINY_MODEL
 
@@ -194,6 +197,21 @@ class RunContext(StageArtefacts):
             m["stages"] = self.stages_line()
         m.update(kw)
         return m
+
+    def proxy_backbone_line(self) -> str:
+        """Where this run's proxy backbone came from: the shipped weights or a training run."""
+        from . import proxy
+
+        size = self.profile.get("proxy_size", "default")
+        p = proxy.backbone_path(size)
+        if not p.exists():
+            return "not loaded in this run"
+        if proxy.backbone_origin(p) == "shipped":
+            e = proxy.shipped_entry(size) or {}
+            return (f"shipped weights {e.get('file', '?')} (sha256 {str(e.get('sha256', '?'))[:12]}, recipe "
+                    f"{e.get('recipe', '?')}, val top-1 {e.get('val_top1', float('nan')):.1f}% when shipped)")
+        how = "retrained in this run (--retrain-proxy)" if self.proxy_retrained else "trained by this suite"
+        return f"{how}: {proxy.SIZES[size].recipe()}, file {p.name}"
 
     def command(self) -> str:
         """The command line that reproduces this run's tables (profile, fixture flag, overrides)."""
@@ -204,6 +222,8 @@ class RunContext(StageArtefacts):
             cmd += ["--configs", text]
         if getattr(self.args, "profile_file", None):
             cmd += ["--profile-file", self.args.profile_file]
+        if getattr(self.args, "retrain_proxy", False):
+            cmd.append("--retrain-proxy")
         if self.launcher is not None:  # the world size changes calibration and fine-tuning (not evaluation)
             cmd += ["--nproc", str(self.launcher.cfg.nproc_per_node)]
             if self.launcher.cfg.nnodes > 1:
@@ -246,6 +266,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-file", default=None, metavar="FILE",
                    help="TOML/JSON/YAML file of profile keys to set, [add] lists to extend, [speed] settings to "
                         "merge, configs to add everywhere (see bench/overrides.py and the README)")
+    p.add_argument("--retrain-proxy", action="store_true",
+                   help="default/smoke profiles: train the proxy backbone again with the suite's trainer instead of "
+                        "loading the shipped weights (docs/proxy.md)")
     launch.add_arguments(p)
     return p.parse_args(argv)
 
@@ -282,6 +305,9 @@ def main(argv=None) -> int:
                 "(--weights DIR or a reachable hub); `--only cost,speed` needs none; the embedded proxy runs with "
                 "--profile default"
             )
+        if args.retrain_proxy and prof.get("data_source") != "proxy":
+            raise ConfigError(f"--retrain-proxy applies to the proxy profiles (default, smoke); the {args.profile} "
+                              "profile uses pretrained weights")
         if args.fixture:
             if args.profile != "paper":
                 raise ConfigError("--fixture applies to the paper profile")

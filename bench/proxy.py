@@ -79,12 +79,24 @@ class ProxySize:
     epochs: float
     batch_size: int
     lr: float
+    warmup_epochs: float = 0.2
+    label_smoothing: float = 0.0
+
+    def recipe(self) -> str:
+        """The training recipe in a file name: a changed recipe is a different backbone."""
+        r = f"{self.epochs:g}ep-bs{self.batch_size}-lr{self.lr:g}"
+        if self.warmup_epochs != 0.2:
+            r += f"-wu{self.warmup_epochs:g}"
+        if self.label_smoothing:
+            r += f"-ls{self.label_smoothing:g}"
+        return r
 
 
 SIZES = {
     # the default profile: 16k training samples seen (500 steps, ~4 min on 2 CPU cores; 75.9% top-1
     # measured), 1000 val images
-    "default": ProxySize(train_per_class=800, val_per_class=100, epochs=2.0, batch_size=32, lr=1e-3),
+    "default": ProxySize(train_per_class=800, val_per_class=100, epochs=6.0, batch_size=32, lr=1e-3,
+                         warmup_epochs=0.5, label_smoothing=0.1),
     # smoke: seconds; accuracy meaningless but every code path runs
     "smoke": ProxySize(train_per_class=24, val_per_class=8, epochs=1.0, batch_size=32, lr=1e-3),
 }
@@ -126,9 +138,7 @@ def data_dir(size: str = "default", root: Optional[Path] = None) -> Path:
 def backbone_path(size: str = "default") -> Path:
     """Cache file of the trained backbone, keyed by the data version and the training recipe, so a
     changed recipe trains a new backbone instead of reusing a stale one."""
-    sz = SIZES[size]
-    recipe = f"{sz.epochs:g}ep-bs{sz.batch_size}-lr{sz.lr:g}"
-    return cache_dir() / f"backbone-v{DATA_VERSION}-{size}-{recipe}.pt"
+    return cache_dir() / f"backbone-v{DATA_VERSION}-{size}-{SIZES[size].recipe()}.pt"
 
 
 @contextlib.contextmanager
@@ -358,18 +368,78 @@ def train_command(size: str = "default", out: Optional[Path] = None) -> list[str
     return [sys.executable, "-m", "bench.cli", "train", "--model", PROXY_MODEL, "--reducer", "none",
             "--data", "proxy" if size == "default" else f"proxy:{size}",
             "--epochs", str(sz.epochs), "--batch-size", str(sz.batch_size), "--lr", str(sz.lr),
-            "--warmup-epochs", "0.2", "--weight-decay", "0.05", "--out", str(out), "--json"]
+            "--warmup-epochs", f"{sz.warmup_epochs:g}", "--weight-decay", "0.05",
+            "--label-smoothing", f"{sz.label_smoothing:g}", "--out", str(out), "--json"]
+
+
+# --------------------------------------------------------------------------- shipped weights
+# The default backbone is trained once with train_command("default") and shipped in the package
+# (docs/proxy.md, "Shipped weights"): a fresh clone loads it instead of training for minutes.  The
+# manifest names the file, its SHA-256, the recipe and data version it was trained with, the command,
+# and the validation top-1 it reached; `--retrain-proxy` re-creates it with the suite's own trainer.
+SHIPPED_DIR = Path(__file__).resolve().parent / "data_files"
+SHIPPED_MANIFEST = SHIPPED_DIR / "proxy_backbone.json"
+
+
+def shipped_entry(size: str = "default") -> Optional[dict]:
+    """The manifest entry of the shipped weights for ``size`` if they were trained with the current
+    data version and recipe, else None (then the backbone is trained)."""
+    try:
+        manifest = json.loads(SHIPPED_MANIFEST.read_text())
+    except (OSError, ValueError):
+        return None
+    e = manifest.get(size)
+    if not isinstance(e, dict) or e.get("data_version") != DATA_VERSION or e.get("recipe") != SIZES[size].recipe():
+        return None
+    return e
+
+
+def load_shipped(entry: dict):
+    """The shipped backbone as a model, after checking the file's SHA-256 against the manifest."""
+    from .reducer import ConfigError
+    from .results import file_hash
+    from .weights import load_file_weights
+
+    f = SHIPPED_DIR / entry["file"]
+    if not f.is_file():
+        raise ConfigError(f"the shipped proxy weights {f} are missing (the manifest {SHIPPED_MANIFEST.name} names "
+                          "them): restore them with `git checkout -- bench/data_files/`, or train the backbone "
+                          "with `./run_all.sh --retrain-proxy`")
+    got = file_hash(f, n=64)
+    if got != entry["sha256"]:
+        raise ConfigError(f"the shipped proxy weights {f} fail their SHA-256 check (manifest {entry['sha256'][:16]}..., "
+                          f"file {got[:16]}...): the file is damaged or was replaced without updating "
+                          f"{SHIPPED_MANIFEST.name}; restore it with `git checkout -- bench/data_files/`, or train "
+                          "the backbone with `./run_all.sh --retrain-proxy`")
+    return load_file_weights(pmbench_proxy_vit(), f).eval()
+
+
+def backbone_origin(path: Path) -> str:
+    """``shipped`` or ``trained``: where the cached backbone came from (recorded in its checkpoint)."""
+    from .checkpoint import read_checkpoint
+
+    return (read_checkpoint(path).get("extra") or {}).get("origin", "trained")
 
 
 def ensure_backbone(force: bool = False, *, size: str = "default") -> Path:
-    """Path of the trained proxy backbone checkpoint, training it (``pmbench train``) if absent."""
+    """Path of the proxy backbone checkpoint: the cached one, else the shipped weights (checked and
+    converted once), else trained with ``pmbench train``.  ``force`` retrains (``--retrain-proxy``)."""
     path = backbone_path(size)
     if path.exists() and not force:
         return path
-    ensure_proxy_data(size=size)
     with _locked(f"backbone-{size}"):
-        if path.exists() and not force:  # trained by another process while we waited
+        if path.exists() and not force:  # made by another process while we waited
             return path
+        entry = None if force else shipped_entry(size)
+        if entry is not None:
+            from .checkpoint import save_checkpoint
+
+            save_checkpoint(path, load_shipped(entry), extra={"origin": "shipped", "sha256": entry["sha256"],
+                                                              "recipe": entry["recipe"]})
+            print(f"[pmbench] proxy backbone: the shipped weights ({entry['file']}, sha256 "
+                  f"{entry['sha256'][:12]}, val top-1 {entry['val_top1']:.1f}%)", file=sys.stderr)
+            return path
+        ensure_proxy_data(size=size)
         cmd = train_command(size, path)
         print(f"[pmbench] training the proxy backbone: {' '.join(cmd[2:])}", file=sys.stderr)
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",

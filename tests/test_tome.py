@@ -71,6 +71,59 @@ def test_hand_merge_with_dist_token():
     assert old_to_new.tolist() == [[0, 1, 3, 3, 2, 4, 4]]
 
 
+def _reference_wavg(metric, r, class_token, distill_token, x, size):
+    """ToMe's published merge written out step by step (baselines.md §1): split A/B alternately,
+    cosine scores, best B partner per A token, the r best edges are sources; output
+    ``[unmerged A, B.scatter_reduce(sources, sum)]`` of ``x * size`` and of ``size``, then divide."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    if class_token:
+        scores[..., 0, :] = -math.inf
+    if distill_token:
+        scores[..., :, 0] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if class_token:
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(t):
+        src, dst = t[..., ::2, :], t[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        s = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), s, reduce="sum")
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    xs, new_size = merge(x * size), merge(size)
+    return xs / new_size, new_size
+
+
+@pytest.mark.parametrize("T,r,dist", [(197, 13, False), (197, 16, False), (184, 13, False), (53, 26, False),
+                                      (198, 13, True), (11, 4, False)])
+def test_merge_is_bit_identical_to_the_published_formulation(T, r, dist):
+    """The single-gather merge (and the skipped ``x * 1`` of the first merge) equals the published
+    formulation bit for bit, with ties in the scores and repeated destinations."""
+    g = torch.Generator().manual_seed(T + r)
+    B, C = 3, 24
+    metric = torch.randn(B, T, 8, generator=g)
+    metric[:, 5:9] = metric[:, 3:4]  # exact ties in the scores
+    x = torch.randn(B, T, C, generator=g)
+    size = torch.randint(1, 5, (B, T, 1), generator=g).float()
+    want_x, want_size = _reference_wavg(metric, r, True, dist, x, size)
+    merge, _ = bipartite_soft_matching(metric, r, class_token=True, distill_token=dist, with_map=False)
+    got_x, got_size = merge_wavg(merge, x, size)
+    assert torch.equal(got_x, want_x) and torch.equal(got_size, want_size)
+    ones = torch.ones(B, T, 1)
+    first_x, first_size = merge_wavg(merge, x, None)  # the first merge: every size is 1
+    ref_x, ref_size = _reference_wavg(metric, r, True, dist, x, ones)
+    assert torch.equal(first_x, ref_x) and torch.equal(first_size, ref_size)
+
+
 # --------------------------------------------------------------------------- schedules
 def test_parse_r_matches_official():
     assert parse_r(12, [13], None) == [13] * 12

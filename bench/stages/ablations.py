@@ -29,7 +29,8 @@ def run(ctx) -> None:
             ctx.failures.append(f"ablation {label} ({spec}) calibration: {e}")
             continue
         desc = {"kind": "pm-ablation", "spec": spec, "backbone": file_hash(bb), "ckpt": file_hash(ck),
-                "epochs": epochs, "max_steps": max_steps, "data": src.input_key(), **src.launch_key()}
+                "epochs": epochs, "max_steps": max_steps, "data": src.input_key(),
+                "recipe_overrides": src.finetune_overrides(spec), **src.launch_key()}
 
         def measure(spec=spec, ck=ck, label=label):
             # with --nproc the evaluations and the fine-tuning run through torchrun (bench.launch)

@@ -210,7 +210,8 @@ def run_source(ctx, src) -> list:
             continue
         desc = {**base_desc, "spec": spec, "row": "fine-tuned", "epochs": prof["finetune_epochs"],
                 "max_steps": prof.get("finetune_max_steps"),
-                "init": file_hash(init) if init else None, **src.launch_key()}
+                "init": file_hash(init) if init else None, "recipe_overrides": src.finetune_overrides(spec),
+                **src.launch_key()}
 
         def measure(spec=spec, init=init):
             ckpt, hist = src.finetune(spec, init, prof["finetune_epochs"], ctx)

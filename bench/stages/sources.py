@@ -318,7 +318,8 @@ class Source:
             cfg["max_steps"] = max_steps
         from ..results import describe_key
 
-        key = {'spec': spec, 'epochs': epochs, 'steps': max_steps, 'init': str(init), 'm': self.model_name}
+        key = {'spec': spec, 'epochs': epochs, 'steps': max_steps, 'init': str(init), 'm': self.model_name,
+               'overrides': self.finetune_overrides(spec)}
         if self.launcher is not None:
             key["launch"] = self._launch_tag()
             out = self._work(f"ft-{describe_key(key)}.pt")
@@ -355,23 +356,39 @@ class ProxySource(Source):
             self.eval_batch, self.calib_iters, self.calib_batch = 40, 2, 16
 
     def ensure_backbone(self) -> Path:
+        """The cached backbone; else the shipped weights (hash-checked); else trained.  With
+        ``--retrain-proxy`` the first call of the run retrains it with the suite's trainer."""
         from .. import proxy
 
         t = self.ctx.progress
         p = proxy.backbone_path(self.size)
-        if not p.exists():
-            t.note(f"training the proxy backbone ({self.size}); cached afterwards")
-        return proxy.ensure_backbone(size=self.size)
+        retrain = bool(getattr(self.ctx.args, "retrain_proxy", False)) and not self.ctx.proxy_retrained
+        if retrain:
+            t.note(f"--retrain-proxy: training the proxy backbone ({self.size}) with the suite's trainer")
+        elif not p.exists():
+            t.note(f"proxy backbone ({self.size}): " + ("the shipped weights" if proxy.shipped_entry(self.size)
+                                                         else "training it; cached afterwards"))
+        path = proxy.ensure_backbone(force=retrain, size=self.size)
+        if retrain:
+            self.ctx.proxy_retrained = True
+        return path
 
     def finetune_overrides(self, spec: str) -> dict:
         # Proxy recipes: the methods' ImageNet recipes assume 30-300 epochs at batch 512-2048 from
         # pretrained DeiT; on the proxy the profile's short schedule keeps each method's losses,
         # distillation, train/eval mode and parameter groups, with a learning rate suited to the
         # narrow backbone, no warm-up, and no mixup/cutmix (the proxy backbone was trained without).
-        return {"lr": 2e-4, "min_lr": 1e-5, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0}
+        return {"lr": 5e-5, "min_lr": 1e-6, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0}
 
     def describe(self) -> str:
-        return "proxy backbone trained by this suite on the synthetic proxy set"
+        from .. import proxy
+
+        p = proxy.backbone_path(self.size)
+        if p.exists() and proxy.backbone_origin(p) == "shipped":
+            e = proxy.shipped_entry(self.size) or {}
+            return (f"proxy backbone trained by this suite on the synthetic proxy set, loaded from the shipped "
+                    f"weights (sha256 {str(e.get('sha256', '?'))[:12]}; `--retrain-proxy` re-creates them)")
+        return "proxy backbone trained by this suite on the synthetic proxy set (in this cache)"
 
 
 class RealSource(Source):
