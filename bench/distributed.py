@@ -98,21 +98,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        all_reduce_sum(tensor)
-        tensor /= world_size()
-    return tensor
-
-
-def broadcast_object(obj, src: int = 0):
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def gather_objects(obj) -> list:
     """Every rank's ``obj`` (a list of them, in rank order) on every rank; ``[obj]`` single-process."""
     if not is_distributed():

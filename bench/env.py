@@ -48,7 +48,9 @@ def git_commit() -> str:
         )
         commit = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            # the report folders are this suite's own output: a run rewriting them does not make the code dirty
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports"], cwd=ROOT,
+            capture_output=True, text=True, timeout=10,
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except Exception:

@@ -46,6 +46,7 @@ def header_lines(title: str, meta: dict) -> list[str]:
         ("date", "date"),
         ("command", "command"),
         ("profile overrides", "profile_overrides"),
+        ("proxy backbone", "proxy_backbone"),
     ]
     fixture = bool(meta.get("fixture"))
     lines = [f"## {title}" + (" [fixture run]" if fixture else ""), ""]
