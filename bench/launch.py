@@ -310,9 +310,9 @@ def run_process(argv: list, *, env: dict, cwd, stream, stdout_path: Path, stderr
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, env=env, cwd=str(cwd),
                                 start_new_session=True)
     relay = _Relay(proc.stderr, stream, stderr_path)
-    relay.start()
     reason = None
-    try:
+    try:  # from here on, a Ctrl-C at any point stops the group
+        relay.start()
         while True:
             try:
                 proc.wait(timeout=0.5)
@@ -326,7 +326,8 @@ def run_process(argv: list, *, env: dict, cwd, stream, stdout_path: Path, stderr
                     break
     except BaseException:  # Ctrl-C (KeyboardInterrupt), SystemExit: never leave the ranks running
         _stop_group(proc)
-        relay.join(timeout=5)
+        if relay.is_alive():
+            relay.join(timeout=5)
         raise
     relay.join(timeout=10)
     return proc.returncode, relay.buf, reason

@@ -215,8 +215,15 @@ def test_ctrl_c_stops_the_whole_process_group(tmp_path):
     while not (pid_file.exists() and pid_file.read_text()) and time.time() - t0 < 60:
         time.sleep(0.1)
     grandchild = int(pid_file.read_text())
+    time.sleep(0.5)  # the launched group is up; Ctrl-C now, as a user would
     p.send_signal(signal.SIGINT)
-    out, _ = p.communicate(timeout=60)
+    try:
+        out, _ = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        log = (tmp_path / "stdout.log").read_text() if (tmp_path / "stdout.log").exists() else ""
+        pytest.fail(f"the driver did not stop within 60 s of Ctrl-C; its stdout: {out!r}; child stdout: {log!r}")
     assert p.returncode == 130 and "interrupted" in out
     t0 = time.time()
     while time.time() - t0 < 10:
