@@ -189,9 +189,12 @@ def test_a_failing_torchrun_job_is_one_clear_error(tmp_path):
 
 # --------------------------------------------------------------------------- Ctrl-C
 DRIVER = textwrap.dedent("""
-    import subprocess, sys
+    import signal, subprocess, sys
     from pathlib import Path
     from bench import launch
+    # a shell's background job starts with SIGINT ignored, and Python then leaves it ignored: restore what an
+    # interactive user's Ctrl-C does, so the test does not depend on how the suite was started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out = Path(sys.argv[1])
     child = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
              f"open({str(out / 'pid')!r}, 'w').write(str(p.pid)); time.sleep(60)")
