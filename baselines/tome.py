@@ -56,12 +56,6 @@ def _odd_positions(t2: int, device) -> torch.Tensor:
     return _ODD[key]
 
 
-def _rows_for(order: torch.Tensor, n: int, T: int) -> torch.Tensor:
-    """Flat row numbers of ``order`` (batch 1 or n) for a batch of n sequences of length T."""
-    order = order.expand(n, -1)
-    return (order + (torch.arange(n, device=order.device) * T).unsqueeze(1)).reshape(-1)
-
-
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool,
                             with_map: bool = True):
     """ToMe's matching (pure function).
@@ -108,18 +102,14 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
     order = torch.cat([unm_idx[..., 0] * 2, _odd_positions(t2, dev).expand(B, -1), src_idx[..., 0] * 2], dim=1)
     rows = (order + (torch.arange(B, device=dev) * T).unsqueeze(1)).reshape(-1)
     dst_out = dst_idx[..., 0] + n_unm  # the destination's index in the output
-    scatter_idx: dict[int, torch.Tensor] = {}
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        n, _, c = x.shape
-        seq = x.reshape(n * T, c).index_select(0, rows if n == B else _rows_for(order, n, T)).view(n, T, c)
+        c = x.shape[-1]  # x has the metric's batch and tokens: (B, T, c)
+        seq = x.reshape(B * T, c).index_select(0, rows).view(B, T, c)
         out, src = seq[:, :T - r], seq[:, T - r:]
         if src.requires_grad:  # training: autograd keeps the sources, which the in-place add would overwrite
             src = src.clone()
-        if c not in scatter_idx:  # x and the sizes of one merge share the matching: expand once per width
-            scatter_idx[c] = dst_out.unsqueeze(-1).expand(B, r, c)
-        out.scatter_reduce_(-2, scatter_idx[c] if n == B else dst_out.expand(n, r).unsqueeze(-1).expand(n, r, c),
-                            src, reduce=mode)
+        out.scatter_reduce_(-2, dst_out.unsqueeze(-1).expand(B, r, c), src, reduce=mode)
         if distill_token:  # [unm0, dst0, unm1.., dst1..]: CLS and the distillation token stay at 0 and 1
             return torch.cat([out[:, :1], out[:, n_unm:n_unm + 1], out[:, 1:n_unm], out[:, n_unm + 1:]], dim=1)
         return out

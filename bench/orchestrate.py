@@ -28,6 +28,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from . import env, launch, overrides, profiles, registry
 from .checkpoint import load_structure
@@ -139,6 +140,7 @@ class RunContext(StageArtefacts):
         self.skipped_stages: dict[str, str] = {}  # stage -> why it produced no table
         self.launcher = None  # bench.launch.Launcher with --nproc / --launcher torchrun (paper profile)
         self.proxy_retrained = False  # --retrain-proxy: the backbone was trained again in this run
+        self._proxy_backbone_line: Optional[str] = None  # proxy_backbone_line(), computed once
 
     @property
     def fixture(self) -> bool:
@@ -199,19 +201,25 @@ class RunContext(StageArtefacts):
         return m
 
     def proxy_backbone_line(self) -> str:
-        """Where this run's proxy backbone came from: the shipped weights or a training run."""
+        """Where this run's proxy backbone came from: the shipped weights or a training run.  Read
+        from the checkpoint once per run (every table header asks), after the backbone was loaded."""
         from . import proxy
 
         size = self.profile.get("proxy_size", "default")
         p = proxy.backbone_path(size)
         if not p.exists():
             return "not loaded in this run"
-        if proxy.backbone_origin(p) == "shipped":
-            e = proxy.shipped_entry(size) or {}
-            return (f"shipped weights {e.get('file', '?')} (sha256 {str(e.get('sha256', '?'))[:12]}, recipe "
-                    f"{e.get('recipe', '?')}, val top-1 {e.get('val_top1', float('nan')):.1f}% when shipped)")
-        how = "retrained in this run (--retrain-proxy)" if self.proxy_retrained else "trained by this suite"
-        return f"{how}: {proxy.SIZES[size].recipe()}, file {p.name}"
+        if self._proxy_backbone_line is None:
+            if proxy.backbone_origin(p) == "shipped":
+                e = proxy.shipped_entry(size) or {}
+                self._proxy_backbone_line = (
+                    f"shipped weights {e.get('file', '?')} (sha256 {str(e.get('sha256', '?'))[:12]}, recipe "
+                    f"{e.get('recipe', '?')}, val top-1 {e.get('val_top1', float('nan')):.1f}% when shipped; "
+                    "`--retrain-proxy` re-creates them)")
+            else:
+                how = "retrained in this run (--retrain-proxy)" if self.proxy_retrained else "trained by this suite"
+                self._proxy_backbone_line = f"{how}: {proxy.SIZES[size].recipe()}, file {p.name}"
+        return self._proxy_backbone_line
 
     def command(self) -> str:
         """The command line that reproduces this run's tables (profile, fixture flag, overrides)."""

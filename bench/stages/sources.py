@@ -382,14 +382,7 @@ class ProxySource(Source):
         return {"lr": 5e-5, "min_lr": 1e-6, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0}
 
     def describe(self) -> str:
-        from .. import proxy
-
-        p = proxy.backbone_path(self.size)
-        if p.exists() and proxy.backbone_origin(p) == "shipped":
-            e = proxy.shipped_entry(self.size) or {}
-            return (f"proxy backbone trained by this suite on the synthetic proxy set, loaded from the shipped "
-                    f"weights (sha256 {str(e.get('sha256', '?'))[:12]}; `--retrain-proxy` re-creates them)")
-        return "proxy backbone trained by this suite on the synthetic proxy set (in this cache)"
+        return f"proxy backbone trained by this suite on the synthetic proxy set: {self.ctx.proxy_backbone_line()}"
 
 
 class RealSource(Source):
