@@ -2,37 +2,41 @@
 raoyongming/DynamicViT (``vit.py`` of the NeurIPS code = ``models/dyvit.py`` at HEAD,
 ``losses.py``).
 
+Specification: docs/methods/dynamicvit.md (sources, deviations, options).
+
 Three prediction modules (``PredictorLG``) sit *between* blocks, before the
 blocks at ``loc`` (default 3, 6, 9, i.e. before the 4th/7th/10th block), so the
 block at a location already runs on the reduced set.  A predictor sees the
 patch tokens only (never CLS or other prefix tokens) plus the previous keep
-decision and outputs log-probabilities ``[keep, drop]`` per token.
+decision and outputs log-probabilities ``[keep, drop]`` per token
+(docs/methods/dynamicvit.md §1.1-1.2).
 
 * **Inference** (``model.eval()``): at stage s keep ``int(n_patches * rho**s)``
   patch tokens (cumulative ratios ``[rho, rho^2, rho^3]``, counted relative to
   the *original* patch count, 196 for DeiT), chosen by top-k on the keep
   log-probability and gathered (tokens really removed, ordered by score, as the
-  official ``argsort``); attention uses the fused SDPA kernel.
+  official ``argsort``); attention uses the fused SDPA kernel (docs/methods/dynamicvit.md §1.3-1.4).
 * **Training** (``model.train()``): Gumbel-softmax hard decisions
   (straight-through, tau 1) on the keep channel, multiplied by the previous
   decision (cumulative); no token is removed, instead every block's attention
   uses the official masked softmax (``bench.patch.softmax_with_policy``, keys
   whose policy is 0 are hidden from every other query; all-ones policy before
   the first stage, exactly as the official code passes ``policy`` to every
-  block).  Per-stage decisions and the final tokens go to ``state.scratch``.
+  block).  Per-stage decisions and the final tokens go to ``state.scratch``
+  (docs/methods/dynamicvit.md §1.5).
 * **Losses** (``extra_losses``, official ``DistillDiffPruningLoss_dynamic``
   with ``mse_token=True``): ``ratio_weight * sum_s mean_b(mean_i d_bis - rho^s)^2 / n_stages``,
   ``distill_weight * KL(teacher || student)`` on logits (T=1, batchmean) and
   ``distill_weight * MSE`` between the student's final normed patch tokens and
   the teacher's, at positions kept at the end.  The classification loss is the
-  trainer's.  Hence ``needs_teacher``.
+  trainer's.  Hence ``needs_teacher`` (docs/methods/dynamicvit.md §1.6).
 * **Optimisation** (``param_group``/``lr_scale``): predictor parameters train at
   the full lr; the backbone is frozen (lr 0) for the first ``freeze_epochs``
   (official 5 of 30; by default the same fraction 1/6 of any schedule) and then
   trains at ``backbone_lr_scale`` (0.01) of the lr; ``cls_token`` and
-  ``pos_embed`` stay frozen as in the official optimiser.
+  ``pos_embed`` stay frozen as in the official optimiser (docs/methods/dynamicvit.md §1.7, §4).
 
-FLOPs: the suite's count adds the predictors' linears on the tokens each one
+FLOPs (docs/methods/dynamicvit.md §2): the suite's count adds the predictors' linears on the tokens each one
 sees (``n_patches``, ``int(n_patches*rho)``, ``int(n_patches*rho^2)``) to the
 blocks' count; this is what fvcore counts on the official eval model, the
 counter of the T-PAMI-era repository (``calc_flops.py``), and its README figures
@@ -57,7 +61,7 @@ does not give (``tests/test_dynamicvit.py``).  The suite's tables keep the
 predictor-inclusive count; the published-vs-reproduced table compares the
 paper's rows with the paper's rule and labels them so.
 
-Deviations (all documented, none by default): ``keep_ratios`` overrides the
+Deviations (docs/methods/dynamicvit.md §6; none by default): ``keep_ratios`` overrides the
 cumulative ``[rho, rho^2, rho^3]`` (e.g. the paper's two-stage ablation);
 any number of prefix tokens is supported (the official code assumes CLS only);
 ``int(n_patches * r)`` replaces the hard-coded ``14*14`` so other resolutions
@@ -80,7 +84,8 @@ _FROZEN = ("cls_token", "pos_embed")  # official: in no optimiser group
 
 
 class PredictorLG(nn.Module):
-    """The official local-global prediction module (2-way log-probabilities, channel 0 = keep)."""
+    """The official local-global prediction module (2-way log-probabilities, channel 0 = keep;
+    docs/methods/dynamicvit.md §1.2)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -128,7 +133,8 @@ def paper_formula_macs(info: ModelInfo, tokens_per_block: list[int], patch_embed
     residual + layer_norm) * D``.  The patch embedding is ``n_patches * p^2 * in_chans * D`` unless
     ``patch_embed_macs`` is given (e.g. LV-ViT's conv stem); the classifier ``D * classes`` (the
     official formula has no head term; it adds < 0.001 G).  The predictors are not counted: the
-    official ``PredictorLG`` has no complexity method (see the module docstring)."""
+    official ``PredictorLG`` has no complexity method (see the module docstring and
+    docs/methods/dynamicvit.md §2)."""
     if len(tokens_per_block) != info.depth:
         raise ValueError(f"paper_formula_macs: {len(tokens_per_block)} token counts for depth {info.depth}")
     D, A, H, F_ = info.dim, info.attn_dim, info.num_heads, info.mlp_hidden
@@ -186,7 +192,8 @@ class DynamicViT(Trainable):
         self._stage_of = {l: s for s, l in enumerate(loc)}
 
     def ratios(self) -> list[float]:
-        """Cumulative keep ratios per stage, computed as the official ``[r, r**2, r**3]``."""
+        """Cumulative keep ratios per stage, computed as the official ``[r, r**2, r**3]``
+        (docs/methods/dynamicvit.md §1.3)."""
         if self.cfg["keep_ratios"] is not None:
             return list(self.cfg["keep_ratios"])
         rho = self.cfg["rho"]
@@ -281,7 +288,8 @@ class DynamicViT(Trainable):
 
     # -- training ----------------------------------------------------------------------------------
     def ratio_loss(self, decisions: list[torch.Tensor]) -> torch.Tensor:
-        """Official: sum over stages of mean_b (mean_i d - target_s)^2, divided by the number of stages."""
+        """Official: sum over stages of mean_b (mean_i d - target_s)^2, divided by the number of stages
+        (docs/methods/dynamicvit.md §1.6)."""
         tot = 0.0
         for d, r in zip(decisions, self.ratios()):
             tot = tot + ((d.mean(1) - r) ** 2).mean()
@@ -336,13 +344,14 @@ class DynamicViT(Trainable):
         epochs, wd 0.05, DeiT augmentation (mixup 0.8, cutmix 1.0, smoothing 0.1), no clipping,
         ``model.train()``.  The teacher KL is one of the method's own losses, so the trainer's
         distillation stays off.  A shorter run should scale ``warmup_epochs`` with ``epochs``
-        (the backbone freeze scales by itself through ``freeze_frac``)."""
+        (the backbone freeze scales by itself through ``freeze_frac``).  See docs/methods/dynamicvit.md §4."""
         return {"epochs": 30.0, "lr": 5e-4, "min_lr": 1e-6, "warmup_epochs": 5.0, "weight_decay": 0.05,
                 "clip_grad": None, "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0,
                 "distill": "none", "train_mode": True}
 
     # -- declarations -------------------------------------------------------------------------------
     def token_schedule(self, info: ModelInfo) -> list[BlockTokens]:
+        # prefix + stage count from each location on, attention and MLP alike: docs/methods/dynamicvit.md §2
         ks = self.keep_counts(info.n_patches)
         out, n = [], info.n_tokens
         for i in range(info.depth):

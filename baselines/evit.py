@@ -1,8 +1,10 @@
 """EViT: attentive-token keeping with inattentive-token fusion (Liang et al., ICLR 2022),
 as in youweiliang/evit (``evit.py``).
 
+Specification: docs/methods/evit.md (sources, deviations, options).
+
 Inside the blocks at ``loc`` (default 4/7/10, i.e. indices 3, 6, 9), after the
-attention residual and before the MLP:
+attention residual and before the MLP (docs/methods/evit.md §1.1-1.6):
 
 * importance = the CLS query's post-softmax attention to every non-prefix
   token, averaged over heads (computed from the CLS query alone, so the fused
@@ -18,7 +20,8 @@ attention residual and before the MLP:
 
 Training: the official keep-rate schedule (``adjust_keep_rate``) holds keep=1
 for ``shrink_start`` epochs, then decays it by cosine over ``shrink_epochs``
-epochs to the target, per iteration; the fine-tuning recipe sets both to 0.
+epochs to the target, per iteration; the fine-tuning recipe sets both to 0
+(docs/methods/evit.md §1.7).
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ def complement_idx(idx: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def keep_rate_at(epoch: float, target: float, shrink_start: float, shrink_epochs: float) -> float:
-    """EViT's ``adjust_keep_rate``: 1 before shrink_start, cosine to target over shrink_epochs."""
+    """EViT's ``adjust_keep_rate``: 1 before shrink_start, cosine to target over shrink_epochs
+    (docs/methods/evit.md §1.7)."""
     if epoch < shrink_start:
         return 1.0
     if shrink_epochs <= 0 or epoch >= shrink_start + shrink_epochs:
@@ -84,7 +88,8 @@ class EViT(Trainable):
 
     def _keep(self, training: bool, state: TokenState) -> float:
         # The scheduled keep rate applies to training steps, including EViT's fine-tuning, which
-        # keeps the model in eval mode (train_mode=False): the trainer flags its steps explicitly.
+        # keeps the model in eval mode (train_mode=False): the trainer flags its steps explicitly
+        # (docs/methods/evit.md §1.7).
         return self.current_keep if (training or state.train_step) else self.cfg["keep"]
 
     def recipe(self, info: ModelInfo) -> dict:
@@ -93,7 +98,8 @@ class EViT(Trainable):
         warm-up, wd 1e-6, DeiT augmentation defaults (mixup 0.8, cutmix 1.0, smoothing 0.1), no
         distillation, and the model kept in eval mode (``set_training_mode = finetune == ''``: no
         drop-path / dropout).  The keep-rate warm-up is this reducer's ``shrink_start`` /
-        ``shrink_epochs`` (official fine-tuning: 0 / 0, EViT#3; 300-epoch run: 10 / 100)."""
+        ``shrink_epochs`` (official fine-tuning: 0 / 0, EViT#3; 300-epoch run: 10 / 100).
+        See docs/methods/evit.md §4."""
         return {"epochs": 30.0, "lr": 2e-5, "min_lr": 2e-6, "warmup_epochs": 0.0, "weight_decay": 1e-6,
                 "clip_grad": None, "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "distill": "none",
                 "train_mode": False}
@@ -105,6 +111,7 @@ class EViT(Trainable):
         return AttnRequest()
 
     def post_attn(self, i, block, x, extras, state: TokenState):
+        # keep ceil(keep * n) by CLS attention, fuse the rest: docs/methods/evit.md §1.3-1.5
         if "cls_attn" not in extras:
             return x
         p = state.n_prefix
@@ -127,6 +134,7 @@ class EViT(Trainable):
 
     # -- declarations -----------------------------------------------------------------------
     def token_schedule(self, info: ModelInfo) -> list[BlockTokens]:
+        # attention on n tokens, MLP on the kept (+ fused) tokens: docs/methods/evit.md §2
         out, n = [], info.n_tokens
         keep = self.cfg["keep"]
         for i in range(info.depth):

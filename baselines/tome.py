@@ -1,6 +1,8 @@
 """ToMe: Token Merging (Bolya et al., ICLR 2023), as in facebookresearch/ToMe.
 
-Per block, after the attention residual and before the MLP:
+Specification: docs/methods/tome.md (sources, deviations, options).
+
+Per block, after the attention residual and before the MLP (docs/methods/tome.md §1.1-1.5):
 
 1. the metric is the attention keys averaged over heads;
 2. bipartite soft matching: tokens are split alternately into A (even
@@ -13,14 +15,14 @@ Per block, after the attention residual and before the MLP:
    added to the attention logits; here it is passed to the fused SDPA kernel
    as an additive mask, which is exactly ToMe's bias.
 
-Token order after a merge follows the official code: [unmerged A (in index
-order when there is a CLS token), B]; with a distillation token CLS and dist
+Token order after a merge follows the official code (docs/methods/tome.md §1.3):
+[unmerged A (in index order when there is a CLS token), B]; with a distillation token CLS and dist
 stay at 0 and 1.  The r schedule follows ``tome.utils.parse_r``: one value =
 constant r, a list = per-layer r (padded with zeros), ``inflect`` = the
 official (r, inflection) linear schedule (the paper's "decreasing" schedule is
-``inflect=-1``).  Source tracking is the shared grid tracking of
+``inflect=-1``; docs/methods/tome.md §1.6).  Source tracking is the shared grid tracking of
 ``bench.reducer.TokenState`` (each original token maps to exactly one current
-token), used to unmerge for dense prediction.
+token), used to unmerge for dense prediction (docs/methods/tome.md §1.10).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Opti
 
 
 def parse_r(num_layers: int, r: list[int], inflect: Optional[float]) -> list[int]:
-    """Per-layer r exactly as ``tome.utils.parse_r``: int, list, or (r, inflect)."""
+    """Per-layer r exactly as ``tome.utils.parse_r``: int, list, or (r, inflect) (docs/methods/tome.md §1.6)."""
     if len(r) > 1:
         return list(r) + [0] * (num_layers - len(r))
     r0 = r[0]
@@ -58,7 +60,7 @@ def _odd_positions(t2: int, device) -> torch.Tensor:
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool,
                             with_map: bool = True):
-    """ToMe's matching (pure function).
+    """ToMe's matching (pure function; docs/methods/tome.md §1.3-1.4).
 
     Returns ``(merge, old_to_new)`` where ``merge(x, mode)`` merges a (B, T, C) tensor and
     ``old_to_new`` (B, T) gives each old token's new index, or ``(None, None)`` when nothing can be
@@ -137,8 +139,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
 
 
 def merge_wavg(merge, x: torch.Tensor, size: Optional[torch.Tensor] = None):
-    """Size-weighted average merge; returns merged x and merged sizes.  ``size=None`` means every
-    token has size 1 (the first merge): ``x * 1`` is ``x`` bit for bit, so that product is skipped."""
+    """Size-weighted average merge (docs/methods/tome.md §1.4); returns merged x and merged sizes.
+    ``size=None`` means every token has size 1 (the first merge): ``x * 1`` is ``x`` bit for bit, so
+    that product is skipped."""
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
         x = merge(x, mode="sum")
@@ -192,7 +195,8 @@ class ToMe(Trainable):
         """The released DeiT+ToMe models were trained with the official DeiT recipe with merging
         active (``prop_attn`` on, this reducer's default): 300 epochs, AdamW, lr 5e-4 at global batch
         512 (not rescaled here), 5 warm-up epochs, cosine to 1e-5, wd 0.05, mixup 0.8, cutmix 1.0,
-        smoothing 0.1, ``model.train()`` (tokens are merged in training exactly as at inference)."""
+        smoothing 0.1, ``model.train()`` (tokens are merged in training exactly as at inference);
+        docs/methods/tome.md §4."""
         return {"epochs": 300.0, "lr": 5e-4, "min_lr": 1e-5, "warmup_epochs": 5.0, "weight_decay": 0.05,
                 "clip_grad": None, "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "distill": "none",
                 "train_mode": True}
@@ -225,6 +229,7 @@ class ToMe(Trainable):
 
     # -- declarations --------------------------------------------------------------------
     def token_schedule(self, info: ModelInfo) -> list[BlockTokens]:
+        # attention on n tokens, MLP on n - r (merging sits between them): docs/methods/tome.md §2
         out, n = [], info.n_tokens
         for r in self.schedule(info.depth):
             r_eff = max(0, min(r, (n - info.n_prefix) // 2))
