@@ -1,4 +1,4 @@
-"""DynamicViT (baselines/dynamicvit.py) against the official code (baselines.md §3).
+"""DynamicViT (baselines/dynamicvit.py) against the official code (docs/methods/dynamicvit.md).
 
 Identity at rho=1, keep counts vs the published sequence lengths, the training formulation
 (Gumbel mask + masked softmax, no token removed) against the inference formulation (top-k +
@@ -43,7 +43,7 @@ def test_rho_one_reproduces_unpatched_model(patched_vit, fused):
     assert [k.shape[1] for k in st.scratch["dvit_kept"]] == [64, 64, 64]
 
 
-# baselines.md §0.1: DynamicViT tokens incl. CLS in blocks 4-6 / 7-9 / 10-12, 197-token DeiT
+# docs/methods/dynamicvit.md §2: DynamicViT tokens incl. CLS in blocks 4-6 / 7-9 / 10-12, 197-token DeiT
 TABLE = {0.9: (177, 159, 143), 0.8: (157, 126, 101), 0.7: (138, 97, 68), 0.6: (118, 71, 43), 0.5: (99, 50, 25)}
 
 
@@ -202,7 +202,7 @@ def test_sub_epoch_schedule_unfreezes_after_its_first_sixth(patched_vit):
 # --------------------------------------------------------------------------- predictor, tracking
 def test_predictor_structure_and_parameter_count():
     p = PredictorLG(384)
-    assert sum(t.numel() for t in p.parameters()) == 241_250  # ~0.24M (baselines.md §3.1)
+    assert sum(t.numel() for t in p.parameters()) == 241_250  # ~0.24M (docs/methods/dynamicvit.md §1.2)
     x = torch.randn(2, 10, 384)
     out = p(x, torch.ones(2, 10, 1))
     assert out.shape == (2, 10, 2)
@@ -355,7 +355,7 @@ def test_suite_count_values():
     assert got == pytest.approx([4.041, 3.463, 2.981, 2.565, 2.229], abs=1e-3)
     no_pred = [round(_gmacs(DEIT_S, f"dynamicvit:rho={r}") - DynamicViT(rho=r).extra_macs(DEIT_S) / 1e9, 2)
                for r in (0.9, 0.8, 0.7, 0.6, 0.5)]
-    assert no_pred == [3.91, 3.35, 2.88, 2.47, 2.15]  # measurement.md §1.3 "no predictor" row
+    assert no_pred == [3.91, 3.35, 2.88, 2.47, 2.15]  # docs/methods/dynamicvit.md §2: the count without the predictors
     assert _gmacs(DEIT_B, "dynamicvit:rho=0.7") == pytest.approx(11.476, abs=1e-3)
 
 

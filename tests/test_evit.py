@@ -1,4 +1,4 @@
-"""EViT (baselines/evit.py) against the official algorithm (baselines.md §0.1, §2).
+"""EViT (baselines/evit.py) against the official algorithm (docs/methods/evit.md §1, §2).
 
 Keep counts vs the published sequence-length table, a hand-written block with explicit
 attention for the fused inattentive token, grid tracking, distillation token, schedule.
@@ -16,7 +16,7 @@ from baselines.evit import keep_rate_at
 from bench import patch, registry
 from bench.reducer import ModelInfo
 
-# baselines.md §0.1: tokens (incl. CLS) from the MLP of blocks 4 / 7 / 10 onward, 197-token DeiT
+# docs/methods/evit.md §2: tokens (incl. CLS) from the MLP of blocks 4 / 7 / 10 onward, 197-token DeiT
 TABLE = {
     (0.9, True): (179, 163, 148), (0.8, True): (159, 129, 105), (0.7, True): (140, 100, 72),
     (0.6, True): (120, 74, 46), (0.5, True): (100, 52, 28),

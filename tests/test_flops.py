@@ -1,6 +1,6 @@
 """FLOPs (bench/flops.py): analytic count vs a measured count, and vs every published figure.
 
-The field's "GFLOPs" are GMACs (measurement.md §1.1).  The analytic count derives from the
+The field's "GFLOPs" are GMACs (docs/flops.md §1).  The analytic count derives from the
 reducer's declared token schedule; the measured one runs the patched model under torch's
 FlopCounterMode (fused attention counted), so a wrong schedule or a reducer that does not really
 remove tokens shows up as a disagreement.
@@ -72,7 +72,7 @@ def test_analytic_at_other_resolution():
 
 
 def test_block_formula_deit_small():
-    """measurement.md §1.2: a DeiT-S block on 197 tokens is 378.4 M MACs; the model 4.60 G."""
+    """docs/flops.md §1: a DeiT-S block on 197 tokens is 378.4 M MACs; the model 4.60 G."""
     info = ModelInfo.from_model(_meta("deit_small_patch16_224"))
     a, m = flops.block_macs(info, 197, 197)
     assert (a, m) == (197 * 4 * 384 ** 2 + 2 * 197 ** 2 * 384, 197 * 8 * 384 ** 2)
@@ -98,7 +98,7 @@ SKIP = {
     ("DynamicViT paper (secondary copy)", "DeiT-B", "none", ""):
         "17.5 is a truncated figure: the formula gives 17.56 (fvcore/timm 17.58, PM README 17.6)",
     ("ToMe paper (secondary copy)", "ViT-H/14 (MAE)", "ToMe", "r=7;constant"):
-        "formula 92.83 vs 92.9 (measurement.md §1.3): the paper's ViT-H count differs by 0.07",
+        "formula 92.83 vs 92.9 (docs/flops.md §1): the paper's ViT-H count differs by 0.07",
     ("ToMe paper (secondary copy)", "ViT-H/14 (MAE)", "ToMe", "r=7;decreasing"):
         "formula 72.55 vs 72.6: off by 0.054; the ViT-H baseline is off too (167.30 vs 167.4)",
     ("EViT README", "DeiT-S", "EViT", "keep=0.8;fuse=no"):

@@ -1,8 +1,8 @@
-"""MSTM reconstruction (baselines/mstm.py) against mstm.md.
+"""MSTM reconstruction (baselines/mstm.py) against docs/methods/mstm.md.
 
 Identity settings, agreement with EViT where the options make it EViT, the merge rule
 (weighted average including the crucial token, totals conserved), token counts per block,
-FLOPs rows of mstm.md §5, the fusion's zero initialisation and errors.
+FLOPs rows of its §2.6, the fusion's zero initialisation and errors.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_tracking_maps_merged_tokens_to_their_destination(patched_vit, zero_bloc
 
 
 # --------------------------------------------------------------------------- token counts, FLOPs
-# mstm.md §5: tokens incl. CLS after the reductions at blocks 3/6/9 of DeiT-S, and GMACs
+# docs/methods/mstm.md §2.6: tokens incl. CLS after the reductions at blocks 4/7/10 (indices 3/6/9) of DeiT-S, and GMACs
 TABLE = {  # keep: (no extra token stages, GMACs), (extra token stages, GMACs)
     0.9: ((178, 161, 145), 3.99, (179, 163, 148), 4.02), 0.8: ((158, 127, 102), 3.44, (159, 129, 105), 3.48),
     0.7: ((139, 98, 69), 3.00, (140, 100, 72), 3.03), 0.6: ((119, 72, 44), 2.61, (120, 74, 46), 2.64),

@@ -82,7 +82,7 @@ def test_every_layer_keeps_a_centre():
     scores[0, :8] = 100.0  # two peaked layers take the whole global budget of 3 * 5 centres
     scores[1, :8] = 100.0
     plain = structure.search(scores, [0, 1, 2], 5 / 196 + 1e-9, 0.0, min_centers=0)
-    assert plain[2].n_centers == 0  # what crashes the official code (pm.md §5.17)
+    assert plain[2].n_centers == 0  # what crashes the official code (docs/methods/pm.md §5.17)
     st = structure.search(scores, [0, 1, 2], 5 / 196 + 1e-9, 0.0)
     assert st[2].n_centers == 1 and st[2].centers == [int(torch.argmax(scores[2]))]
 
@@ -101,7 +101,7 @@ def test_compressed_layers_option(make_vit):
 
 # --------------------------------------------------------------------------- matrices
 def test_raster_init_hand_worked_4x4():
-    """pm.md §1.5 on a 4x4 grid: centres 1, 6, 7, 14; patches 0 and 9 pruned.
+    """docs/methods/pm.md §1.5 on a 4x4 grid: centres 1, 6, 7, 14; patches 0 and 9 pruned.
 
     c=1:  line (1+1)//4 = 0, midpoint ceil(7/2) = 4 -> row 1 > 0 -> cut at 4: patches 0-3
     c=6:  line 7//4 = 1, midpoint ceil(13/2) = 7 (row 1)                      : patches 4-6

@@ -43,7 +43,7 @@ def test_official_values(make_vit):
     dv = registry.build("dynamicvit").recipe(info)  # HEAD README: lr 1e-3 at 1024 = 5e-4 at 512
     assert (dv["lr"], dv["epochs"], dv["warmup_epochs"], dv["min_lr"], dv["train_mode"]) == (5e-4, 30.0, 5.0, 1e-6,
                                                                                               True)
-    assert registry.build("mstm").recipe(info) == evit  # mstm.md §2.5: EViT's fine-tuning recipe
+    assert registry.build("mstm").recipe(info) == evit  # docs/methods/mstm.md §2.5: EViT's fine-tuning recipe
 
 
 def test_evit_keep_rate_warmup_schedule():

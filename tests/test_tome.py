@@ -1,4 +1,4 @@
-"""ToMe (baselines/tome.py) against the official algorithm (baselines.md §1, §4).
+"""ToMe (baselines/tome.py) against the official algorithm (docs/methods/tome.md).
 
 Hand-computed merges, declared vs observed token counts, sizes, CLS/dist protection,
 source tracking, proportional attention and the size-weighted average pooling.
@@ -72,7 +72,7 @@ def test_hand_merge_with_dist_token():
 
 
 def _reference_wavg(metric, r, class_token, distill_token, x, size):
-    """ToMe's published merge written out step by step (baselines.md §1): split A/B alternately,
+    """ToMe's published merge written out step by step (docs/methods/tome.md §1.3-1.4): split A/B alternately,
     cosine scores, best B partner per A token, the r best edges are sources; output
     ``[unmerged A, B.scatter_reduce(sources, sum)]`` of ``x * size`` and of ``size``, then divide."""
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -133,7 +133,7 @@ def test_parse_r_matches_official():
     assert dec == [int(32 - 32 / 11 * i) for i in range(12)]
 
 
-# published sequence lengths for DeiT (197 tokens), baselines.md §0.1
+# published sequence lengths for DeiT (197 tokens), docs/methods/tome.md §2
 PUBLISHED_AFTER_BLOCK = {
     "tome:r=8": [189 - 8 * i for i in range(12)],
     "tome:r=13": [184, 171, 158, 145, 132, 119, 106, 93, 80, 67, 54, 41],
@@ -243,7 +243,7 @@ def test_avg_pool_is_size_weighted(make_vit, zero_blocks):
 # --------------------------------------------------------------------------- proportional attention
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
 def test_prop_attn_equals_duplicated_tokens(fused):
-    """Test 2 of baselines.md §4: a token of size s with a log(s) bias attends exactly like s
+    """docs/methods/tome.md §1.5: a token of size s with a log(s) bias attends exactly like s
     copies of that token without the bias."""
     torch.manual_seed(0)
     attn = Attention(24, num_heads=3, qkv_bias=True).eval()
