@@ -285,15 +285,36 @@ def render(label: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _write_split(out: Path, split: str, per_class: int, seed: int) -> None:
+def _write_class(out: Path, split: str, c: int, per_class: int, seed: int) -> None:
+    """The ``per_class`` images of class ``c`` in one split (each seeded on its own)."""
     split_id = {"train": 0, "val": 1}[split]
-    for c, name in enumerate(CLASSES):
-        d = out / split / f"{c:02d}_{name}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            idx = c * per_class + i
-            rng = np.random.default_rng(np.random.SeedSequence([seed, split_id, c, i]))
-            render(c, rng).save(d / f"{split}_{idx:06d}.JPEG", format="JPEG", quality=90)
+    d = out / split / f"{c:02d}_{CLASSES[c]}"
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+        idx = c * per_class + i
+        rng = np.random.default_rng(np.random.SeedSequence([seed, split_id, c, i]))
+        render(c, rng).save(d / f"{split}_{idx:06d}.JPEG", format="JPEG", quality=90)
+
+
+# Below this many images the set is written in-process (tests, smoke): a worker pool costs more than it saves.
+PARALLEL_MIN_IMAGES = 500
+
+
+def _write_splits(out: Path, per_class: dict, seed: int, workers: Optional[int] = None) -> None:
+    """Every (split, class) folder, on ``workers`` processes (default: the CPUs this process may use).
+    Images are seeded one by one, so the bytes do not depend on the number of workers or the order."""
+    jobs = [(out, split, c, n, seed) for split, n in per_class.items() for c in range(len(CLASSES))]
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers <= 1 or sum(per_class.values()) * len(CLASSES) < PARALLEL_MIN_IMAGES:
+        for job in jobs:
+            _write_class(*job)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        for f in [pool.submit(_write_class, *job) for job in jobs]:
+            f.result()  # re-raises a worker's error
 
 
 MANIFEST = "proxy.json"
@@ -310,7 +331,8 @@ def _read_meta(root: Path) -> Optional[dict]:
     return meta if isinstance(meta, dict) and meta.get("kind") == MANIFEST_KIND else None
 
 
-def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
+def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int = 0,
+             workers: Optional[int] = None) -> Path:
     """Write the proxy set to ``out``; a ``proxy.json`` manifest is written last.
 
     The set is built in a fresh temporary folder beside ``out`` and renamed into place.  ``out``
@@ -320,8 +342,7 @@ def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int =
     from .outputs import build_dir
 
     def build(tmp: Path) -> None:
-        _write_split(tmp, "train", train_per_class, seed)
-        _write_split(tmp, "val", val_per_class, seed)
+        _write_splits(tmp, {"train": train_per_class, "val": val_per_class}, seed, workers)
         meta = {"kind": MANIFEST_KIND, "version": DATA_VERSION, "seed": seed,
                 "classes": CLASSES, "image_size": GEN_SIZE, "model_input": IMG_SIZE,
                 "train_per_class": train_per_class, "val_per_class": val_per_class,

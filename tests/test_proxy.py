@@ -30,6 +30,15 @@ def test_generator_same_seed_same_bytes(tmp_path):
     assert da != _digest(c)[0]
 
 
+def test_generator_bytes_do_not_depend_on_workers(tmp_path, monkeypatch):
+    """The set is written by a process pool above PARALLEL_MIN_IMAGES: same bytes as one process."""
+    monkeypatch.setattr(proxy, "PARALLEL_MIN_IMAGES", 1)
+    serial = proxy.generate(tmp_path / "serial", train_per_class=2, val_per_class=1, seed=3, workers=1)
+    pooled = proxy.generate(tmp_path / "pooled", train_per_class=2, val_per_class=1, seed=3, workers=2)
+    assert _digest(serial) == _digest(pooled)
+    assert _digest(serial)[1] == 3 * len(proxy.CLASSES) + 1
+
+
 def test_render_is_order_independent():
     """Each image has its own seed, so one image does not depend on which were drawn before."""
     rng = lambda: np.random.default_rng(np.random.SeedSequence([0, 1, 3, 7]))  # noqa: E731
