@@ -29,6 +29,8 @@ COMMANDS = [
     ("speed", "bench.commands.speed_cmd", "measured throughput (img/s) and speed-up vs the unreduced model"),
     ("train", "bench.commands.train_cmd", "train / fine-tune a model (+ reducer) with the suite's trainer"),
     ("eval", "bench.commands.eval_cmd", "accuracy (top-1/top-5) of a model + reducer"),
+    ("calibrate", "bench.commands.calibrate_cmd",
+     "learn a calibrated method's structure (e.g. PM) on training batches -> checkpoint (runs under torchrun)"),
     ("data", "bench.commands.data_cmd", "proxy data generation and data-set checks"),
     ("seg-eval", "bench.seg.cli", "Segmenter mIoU (sliding window, IoUMetric), GMACs and FPS with a reducer"),
     ("seg-train", "bench.seg.cli",

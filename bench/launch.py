@@ -3,7 +3,7 @@
 The paper profile calibrates PM, fine-tunes and evaluates in one process unless asked otherwise.
 ``--nproc N`` (or ``--launcher torchrun``) runs each of those jobs as::
 
-    python -m torch.distributed.run <torchrun flags> -m bench.cli {pm-calibrate|train|eval} ... --json
+    python -m torch.distributed.run <torchrun flags> -m bench.cli {calibrate|train|eval} ... --json
 
 ``python`` is ``sys.executable`` (the suite's venv).  The result comes back through a file: rank 0's
 ``emit`` also writes its JSON object to ``$PMBENCH_RESULT_JSON`` (see :func:`bench.cli.emit`), and
@@ -53,7 +53,7 @@ from .errors import ConfigError
 RESULT_ENV = "PMBENCH_RESULT_JSON"  # rank 0 writes its --json object here (bench.cli.emit)
 RANK_LOG_ENV = "PMBENCH_RANK_LOG_DIR"  # every rank tees its stderr into rank<RANK>.log here (bench.cli.main)
 LAUNCHERS = ("inprocess", "torchrun")
-COMMANDS = ("train", "eval", "pm-calibrate")  # the bench.cli commands that run under torchrun
+COMMANDS = ("train", "eval", "calibrate")  # the bench.cli commands that run under torchrun
 DEFAULT_MASTER_PORT = 29500  # torchrun's own default
 
 # torchrun flags the suite sets itself: refused in --torchrun-args (the orchestrator flag to use instead)

@@ -10,7 +10,7 @@ Flow (each stage lives in ``bench/stages/``):
 5. ``ablations`` PM ablations
 6. reports      tables (md/csv/json) + published-vs-reproduced + plots + README
 
-Paper profile with ``--nproc N`` (or ``--launcher torchrun``): PM calibration, fine-tuning and evaluation
+Paper profile with ``--nproc N`` (or ``--launcher torchrun``): calibration, fine-tuning and evaluation
 of the accuracy and ablations stages run as torchrun jobs of ``pmbench`` commands (:mod:`bench.launch`,
 multi-node flags included); everything else stays in this process.  Without it (the default) all runs
 in this process, as before.
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         ctx.progress.note(f"profile {args.profile} on {env.device_name(ctx.device)}; stages {', '.join(stages)}")
         if lcfg is not None:
             ctx.launcher = launch.Launcher(lcfg, ctx.work_dir, stream=ctx.progress.stream)
-            ctx.progress.note(f"launcher: {lcfg.describe()} for PM calibration, fine-tuning and evaluation "
+            ctx.progress.note(f"launcher: {lcfg.describe()} for calibration, fine-tuning and evaluation "
                               f"({', '.join(s for s in stages if s in LAUNCHED_STAGES)}); the rest in this process")
         try:
             for name in stages:

@@ -466,11 +466,6 @@ class Calibrated(Reducer):
 
     structure_name: ClassVar[str] = "learned structure"  # what error messages call it
     default_structure: ClassVar[str] = "the method's data-free default structure"  # used before calibration
-    # The ``pmbench`` sub-command that calibrates the method under torchrun (``--launcher torchrun``:
-    # it takes --init, --reducer, the data flags, --iters, --batch-size, --seed, --out and --json and
-    # sums its scores over the ranks); None: the method calibrates in one process only.
-    launch_calibrate_command: ClassVar[Optional[str]] = None
-
     def calibrate(self, model, batches, info: ModelInfo, *, loss_fn=None, iters: Optional[int] = None,
                   device=None, progress=None, meta: Optional[dict] = None, **options) -> dict:
         """Learn the structure on ``batches`` and adopt it; returns a JSON-able summary.
@@ -479,7 +474,13 @@ class Calibrated(Reducer):
         ``(inputs, targets)``; ``loss_fn(logits, targets)`` is the loss to score with (default: cross
         entropy; segmentation passes per-pixel logits with ignored pixels at -100); at most ``iters``
         batches are used.  ``meta`` is recorded with the structure (e.g. the task).  The summary may
-        hold ``per_layer``: ``[{"layer": i, "tokens": n}, ...]`` for the per-block structure table."""
+        hold ``per_layer``: ``[{"layer": i, "tokens": n}, ...]`` for the per-block structure table.
+        ``progress(iterations, images, seconds)``, if given, is called after each batch.
+
+        Under torchrun (``pmbench calibrate``, which the pipeline launches with ``--nproc``) every
+        rank calls this on its shard of the batches: combine the statistics over the ranks before
+        choosing the structure (:func:`bench.distributed.all_reduce_sum`), so every rank adopts the
+        same one."""
         raise NotImplementedError
 
     @property

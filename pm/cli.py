@@ -63,46 +63,6 @@ def _dist(device):
     return bd.rank(), bd.world_size()
 
 
-def _prepare(args) -> None:
-    from bench import proxy
-    from bench.data import describe_data, parse_data
-
-    describe_data(args.data)
-    if args.model == proxy.PROXY_MODEL and not (args.init or args.weights or args.pretrained):
-        proxy.ensure_backbone(size=parse_data(args.data).get("size") or "default")
-
-
-def build_model(args, n_classes=None):
-    """The unpatched model with the requested weights, and its name."""
-    from bench import patch
-    from bench.reducer import ConfigError
-
-    if args.init:
-        from bench.checkpoint import load_model, model_name_of
-
-        model, _red = load_model(args.init, args.model)
-        if patch.is_patched(model):
-            patch.remove(model)
-        return model, args.model or model_name_of(model)
-    if not args.model:
-        raise ConfigError("pm-calibrate needs --model (or --init CKPT naming its model)")
-    from bench import proxy
-
-    if args.model == proxy.PROXY_MODEL and not (args.weights or args.pretrained):
-        from bench.data import parse_data
-
-        from bench.checkpoint import load_proxy_backbone
-
-        d = parse_data(args.data)
-        return load_proxy_backbone(size=d.get("size") or "default"), args.model
-    if not (args.weights or args.pretrained):
-        raise ConfigError("pm-calibrate needs trained weights: --init CKPT, --weights FILE or --pretrained")
-    from bench.weights import load_pretrained  # the one loader of pretrained / local weight files
-
-    nc = args.num_classes or n_classes
-    return load_pretrained(args.model, weights=args.weights, num_classes=nc, img_size=args.img_size), args.model
-
-
 def top1(model, loader, device) -> float:
     from bench.evaluate import evaluate
 
@@ -170,6 +130,7 @@ def run(args):
     pp.merge_size_flags(args)
     from bench import patch
     from bench.cli import emit
+    from bench.commands.common import prepare_proxy, unreduced_model
     from bench.data import build_loader
 
     from .calibrate import ScoringOptions, calibrate
@@ -182,9 +143,9 @@ def run(args):
     device = bd.device_for_rank(args.device)
     if world > 1:  # rank 0 prepares (generates data, trains the proxy backbone) before the others read
         if rank == 0:
-            _prepare(args)
+            prepare_proxy(args)
         bd.barrier()
-    model, model_name = build_model(args, describe_data(args.data)["num_classes"])
+    model, model_name = unreduced_model(args, describe_data(args.data)["num_classes"], "pm-calibrate")
     models.require_vit(model, model_name or "model")
     model = model.to(device).eval()
     # labels checked against the model's head and the model's own preprocessing, before any compute

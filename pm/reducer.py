@@ -125,7 +125,6 @@ class PruneAndMerge(Calibrated, Trainable):
     summary = ("Prune and Merge: static per-layer merge/reconstruct matrices + shortcut, "
                "gradient-weighted global structure (Mao et al. 2025)")
     needs_training = False
-    launch_calibrate_command = "pm-calibrate"  # pm/cli.py, registered as a pmbench sub-command
     # docs/proxy.md: on a real pretrained ViT-Ti/16 (AugReg) keep 0.6 calibrated lost 19.8 points
     # before fine-tuning, the official code giving the same scores, structure and matrices
     off_the_shelf_note = ("calibrated, not fine-tuned: on real pretrained ViTs this loses heavily before "

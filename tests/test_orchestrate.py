@@ -295,11 +295,11 @@ def test_paper_profile_through_torchrun_with_two_gloo_ranks(tmp_path, monkeypatc
     r = _run(["--profile", "paper", "--fixture", "--only", "accuracy", "--nproc", "2", "--device", "cpu",
               "--profile-file", str(pf), "--out", str(out)], {"PMBENCH_CACHE": str(cache)}, timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    assert "[run_all] torchrun (2 ranks): pm-calibrate pm:keep=0.6" in r.stderr
+    assert "[run_all] torchrun (2 ranks): calibrate pm:keep=0.6" in r.stderr
 
     manifest = json.loads((out / "manifest.json").read_text())
     jobs = manifest["torchrun_jobs"]
-    assert [j["command"] for j in jobs] == ["pm-calibrate", "eval", "train", "eval"]
+    assert [j["command"] for j in jobs] == ["calibrate", "eval", "train", "eval"]
     assert all(j["world_size"] == 2 for j in jobs)  # as each job's rank 0 reported it
     acc = json.loads((out / "accuracy.json").read_text())
     assert acc["meta"]["launcher"] == {"kind": "torchrun", "nproc_per_node": 2, "nnodes": 1, "world_size": 2}
@@ -310,7 +310,7 @@ def test_paper_profile_through_torchrun_with_two_gloo_ranks(tmp_path, monkeypatc
 
     ckpts = cache / "runs" / "paper" / "checkpoints"
     cal = torch.load(next(ckpts.glob("pm-*-torchrun2.pt")), weights_only=True)
-    assert cal["extra"]["pm_calibration"]["world_size"] == 2
+    assert cal["extra"]["world_size"] == 2 and cal["extra"]["calibration"]["per_layer"]  # `pmbench calibrate`
     ft_path = next(ckpts.glob("ft-*.pt"))
     ft = torch.load(ft_path, weights_only=True)
     assert ft["extra"]["finetune"]["world_size"] == 2 and "optimizer" not in ft  # as a one-process checkpoint

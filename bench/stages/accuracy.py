@@ -112,7 +112,7 @@ def run(ctx) -> None:
              "config_full (CSV/JSON) = the reducer spec with every option resolved"]
     launcher = getattr(ctx, "launcher", None)
     if launcher is not None:
-        notes.append(f"launched: PM calibration, fine-tuning and evaluation ran through {launcher.cfg.describe()}; "
+        notes.append(f"launched: calibration, fine-tuning and evaluation ran through {launcher.cfg.describe()}; "
                      "evaluation gives the one-process numbers (every image once, per-image outcomes gathered in "
                      "dataset order; only floating-point rounding of other batch compositions could differ); calibration sums the ranks' scores of each global batch and fine-tuning is DDP "
                      "with the global batch split over the ranks, so those rows can differ slightly from a "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import patch, registry
+from ..calibration import calibrate_and_save
 from ..reducer import ConfigError, ModelInfo, Trainable
 from ..results import file_hash
 
@@ -61,7 +62,7 @@ class Source:
         if self.launcher is not None:
             from ..launch import per_rank_batch
 
-            per_rank_batch(self.calib_batch, self.world, "PM calibration")
+            per_rank_batch(self.calib_batch, self.world, "calibration")
             per_rank_batch(self.train_batch, self.world, "fine-tuning")
 
     def cli_input_args(self) -> list:
@@ -180,8 +181,6 @@ class Source:
     def calibrate(self, spec: str, ctx) -> Path:
         """Calibrate a :class:`bench.reducer.Calibrated` method's structure on the training split; returns
         the checkpoint (cached by content)."""
-        from ..checkpoint import save_checkpoint
-
         name = registry.build(spec).name
         bb = self.ensure_backbone()
         desc = {"kind": f"{name}-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.input_key(),
@@ -193,13 +192,9 @@ class Source:
             if self.launcher is not None:
                 return self._launch_calibrate(spec, bb, out)
             model, red = self.patched_backbone(spec)
-            loader = self.train_loader(self.calib_batch, aug=False)
-            info = patch.get_context(model).info
-            summ = red.calibrate(model, loader, info, iters=self.calib_iters, device=self.ctx.device)
-            patch.apply(model, red, img_size=(info.grid[0] * info.patch_size[0], info.grid[1] * info.patch_size[1]))
-            if not getattr(model, "pmbench_name", None):
-                model.pmbench_name = self.model_name
-            save_checkpoint(out, model, extra={"calibration": summ})
+            summ = calibrate_and_save(model, red, self.train_loader(self.calib_batch, aug=False),
+                                      iters=self.calib_iters, device=self.ctx.device, out=out,
+                                      model_name=self.model_name)
             return {"path": str(out), "hash": file_hash(out), "per_layer": summ.get("per_layer"),
                     "sum_tokens": summ.get("sum_tokens")}
 
@@ -218,19 +213,15 @@ class Source:
         return f"-torchrun{self.world}" if self.launcher is not None else ""
 
     def _launch_calibrate(self, spec: str, bb: Path, out: Path) -> dict:
-        """The method's calibration sub-command (PM: ``pmbench pm-calibrate``) under torchrun: the same images as one process (the global batch
-        split over the ranks: the shuffled order's first ``batch`` images), scores summed over ranks."""
+        """``pmbench calibrate`` under torchrun: the same images as one process (the global batch split
+        over the ranks: the shuffled order's first ``batch`` images); the method combines its
+        statistics over the ranks (``Calibrated.calibrate``)."""
         from ..launch import per_rank_batch
 
-        red = registry.build(spec)
-        command = red.launch_calibrate_command
-        if command is None:
-            raise ConfigError(f"{red.name} declares no sub-command that calibrates it under torchrun "
-                              "(Calibrated.launch_calibrate_command); run without --launcher torchrun/--nproc")
-        b = per_rank_batch(self.calib_batch, self.world, f"{red.name} calibration")
-        res = self.launcher.run([command, "--init", str(bb), "--reducer", spec, *self.cli_input_args(),
+        b = per_rank_batch(self.calib_batch, self.world, f"{registry.build(spec).name} calibration")
+        res = self.launcher.run(["calibrate", "--init", str(bb), "--reducer", spec, *self.cli_input_args(),
                                  "--iters", str(self.calib_iters), "--batch-size", str(b), "--seed", "0",
-                                 "--out", str(out)], f"{command} {spec}")
+                                 "--out", str(out)], f"calibrate {spec}")
         return {"path": str(out), "hash": file_hash(out), "per_layer": res.get("per_layer"),
                 "sum_tokens": res.get("sum_tokens"), "world_size": res.get("world_size")}
 
