@@ -51,7 +51,7 @@ TOP_KEYS: dict[str, tuple[str, str]] = {
     "ablation_max_steps": ("pos_int", "step budget of each PM ablation row"),
     "seg_keeps": ("fractions", "segmentation keep rates"),
     "seg_configs": ("specs", "reducer specs added to the segmentation table (next to its keep-rate rows)"),
-    "ablations": ("ablations", "PM ablations as [label, spec] pairs"),
+    "ablations": ("ablations", "ablation variants as [label, spec] pairs (any method; calibrated ones are calibrated first)"),
     "speed": ("speed", "throughput settings, merged key by key"),
 }
 SPEED_KEYS: dict[str, str] = {

@@ -269,7 +269,8 @@ class Reducer:
     # Flags the harness reads
     needs_training: ClassVar[bool] = False  # off-the-shelf numbers are meaningless without it
     changes_token_count: ClassVar[bool] = True
-    # Lines the report tables add when the method has rows, by table ("accuracy", "structure"; "{model}"
+    # Lines the report tables add when the method has rows, by table ("accuracy"; "structure": FLOPs and
+    # throughput; "ablations"; "learned_structure"; "{model}"
     # is replaced by the table's model); plain text, no behaviour
     report_notes: ClassVar[dict[str, str]] = {}
     # Shown in the note column of the method's off-the-shelf accuracy rows: what such a row is and
@@ -361,6 +362,12 @@ class Reducer:
     def token_schedule(self, info: ModelInfo) -> list[BlockTokens]:
         n = info.n_tokens
         return [BlockTokens(n, n) for _ in range(info.depth)]
+
+    def implementation(self, info: ModelInfo) -> Optional[str]:
+        """How this configuration runs at inference, for a method with several implementations whose
+        cost differs (the FLOPs table's ``implementation`` column; e.g. PM: sparse gathers or dense
+        matmuls for its merge/reconstruct matrices); None: the method has one."""
+        return None
 
     def extra_macs(self, info: ModelInfo) -> int:
         """MACs of the method's own modules (predictors, merge matrices, fusion)."""

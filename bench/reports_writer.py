@@ -78,7 +78,7 @@ def _published_table(ctx) -> None:
                    "published_top1", "ours_top1", "note"])
 
 
-ORDER = ["accuracy", "flops", "throughput", "segmentation", "pm_ablations", "pm_structure", "published_vs_reproduced"]
+ORDER = ["accuracy", "flops", "throughput", "segmentation", "ablations", "learned_structure", "published_vs_reproduced"]
 
 
 def _join_speedups(ctx) -> None:

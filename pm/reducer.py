@@ -82,6 +82,9 @@ from .calibrate import collect_scores
 
 STATE_FORMAT = "pm-structure/1"
 NO_DECAY_KEYS = ("bias", "pos_embed", "cls_token", "dist_token", "reg_token", "gamma")
+# implementation() labels: which M/R product inference runs in the compressed blocks
+_MATRICES = {("gather",): "sparse (gather)", ("matmul",): "dense (matmul)", ("dense",): "dense (official diag)",
+             ("gather", "matmul"): "sparse + dense (per block)"}
 
 
 class PMMatrices(nn.Module):
@@ -133,6 +136,10 @@ class PruneAndMerge(Calibrated, Trainable):
     structure_name = "PM structure"
     default_structure = "PM's uniform structure (int(N*keep) evenly spread centres in every compressed block)"
     report_notes = {
+        "ablations": "the Prune and Merge ablations of the paper's table 3, all at keep 0.6; fine-tuning is PM's "
+                     "self-distillation recipe",
+        "learned_structure": "PM rows: tokens = centres + CLS processed by each block; global rule: "
+                             "sum = L*int(196*keep) + L (up to ties)",
         "accuracy": "structure (PM rows): calibrated = PM's calibrated structure with its calibrated merge/"
                     "reconstruct matrices M, R (sparse: each token feeds one centre; the off-the-shelf rows); "
                     "fine-tuned = the same structure with the fine-tuned checkpoint's M, R (free fine-tuning "
@@ -143,8 +150,8 @@ class PruneAndMerge(Calibrated, Trainable):
                      "matrices M, R as calibration builds them (each token feeds one centre: sparse gather, the "
                      "off-the-shelf model); fine-tuned = the same structure with the fine-tuned checkpoint's M, R "
                      "(free fine-tuning, the official setting, makes them dense, so merge and reconstruct run as "
-                     "matmuls: 2*C*N*D MACs per block), i.e. the cost of the fine-tuned model; pm_matrices = the "
-                     "implementation each row runs",
+                     "matmuls: 2*C*N*D MACs per block), i.e. the cost of the fine-tuned model; implementation = the "
+                     "merge/reconstruct implementation each row runs",
     }
     options = {
         "keep": Option("float", 0.6, "fraction of the patch tokens kept as centres, averaged over compressed layers"),
@@ -455,6 +462,12 @@ class PruneAndMerge(Calibrated, Trainable):
             return "gather" if self.cfg["impl"] == "auto" else self.cfg["impl"]
         return self._impl(i, training=False)
 
+    def implementation(self, info: ModelInfo) -> Optional[str]:
+        """The merge/reconstruct implementation inference runs (sparse gather where M, R kept the
+        calibrated support, dense matmul where fine-tuning filled them)."""
+        impl = tuple(sorted({self._inference_impl(l) for l in self.compressed_layers(info.depth)}))
+        return _MATRICES.get(impl, "+".join(impl)) if impl else None
+
     def extra_macs(self, info: ModelInfo) -> int:
         """Merge + reconstruct (+ shortcut) MACs of the implementation that inference runs."""
         N, D = info.n_tokens, info.dim
@@ -507,7 +520,7 @@ class PruneAndMerge(Calibrated, Trainable):
             "diag_shortcut_gmacs": g(diag),
             "official_code_full_gmacs": g(pm + mr + diag),
             "as_implemented_extra_gmacs": g(self.extra_macs(info)),
-            "as_implemented_impl": sorted({self._inference_impl(l) for l in layers}),
+            "as_implemented_impl": sorted({self._inference_impl(l) for l in layers}),  # implementation()
             "note": "pm_code_formula: 12ND^2+2N^2D+hN^2 per block + head as n_patches*classes*D, no patch embed "
                     "(PM README convention); official_code_full adds the dense merge/reconstruct and diag products",
         }

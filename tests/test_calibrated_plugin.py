@@ -65,7 +65,7 @@ def test_a_calibrated_plugin_goes_through_every_stage(tmp_path):
     assert state["drop"] != list(range(176, 196))
 
     tables = {name: json.loads((out / f"{name}.json").read_text())
-              for name in ("accuracy", "flops", "throughput", "segmentation", "pm_structure")}
+              for name in ("accuracy", "flops", "throughput", "segmentation", "learned_structure")}
     acc = {(r["config"], r["kind"]): r for r in tables["accuracy"]["rows"]}
     assert acc[(SPEC, "off-the-shelf")]["structure"] == "calibrated"
     assert acc[(SPEC, "fine-tuned")]["structure"] == "fine-tuned" and acc[(SPEC, "fine-tuned")]["steps"] == 3
@@ -81,7 +81,7 @@ def test_a_calibrated_plugin_goes_through_every_stage(tmp_path):
     seg = {r["config"]: r for r in tables["segmentation"]["rows"]}
     assert seg[SPEC]["method"] == "scoredrop" and 0 <= seg[SPEC]["miou"] <= 100
     assert seg[SPEC]["gmacs_per_window"] < seg["none"]["gmacs_per_window"]
-    assert [r["config"] for r in tables["pm_structure"]["rows"]] == [SPEC]
+    assert [r["config"] for r in tables["learned_structure"]["rows"]] == [SPEC]
     for name, t in tables.items():
         assert SPEC in json.dumps(t["rows"]), name
 

@@ -254,7 +254,7 @@ def test_paper_profile_runs_on_fixtures(tmp_path):
     # the calibrated ones, and every table says which is which
     fl = {(x["config"], x.get("structure")): x for x in json.loads((out / "flops.json").read_text())["rows"]}
     cal, ft = fl[("pm:keep=0.6", "calibrated")], fl[("pm:keep=0.6", "fine-tuned")]
-    assert ft["gmacs"] > cal["gmacs"] and "dense" in ft["pm_matrices"] and cal["pm_matrices"] == "sparse (gather)"
+    assert ft["gmacs"] > cal["gmacs"] and "dense" in ft["implementation"] and cal["implementation"] == "sparse (gather)"
     spd = {(x["config"], x.get("structure")): x for x in sp if x["precision"] == "fp32" and x["variant"] == "eager"}
     assert spd[("pm:keep=0.6", "fine-tuned")]["mac_speedup"] < spd[("pm:keep=0.6", "calibrated")]["mac_speedup"]
     accr = {(x["config"], x["kind"]): x for x in acc["rows"]}
@@ -332,3 +332,26 @@ def test_paper_profile_through_torchrun_with_two_gloo_ranks(tmp_path, monkeypatc
         launched = "".join(per_image[f"pmbench_tiny_vit|{spec}|{kind}"])
         assert res["correct"] == launched and round(res["top1"], 2) == rows[(spec, kind)]["top1"]
     assert set(per_image["pmbench_tiny_vit|tome:r=13|off-the-shelf"]) == {"0", "1"}  # a non-trivial check
+
+
+def test_ablations_stage_takes_any_method(tmp_path):
+    """The ablations stage is method-agnostic: a calibrated variant is calibrated first, any other starts
+    from the backbone as it is; both are fine-tuned with their own recipe, and the calibrated one's
+    structure reaches the learned-structure table."""
+    env = {"PMBENCH_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "rep"
+    pf = tmp_path / "abl.toml"
+    pf.write_text('ablations = [["ToMe r=4 (no calibration)", "tome:r=4"], ["PM keep 0.6", "pm:keep=0.6"]]\n'
+                  'ablation_max_steps = 1\n')
+    r = _run(["--profile", "paper", "--fixture", "--only", "ablations", "--profile-file", str(pf),
+              "--out", str(out)], env, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert "pm-calibrate pm:keep=0.6" in r.stderr and "tome-calibrate" not in r.stderr
+    abl = json.loads((out / "ablations.json").read_text())
+    rows = {x["config"]: x for x in abl["rows"]}
+    assert set(rows) == {"tome:r=4", "pm:keep=0.6"}
+    assert all(0 <= x["top1_off_the_shelf"] <= 100 and 0 <= x["top1_finetuned"] <= 100 and x["steps"] == 1
+               for x in rows.values())
+    assert "tome, pm" in abl["title"] and any("table 3" in n for n in abl["meta"]["notes"])
+    st = json.loads((out / "learned_structure.json").read_text())
+    assert [x["config"] for x in st["rows"]] == ["pm:keep=0.6"] and st["rows"][0]["sum"] > 0

@@ -135,7 +135,7 @@ def test_fine_tuned_pm_rows_in_flops_throughput_and_accuracy(tmp_path, pm_checkp
     assert set(by) == {("none", None), (SPEC, "calibrated"), (SPEC, "fine-tuned"), ("tome:r=4", None)}
     c, f = by[(SPEC, "calibrated")], by[(SPEC, "fine-tuned")]
     assert f["gmacs"] > c["gmacs"] and f["paper_count_gmacs"] == c["paper_count_gmacs"]
-    assert c["pm_matrices"] == "sparse (gather)" and f["pm_matrices"] == "sparse + dense (per block)"
+    assert c["implementation"] == "sparse (gather)" and f["implementation"] == "sparse + dense (per block)"
     # the other rows are what they were without fine-tuned checkpoints
     ctx2 = _ctx(tmp_path / "b")
     ctx2.calibrated = {SPEC: cal}

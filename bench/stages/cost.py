@@ -11,9 +11,6 @@ from ..reducer import split_conventions
 from .common import (FINETUNED, finetuned_key, info_for, method_of, finetuned_copy, finetuned_note,
                      finetuned_path, structure_note, reducer_for, short_model, structure_label)
 
-_MATRICES = {("gather",): "sparse (gather)", ("matmul",): "dense (matmul)", ("dense",): "dense (official diag)",
-             ("gather", "matmul"): "sparse + dense (per block)"}
-
 
 def run(ctx) -> None:
     prof = ctx.profile
@@ -26,7 +23,8 @@ def run(ctx) -> None:
         rep = flops.analytic(info, red, model_name)
         paper, conv = split_conventions(red, info)
         res = {"gmacs": rep.gmacs, "reducer_gmacs": rep.reducer_extra / 1e9, "spec": red.spec(),
-               "blocks": rep.blocks, "paper_count_gmacs": None if paper is None else paper / 1e9}
+               "blocks": rep.blocks, "paper_count_gmacs": None if paper is None else paper / 1e9,
+               "implementation": red.implementation(info)}
         if conv:
             res["method_conventions"] = conv
         return res
@@ -51,11 +49,11 @@ def run(ctx) -> None:
             variants.append((FINETUNED, measure_finetuned))
         for variant, fn in variants:
             ft = variant == FINETUNED
-            desc = {"kind": "cost", "rev": 2, "model": model_name, "spec": spec,
+            desc = {"kind": "cost", "rev": 3, "model": model_name, "spec": spec,
                     "structure": ctx.structure_key(spec)}
             if ft:
                 desc["matrices"] = finetuned_key(ctx, model_name, spec)
-            try:  # rev 2: results carry paper_count_gmacs, so older cached results are not reused
+            try:  # rev 3: results carry paper_count_gmacs and implementation; older cached results are not reused
                 r = ctx.job(desc, fn, f"cost {short_model(model_name)} {spec}" + (" (fine-tuned)" if ft else ""),
                             0.5)
             except Exception as e:  # a method that cannot be built is reported, not hidden
@@ -63,13 +61,11 @@ def run(ctx) -> None:
                 continue
             if spec == "none":
                 base_gmacs[model_name] = r["gmacs"]
-            conv = r.get("method_conventions") or {}
-            impl = conv.get("as_implemented_impl")
             rows.append({"model": short_model(model_name), "timm_model": model_name, "method": method_of(spec),
                          "config": spec, "structure": FINETUNED if ft else structure_label(ctx, spec),
                          "canonical": r["spec"], "gmacs": round(r["gmacs"], 3),
                          "reducer_gmacs": round(r["reducer_gmacs"], 4),
-                         "pm_matrices": None if impl is None else _MATRICES.get(tuple(impl), "+".join(impl)),
+                         "implementation": r.get("implementation"),
                          "paper_count_gmacs": None if r.get("paper_count_gmacs") is None
                          else round(r["paper_count_gmacs"], 3)})
             if not ft:
@@ -90,7 +86,7 @@ def run(ctx) -> None:
                         "for comparison with published figures only.",
                         *structure_note(ctx, prof["cost_configs"]),
                         *finetuned_note(ctx, prof["cost_configs"], [r["model"] for r in rows])]),
-        ["model", "method", "config", "structure", "gmacs", "gmacs_ratio", "reducer_gmacs", "pm_matrices",
+        ["model", "method", "config", "structure", "gmacs", "gmacs_ratio", "reducer_gmacs", "implementation",
          "paper_count_gmacs"],
     )
     ctx.block_tokens = blocks
