@@ -22,6 +22,11 @@ backbone reaches 88.5% top-1).  Earlier texture-defined classes were not
 learned by a from-scratch ViT within the CPU budget; purely hue-defined classes
 on a smooth background made ToMe lossless (near-duplicate tokens).
 
+An experimental second task, ``small-object`` (``PMBENCH_PROXY_TASK=small-object``; docs/proxy.md,
+"A task whose ranking agrees, and what it costs"): the same hue classes decided by one small saturated
+object on a smooth natural-looking scene.  Off-the-shelf it ranks ToMe, MSTM, EViT and calibrated PM in
+the real model's order, but short fine-tuning cannot recover PM on it, so it is not the default.
+
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
 index])``), so the same seed writes the same bytes, independent of order.
 
@@ -64,7 +69,18 @@ from timm.models.vision_transformer import VisionTransformer
 from .env import ROOT
 
 PROXY_MODEL = "pmbench_proxy_vit"
-DATA_VERSION = 5
+# The proxy task.  "largest-hue" is the embedded default (its backbone ships).  "small-object" is the
+# experimental alternative of docs/proxy.md ("A task whose ranking agrees, and what it costs"), chosen
+# with PMBENCH_PROXY_TASK=small-object: it has its own data version, so its data, backbone and results
+# never mix with the default's, and every table header names it.  Read once at import, so torchrun ranks
+# and the backbone-training subprocess see the same task.
+TASK_ENV = "PMBENCH_PROXY_TASK"
+DEFAULT_TASK = "largest-hue"
+TASK_VERSIONS = {"largest-hue": 5, "small-object": 8}
+TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
+_TASK_ERROR = None if TASK in TASK_VERSIONS else (
+    f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
+DATA_VERSION = TASK_VERSIONS.get(TASK, TASK_VERSIONS[DEFAULT_TASK])
 IMG_SIZE = 112  # model input
 GEN_SIZE = 128  # stored image side = int(112 / 0.875)
 # 10 hue classes 20 degrees apart on a 200-degree arc (red .. blue): neighbouring classes look
@@ -256,8 +272,8 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.asarray(pil.filter(ImageFilter.SMOOTH)).astype(np.float32)
 
 
-def render(label: int, rng: np.random.Generator) -> Image.Image:
-    """One proxy image of class ``label``."""
+def _render_largest_hue(label: int, rng: np.random.Generator) -> Image.Image:
+    """One image of the default task (``largest-hue``) of class ``label``."""
     S = GEN_SIZE
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     img = _background(rng)
@@ -283,6 +299,64 @@ def render(label: int, rng: np.random.Generator) -> Image.Image:
         img[mask] = tex[mask]
     img += rng.normal(0, 6, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _smooth_field(rng: np.random.Generator, scales=(64, 32, 16, 8), amp0: float = 40.0) -> np.ndarray:
+    """A 1/f-like colour field: bicubically upsampled noise whose amplitude grows with its scale."""
+    S = GEN_SIZE
+    out = np.zeros((S, S, 3), np.float32)
+    for sc in scales:
+        n = max(2, S // sc + 1)
+        amp = amp0 * sc / scales[0]
+        low = rng.normal(0, amp, (n, n, 1)) + rng.normal(0, amp * 0.35, (n, n, 3))
+        out += np.stack([np.asarray(Image.fromarray(low[..., c].astype(np.float32), mode="F").resize((S, S), Image.BICUBIC))
+                         for c in range(3)], -1)
+    return out
+
+
+def _render_small_object(label: int, rng: np.random.Generator) -> Image.Image:
+    """One image of the ``small-object`` task of class ``label``: a smooth, low-saturation scene of a
+    random hue with a few large soft blobs (neighbouring tokens are redundant, as in photographs), and
+    one small saturated object (10-20 px, 2-6 tokens) of the class's hue (+-5 degrees)."""
+    S = GEN_SIZE
+    img = _hsv(rng.uniform(0, 360), rng.uniform(0.15, 0.45), rng.uniform(0.35, 0.85)) + _smooth_field(rng)
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(pil)
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = rng.uniform(0, S, 2)
+        rx, ry = rng.uniform(8, 24, 2)
+        col = tuple(int(c) for c in _hsv(rng.uniform(0, 360), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.9)))
+        d.ellipse([x0 - rx, y0 - ry, x0 + rx, y0 + ry], fill=col)
+    img = np.asarray(pil.filter(ImageFilter.GaussianBlur(3))).astype(np.float32)
+    side = rng.uniform(10, 20)
+    margin = 10 + side / 2  # inside the 112 centre crop
+    cy, cx = rng.uniform(margin, S - margin, 2)
+    mask = _shape_mask(rng, cy, cx, side)
+    col = _hsv(label * HUE_STEP + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0))
+    img[mask] = col + rng.normal(0, 4, (int(mask.sum()), 3))
+    img += rng.normal(0, 5, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+_RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object}
+
+
+def render(label: int, rng: np.random.Generator) -> Image.Image:
+    """One proxy image of class ``label`` for this process's task (:data:`TASK`)."""
+    return _RENDERERS.get(TASK, _render_largest_hue)(label, rng)
+
+
+def check_task() -> None:
+    """A ConfigError naming the valid tasks when ``PMBENCH_PROXY_TASK`` names none."""
+    if _TASK_ERROR:
+        from .reducer import ConfigError
+
+        raise ConfigError(_TASK_ERROR)
+
+
+def task_note() -> str:
+    """What a table header adds for a non-default task ("" for the default)."""
+    return "" if TASK == DEFAULT_TASK else f"task {TASK} ({TASK_ENV}; experimental, docs/proxy.md)"
 
 
 def _write_class(out: Path, split: str, c: int, per_class: int, seed: int) -> None:
@@ -343,7 +417,7 @@ def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int =
 
     def build(tmp: Path) -> None:
         _write_splits(tmp, {"train": train_per_class, "val": val_per_class}, seed, workers)
-        meta = {"kind": MANIFEST_KIND, "version": DATA_VERSION, "seed": seed,
+        meta = {"kind": MANIFEST_KIND, "version": DATA_VERSION, "task": TASK, "seed": seed,
                 "classes": CLASSES, "image_size": GEN_SIZE, "model_input": IMG_SIZE,
                 "train_per_class": train_per_class, "val_per_class": val_per_class,
                 "n_train": train_per_class * len(CLASSES), "n_val": val_per_class * len(CLASSES)}
@@ -355,6 +429,7 @@ def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int =
 
 def ensure_proxy_data(root: Optional[Path] = None, *, size: str = "default", seed: int = 0) -> Path:
     """The proxy set's root (train/ and val/ class folders), generated on first use."""
+    check_task()
     if size not in SIZES:
         from .reducer import ConfigError
 
@@ -448,6 +523,7 @@ def backbone_origin(path: Path) -> str:
 def ensure_backbone(force: bool = False, *, size: str = "default") -> Path:
     """Path of the proxy backbone checkpoint: the cached one, else the shipped weights (checked and
     converted once), else trained with ``pmbench train``.  ``force`` retrains (``--retrain-proxy``)."""
+    check_task()
     path = backbone_path(size)
     if path.exists() and not force:
         return path

@@ -1,0 +1,55 @@
+"""The experimental proxy task (``PMBENCH_PROXY_TASK``, docs/proxy.md): its own data version and manifest,
+images unlike the default task's, a clear error for an unknown task, and a header that names it.  The
+task is read at import, so each case runs in a fresh interpreter."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _py(code: str, task: str | None, tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PMBENCH_PROXY_TASK"}
+    env["PMBENCH_CACHE"] = str(tmp_path / "cache")
+    if task is not None:
+        env["PMBENCH_PROXY_TASK"] = task
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+PROBE = """
+import json, numpy as np
+from bench import proxy
+out = proxy.generate(proxy.Path({out!r}), train_per_class=1, val_per_class=1, seed=0)
+meta = json.loads((out / "proxy.json").read_text())
+img = np.asarray(proxy.render(3, np.random.default_rng(np.random.SeedSequence([0, 1, 3, 0]))))
+print(json.dumps({{"task": proxy.TASK, "version": proxy.DATA_VERSION, "meta": [meta["task"], meta["version"]],
+                  "data_dir": proxy.data_dir().name, "note": proxy.task_note(), "pixel_sum": int(img.sum())}}))
+"""
+
+
+def test_small_object_task_is_separate_from_the_default(tmp_path):
+    res = {}
+    for task in (None, "small-object"):
+        r = _py(PROBE.format(out=str(tmp_path / f"set-{task}")), task, tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res[task] = json.loads(r.stdout.splitlines()[-1])
+    d, s = res[None], res["small-object"]
+    assert d["task"] == "largest-hue" and d["version"] == 5 and d["meta"] == ["largest-hue", 5] and d["note"] == ""
+    assert s["task"] == "small-object" and s["version"] == 8 and s["meta"] == ["small-object", 8]
+    assert s["data_dir"] == "cls-v8-default" != d["data_dir"]  # its own data, backbone and shipped-weights check
+    assert "small-object" in s["note"] and "experimental" in s["note"]
+    assert s["pixel_sum"] != d["pixel_sum"]
+
+
+def test_unknown_task_is_refused_with_the_choices(tmp_path):
+    env = {**os.environ, "PMBENCH_PROXY_TASK": "bogus", "PMBENCH_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "data", "proxy", "--size", "smoke", "--out",
+                        str(tmp_path / "x")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "PMBENCH_PROXY_TASK='bogus' is not a proxy task" in r.stderr and "small-object" in r.stderr
+    assert not (tmp_path / "x").exists()
