@@ -118,6 +118,29 @@ class TrainConfig:
         return cls(**d)
 
 
+# TrainConfig fields that describe one run, not a recipe: set by the caller (``pmbench train``'s flags),
+# never by a recipe or a config file
+RUN_FIELDS = ("device", "ckpt_path", "resume", "progress", "extra")
+
+
+def compose_config(red, info, source_defaults: Optional[dict] = None, *later: dict) -> dict:
+    """The one composition of a training configuration, for ``pmbench train`` and the pipeline's
+    fine-tuning alike: TrainConfig's defaults < ``source_defaults`` (the caller's baseline) < the
+    reducer's recipe (:meth:`bench.reducer.Trainable.recipe`) < each of ``later`` in order (a config
+    file, flags, the run's settings, a data source's overrides).  Returns a complete field dict; a
+    recipe field TrainConfig does not have is a ConfigError naming the reducer."""
+    d = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
+    d.update(source_defaults or {})
+    recipe = red.recipe(info) if isinstance(red, Trainable) else {}
+    bad = sorted(set(recipe) - set(d))
+    if bad:
+        raise ConfigError(f"reducer '{red.spec()}' recipe sets unknown TrainConfig fields {bad}")
+    d.update(recipe)
+    for layer in later:
+        d.update(layer)
+    return d
+
+
 class TrainingDiverged(ConfigError):
     """The loss or the updated weights became non-finite; no checkpoint was written after it."""
 

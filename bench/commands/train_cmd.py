@@ -16,6 +16,7 @@ from .. import env, models, patch, registry
 from .. import preprocess as pp
 from ..cli import emit
 from ..reducer import ConfigError, ModelInfo, Trainable
+from ..train import RUN_FIELDS
 
 # flag -> TrainConfig field (all default None = "not given")
 _FLAGS = [
@@ -125,11 +126,10 @@ def check_args(args) -> None:
 
 
 # TrainConfig fields that flags of this command set (refused in --config, named with their flag)
-_CONFIG_BY_FLAG = {"device": "--device", "ckpt_path": "--out", "resume": "--resume", "progress": "--no-progress",
-                   "extra": "(written by the command)"}
+_CONFIG_BY_FLAG = dict(zip(RUN_FIELDS, ("--device", "--out", "--resume", "--no-progress", "(written by the command)")))
 
 
-def read_config(path, fields_: dict) -> dict:
+def read_config(path, fields_) -> dict:
     """``--config FILE``: TrainConfig fields as a JSON object; unknown or flag-owned keys are errors."""
     if path is None:
         return {}
@@ -184,7 +184,7 @@ def run(args):
     pp.merge_size_flags(args)
     dist.init(args.device)
     main = dist.is_main()
-    from ..train import TrainConfig, seed_everything, train
+    from ..train import TrainConfig, compose_config, seed_everything, train
 
     info_data = data_mod.describe_data(args.data)
     # Seed before the model exists: a from-scratch run's initial weights come from the global RNG,
@@ -198,20 +198,12 @@ def run(args):
     prep = pp.from_args(args, args.model, model)
     minfo = ModelInfo.from_model(model)
 
-    cfg_d = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
-    recipe = red.recipe(minfo) if isinstance(red, Trainable) else {}
-    bad = sorted(set(recipe) - set(cfg_d))
-    if bad:
-        raise ConfigError(f"reducer '{red.spec()}' recipe sets unknown TrainConfig fields {bad}")
-    cfg_d.update(recipe)
-    cfg_d.update(read_config(args.config, cfg_d))
-    for _, _, dest in _FLAGS:
-        v = getattr(args, dest)
-        if v is not None:
-            cfg_d[dest] = v
+    names = {f.name for f in fields(TrainConfig)}
+    flags = {dest: getattr(args, dest) for _, _, dest in _FLAGS if getattr(args, dest) is not None}
     if args.eval_mode:
-        cfg_d["train_mode"] = False
-    cfg_d.update(device=args.device, ckpt_path=args.out, resume=args.resume, progress=not args.no_progress)
+        flags["train_mode"] = False
+    cfg_d = compose_config(red, minfo, None, read_config(args.config, names), flags,
+                           dict(device=args.device, ckpt_path=args.out, resume=args.resume, progress=not args.no_progress))
     cfg_d["extra"] = {"data": info_data, "model_name": args.model, "reducer": red.spec(), "init": args.init,
                       "weights": args.weights, "reducer_full": red.full_spec(), "preprocess": prep.as_dict()}
     cfg = TrainConfig.from_dict(cfg_d)

@@ -29,6 +29,7 @@ intermediate-layer features) are normalised like every other token.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from functools import partial
@@ -137,10 +138,69 @@ def pmbench_to_mmseg(state: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the backbone
+@dataclasses.dataclass
+class MmsegViTArgs:
+    """mmseg ``VisionTransformer``'s constructor arguments, with its defaults, so a stock Segmenter
+    config only swaps ``type``.  :meth:`unsupported` names the settings this backbone does not build."""
+    img_size: object = 224
+    patch_size: int = 16
+    patch_pad: str = "corner"
+    in_channels: int = 3
+    embed_dims: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4
+    out_origin: bool = False
+    out_indices: object = -1
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    with_cls_token: bool = True
+    output_cls_token: bool = False
+    norm_cfg: dict = dataclasses.field(default_factory=lambda: dict(type="LN"))
+    act_cfg: dict = dataclasses.field(default_factory=lambda: dict(type="GELU"))
+    patch_norm: bool = False
+    patch_bias: bool = False
+    pre_norm: bool = False
+    final_norm: bool = False
+    interpolate_mode: str = "bicubic"
+    num_fcs: int = 2
+    norm_eval: bool = False
+    with_cp: bool = False
+    frozen_exclude: object = ("all",)
+    pretrained: Optional[str] = None
+
+    @classmethod
+    def parse(cls, kwargs: dict) -> "MmsegViTArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"PMBenchViT: unknown argument(s) {unknown}; it takes mmseg VisionTransformer's "
+                              f"({', '.join(sorted(names))}) plus reducer, reducer_structure, drop_path_attn, "
+                              "pad_to_img_size and init_cfg")
+        return cls(**kwargs)
+
+    def unsupported(self) -> list[str]:
+        bad = [k for k, v in {"patch_norm": self.patch_norm, "pre_norm": self.pre_norm, "out_origin": self.out_origin,
+                              "with_cls_token=False": not self.with_cls_token, "num_fcs!=2": self.num_fcs != 2,
+                              "with_cp": self.with_cp}.items() if v]
+        if self.act_cfg.get("type") != "GELU":
+            bad.append(f"act_cfg={self.act_cfg}")
+        if self.norm_cfg.get("type") != "LN":
+            bad.append(f"norm_cfg={self.norm_cfg}")
+        oi = [self.out_indices] if isinstance(self.out_indices, int) else list(self.out_indices)
+        if oi not in ([-1], [self.num_layers - 1]):
+            bad.append(f"out_indices={self.out_indices} (only the last block's output)")
+        if self.patch_pad != "corner":
+            bad.append(f"patch_pad={self.patch_pad!r}")
+        return bad
+
+
 class PMBenchViT(BaseModule):
     """Segmenter ViT backbone with a token reducer (``reducer='tome:r=13'``); see module doc.
 
-    Arguments are those of mmseg's ``VisionTransformer`` plus:
+    Arguments are those of mmseg's ``VisionTransformer`` (:class:`MmsegViTArgs`) plus:
     ``reducer`` (spec string), ``reducer_structure`` (file for methods whose structure is
     calibrated, e.g. PM; read by ``bench.checkpoint.load_structure``), ``drop_path_attn``
     (also drop-path the attention residual, as timm does; mmseg does not) and
@@ -149,65 +209,45 @@ class PMBenchViT(BaseModule):
     matrices; off by default because mmseg runs small windows unpadded).
     """
 
-    def __init__(self, img_size=224, patch_size=16, patch_pad="corner", in_channels=3, embed_dims=768,
-                 num_layers=12, num_heads=12, mlp_ratio=4, out_origin=False, out_indices=-1, qkv_bias=True,
-                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, with_cls_token=True,
-                 output_cls_token=False, norm_cfg=dict(type="LN"), act_cfg=dict(type="GELU"),
-                 patch_norm=False, patch_bias=False, pre_norm=False, final_norm=False,
-                 interpolate_mode="bicubic", num_fcs=2, norm_eval=False, with_cp=False,
-                 frozen_exclude=("all",), pretrained=None, init_cfg=None,
-                 reducer="none", reducer_structure=None, drop_path_attn=False, pad_to_img_size=False):
+    def __init__(self, reducer="none", reducer_structure=None, drop_path_attn=False, pad_to_img_size=False,
+                 init_cfg=None, **mmseg_vit_args):
         super().__init__(init_cfg=init_cfg)
-        if isinstance(img_size, int):
-            img_size = (img_size, img_size)
-        img_size = tuple(img_size) if len(img_size) == 2 else (img_size[0], img_size[0])
-        unsupported = {
-            "patch_norm": patch_norm, "pre_norm": pre_norm, "out_origin": out_origin,
-            "with_cls_token=False": not with_cls_token, "num_fcs!=2": num_fcs != 2,
-            "with_cp": with_cp,
-        }
-        bad = [k for k, v in unsupported.items() if v]
-        if act_cfg.get("type") != "GELU":
-            bad.append(f"act_cfg={act_cfg}")
-        if norm_cfg.get("type") != "LN":
-            bad.append(f"norm_cfg={norm_cfg}")
-        oi = [out_indices] if isinstance(out_indices, int) else list(out_indices)
-        if oi not in ([-1], [num_layers - 1]):
-            bad.append(f"out_indices={out_indices} (only the last block's output)")
-        if patch_pad != "corner":
-            bad.append(f"patch_pad={patch_pad!r}")
+        a = MmsegViTArgs.parse(mmseg_vit_args)
+        bad = a.unsupported()
         if bad:
             raise ConfigError(
                 "PMBenchViT supports the Segmenter ViT layout only; unsupported setting(s): " + ", ".join(bad)
             )
-        if pretrained is not None and not isinstance(pretrained, str):
+        if a.pretrained is not None and not isinstance(a.pretrained, str):
             raise TypeError("pretrained must be a str or None")
+        img_size = (a.img_size, a.img_size) if isinstance(a.img_size, int) else tuple(a.img_size)
+        img_size = img_size if len(img_size) == 2 else (img_size[0], img_size[0])
         self.img_size = img_size
-        self.patch_size = patch_size
-        self.patch_pad = patch_pad
-        self.pretrained = pretrained
+        self.patch_size = a.patch_size
+        self.patch_pad = a.patch_pad
+        self.pretrained = a.pretrained
         self.pad_to_img_size = pad_to_img_size
-        self.output_cls_token = output_cls_token
-        self.frozen_exclude = list(frozen_exclude)
-        eps = norm_cfg.get("eps", 1e-5)
+        self.output_cls_token = a.output_cls_token
+        self.frozen_exclude = list(a.frozen_exclude)
+        eps = a.norm_cfg.get("eps", 1e-5)
         self.vit = SegViT(
-            img_size=img_size, patch_size=patch_size, in_chans=in_channels, num_classes=0, global_pool="",
-            embed_dim=embed_dims, depth=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias, class_token=True, no_embed_class=False, dynamic_img_size=True,
-            pos_drop_rate=drop_rate, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=eps),
+            img_size=img_size, patch_size=a.patch_size, in_chans=a.in_channels, num_classes=0, global_pool="",
+            embed_dim=a.embed_dims, depth=a.num_layers, num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
+            qkv_bias=a.qkv_bias, class_token=True, no_embed_class=False, dynamic_img_size=True,
+            pos_drop_rate=a.drop_rate, proj_drop_rate=a.drop_rate, attn_drop_rate=a.attn_drop_rate,
+            drop_path_rate=a.drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=eps),
             act_layer=nn.GELU,
         )
-        self.vit.interpolate_mode = interpolate_mode
+        self.vit.interpolate_mode = a.interpolate_mode
         pe = self.vit.patch_embed
-        if not patch_bias:
+        if not a.patch_bias:
             old = pe.proj
             pe.proj = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, bias=False)
         if not drop_path_attn:
             for blk in self.vit.blocks:
                 blk.drop_path1 = nn.Identity()
         self.vit.norm = nn.Identity()  # final norm applied after restore (see module doc)
-        self.norm = nn.LayerNorm(embed_dims, eps=eps) if final_norm else nn.Identity()
+        self.norm = nn.LayerNorm(a.embed_dims, eps=eps) if a.final_norm else nn.Identity()
         self.register_load_state_dict_pre_hook(_convert_on_load)
         self.set_reducer(reducer, reducer_structure)
         self._freeze()

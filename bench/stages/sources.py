@@ -12,7 +12,7 @@ import torch
 
 from .. import patch, registry
 from ..calibration import calibrate_and_save
-from ..reducer import ConfigError, ModelInfo, Trainable
+from ..reducer import ConfigError, ModelInfo
 from ..results import file_hash
 
 
@@ -237,6 +237,7 @@ class Source:
         from ..data import ShardedEpochSampler
         from ..launch import per_rank_batch
         from ..outputs import temp_file
+        from ..train import RUN_FIELDS
 
         b = per_rank_batch(cfg["batch_size"], self.world, "fine-tuning")
         cfg = {**cfg, "batch_size": b}
@@ -251,7 +252,7 @@ class Source:
             save_checkpoint(start, model)
             tmp_files.append(start)
         cfg_file = out.with_name(out.stem + ".config.json")
-        cfg_file.write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("device", "progress")}, indent=1))
+        cfg_file.write_text(json.dumps({k: v for k, v in cfg.items() if k not in RUN_FIELDS}, indent=1))
         tmp_files.append(cfg_file)
         try:
             res = self.launcher.run(["train", "--init", str(start), "--teacher", str(self.ensure_backbone()),
@@ -285,7 +286,7 @@ class Source:
         """Fine-tune ``spec`` with its recipe from the backbone (or ``init``: a calibrated checkpoint); returns
         (ckpt, history)."""
         from ..checkpoint import save_checkpoint
-        from ..train import TrainConfig, train
+        from ..train import TrainConfig, compose_config, train
 
         teacher = self.load_backbone() if self.launcher is None else None
         if init is not None:
@@ -293,12 +294,10 @@ class Source:
         else:
             model, red = self.patched_backbone(spec)
         info = ModelInfo.from_model(model, self.img_size)
-        cfg = {"batch_size": self.train_batch, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 0.05,
-               "distill": "none", "progress": False}
-        if isinstance(red, Trainable):
-            cfg.update(red.recipe(info))
-        cfg.update({"epochs": epochs, "device": self.ctx.device, "seed": 0, "progress": False})
-        cfg.update(self.finetune_overrides(spec))
+        cfg = compose_config(red, info, {"batch_size": self.train_batch, "lr": 1e-4, "min_lr": 1e-6, "weight_decay": 0.05,
+                                         "distill": "none"},
+                             {"epochs": epochs, "device": self.ctx.device, "seed": 0, "progress": False},
+                             self.finetune_overrides(spec))
         max_steps = max_steps or ctx.profile.get("finetune_max_steps")
         loader = self.train_loader(cfg["batch_size"])
         if max_steps:
