@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from bench import preprocess as pp
 from bench.data import LABEL_MODES
 
@@ -55,14 +53,6 @@ def add_parser(sub):
 
 
 # --------------------------------------------------------------------------- helpers
-def _dist(device):
-    """(rank, world): torch.distributed from torchrun's environment via bench.distributed."""
-    from bench import distributed as bd
-
-    bd.init(device)
-    return bd.rank(), bd.world_size()
-
-
 def top1(model, loader, device) -> float:
     from bench.evaluate import evaluate
 
@@ -124,37 +114,19 @@ def _summary_text(res: dict, summ: dict, model_name, reducer, world: int, out) -
 
 def run(args):
     check_args(args)
-    from bench import models
-    from bench.data import data_root, resolve_labels
-
     pp.merge_size_flags(args)
+    from bench import distributed as bd
     from bench import patch
     from bench.cli import emit
-    from bench.commands.common import prepare_proxy, unreduced_model
+    from bench.commands.common import calibration_inputs
     from bench.data import build_loader
 
     from .calibrate import ScoringOptions, calibrate
 
     reducer = _reducer_from_args(args)
-    from bench import distributed as bd
-    from bench.data import describe_data
-
-    rank, world = _dist(args.device)
-    device = bd.device_for_rank(args.device)
-    if world > 1:  # rank 0 prepares (generates data, trains the proxy backbone) before the others read
-        if rank == 0:
-            prepare_proxy(args)
-        bd.barrier()
-    model, model_name = unreduced_model(args, describe_data(args.data)["num_classes"], "pm-calibrate")
-    models.require_vit(model, model_name or "model")
-    model = model.to(device).eval()
-    # labels checked against the model's head and the model's own preprocessing, before any compute
-    labels = resolve_labels(data_root(args.data), model.num_classes, args.labels)
-    prep = pp.from_args(args, model_name, model)
-    # shuffled (seeded): the first --max-images / --iters batches cover the classes, as the official
-    # code's shuffled loader does, instead of the first classes in folder order
-    loader = build_loader(args.data, args.split, args.batch_size, train=args.train_aug, prep=prep, labels=labels,
-                          distributed=world > 1, max_images=None, shuffle=True, seed=args.seed)
+    c = calibration_inputs(args, "pm-calibrate", train_aug=args.train_aug)
+    model, model_name, device, rank, world = c.model, c.model_name, c.device, c.rank, c.world
+    prep, labels, loader = c.prep, c.labels, c.loader
     res: dict = {"model": model_name, "data": args.data, "spec": reducer.spec(), "reducer_full": reducer.full_spec(),
                  "preprocess": prep.as_dict(), "labels": labels.kind, "world_size": world}
     val = None

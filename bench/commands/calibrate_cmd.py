@@ -54,12 +54,11 @@ def run(args):
     import torch
 
     from .. import distributed as bd
-    from .. import models, patch
+    from .. import patch
     from ..calibration import calibrate_and_save
     from ..cli import emit
-    from ..data import build_loader, data_root, describe_data, resolve_labels
     from ..outputs import check_out_file, positive
-    from .common import prepare_proxy, unreduced_model
+    from .common import calibration_inputs
 
     for flag, dest in (("--iters", "iters"), ("--batch-size", "batch_size"), ("--num-classes", "num_classes"),
                        ("--img-size", "img_size")):
@@ -67,28 +66,15 @@ def run(args):
     check_out_file(args.out, "--out")
     pp.merge_size_flags(args)
     red = _calibrated_reducer(args.reducer)
-    bd.init(args.device)
-    rank, world = bd.rank(), bd.world_size()
-    device = bd.device_for_rank(args.device)
-    if world > 1:  # rank 0 prepares (generates data, loads the proxy backbone) before the others read
-        if rank == 0:
-            prepare_proxy(args)
-        bd.barrier()
-    model, model_name = unreduced_model(args, describe_data(args.data)["num_classes"], "calibrate")
-    models.require_vit(model, model_name or "model")
-    model = model.to(device).eval()
-    labels = resolve_labels(data_root(args.data), model.num_classes, args.labels)
-    prep = pp.from_args(args, model_name, model)
-    # shuffled (seeded): the first --iters batches cover the classes, not the first class folders
-    loader = build_loader(args.data, args.split, args.batch_size, train=False, prep=prep, labels=labels,
-                          distributed=world > 1, shuffle=True, seed=args.seed)
+    c = calibration_inputs(args, "calibrate")
+    model, rank, world = c.model, c.rank, c.world
     torch.manual_seed(0)  # reducer modules start from a seeded init, as in the pipeline
-    patch.apply(model, red, img_size=(prep.img_size, prep.img_size))
+    patch.apply(model, red, img_size=(c.prep.img_size, c.prep.img_size))
     bar = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.iters or len(loader), desc=f"calibrate {red.spec()}", unit="batch", file=sys.stderr,
+        bar = tqdm(total=args.iters or len(c.loader), desc=f"calibrate {red.spec()}", unit="batch", file=sys.stderr,
                    mininterval=2.0, dynamic_ncols=True)
 
     def progress(it, *_):
@@ -96,16 +82,16 @@ def run(args):
             bar.update(it - bar.n)
 
     try:
-        summ = calibrate_and_save(model, red, loader, iters=args.iters, device=device, out=args.out,
-                                  model_name=model_name, progress=progress)
+        summ = calibrate_and_save(model, red, c.loader, iters=args.iters, device=c.device, out=args.out,
+                                  model_name=c.model_name, progress=progress)
     finally:
         if bar is not None:
             bar.close()
     if rank == 0:
-        res = {"model": model_name, "data": args.data, "spec": red.spec(), "reducer_full": red.full_spec(),
+        res = {"model": c.model_name, "data": args.data, "spec": red.spec(), "reducer_full": red.full_spec(),
                "world_size": world, "per_layer": summ.get("per_layer"), "sum_tokens": summ.get("sum_tokens"),
                "out": str(args.out)}
-        lines = [f"calibrated {red.spec()} on {model_name} ({world} rank(s)); wrote {args.out}"]
+        lines = [f"calibrated {red.spec()} on {c.model_name} ({world} rank(s)); wrote {args.out}"]
         if summ.get("per_layer"):
             lines.insert(1, "  tokens per block: " + " ".join(str(r["tokens"]) for r in summ["per_layer"]))
         emit(res, args.json, "\n".join(lines))

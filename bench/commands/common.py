@@ -1,5 +1,7 @@
-"""Arguments shared by several sub-commands."""
+"""Arguments and set-up shared by several sub-commands."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 def add_model_args(p, reducer_default="none"):
@@ -54,3 +56,45 @@ def prepare_proxy(args) -> None:
     describe_data(args.data)
     if args.model == proxy.PROXY_MODEL and not (args.init or args.weights or args.pretrained):
         proxy.ensure_backbone(size=parse_data(args.data).get("size") or "default")
+
+
+@dataclass
+class CalibrationInputs:
+    """What a calibration command works on: the unreduced model on this rank's device (eval mode), its
+    name, the rank and world size, the labels, the model's own preprocessing and the shuffled loader of
+    ``args.split`` (this rank's shard)."""
+    model: object
+    model_name: str
+    device: str
+    rank: int
+    world: int
+    labels: object
+    prep: object
+    loader: object
+
+
+def calibration_inputs(args, command: str, train_aug: bool = False) -> CalibrationInputs:
+    """Distributed set-up (torchrun's environment, rank 0 prepares the proxy first), the model with its
+    weights (:func:`unreduced_model`), labels checked against its head and its preprocessing, before any
+    compute; then the seeded, shuffled loader: the first batches cover the classes, as the official PM
+    code's shuffled loader does, instead of the first classes in folder order."""
+    from .. import distributed as bd
+    from .. import models
+    from .. import preprocess as pp
+    from ..data import build_loader, data_root, describe_data, resolve_labels
+
+    bd.init(args.device)
+    rank, world = bd.rank(), bd.world_size()
+    device = bd.device_for_rank(args.device)
+    if world > 1:  # rank 0 prepares (generates data, loads or trains the proxy backbone) before the others read
+        if rank == 0:
+            prepare_proxy(args)
+        bd.barrier()
+    model, model_name = unreduced_model(args, describe_data(args.data)["num_classes"], command)
+    models.require_vit(model, model_name or "model")
+    model = model.to(device).eval()
+    labels = resolve_labels(data_root(args.data), model.num_classes, args.labels)
+    prep = pp.from_args(args, model_name, model)
+    loader = build_loader(args.data, args.split, args.batch_size, train=train_aug, prep=prep, labels=labels,
+                          distributed=world > 1, shuffle=True, seed=args.seed)
+    return CalibrationInputs(model, model_name, device, rank, world, labels, prep, loader)
