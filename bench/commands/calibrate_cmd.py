@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
+from .. import distributed as bd
+from .. import patch, registry
 from .. import preprocess as pp
+from ..calibration import calibrate_and_save
+from ..cli import emit
 from ..data import LABEL_MODES
+from ..errors import ConfigError
+from ..outputs import check_out_file, positive
+from .common import calibration_inputs
 
 
 def add_parser(sub):
@@ -39,9 +48,6 @@ def add_parser(sub):
 
 
 def _calibrated_reducer(spec: str):
-    from .. import registry
-    from ..errors import ConfigError
-
     red = registry.build(spec)
     if not registry.is_calibrated(red):
         have = [n for n in registry.available() if registry.is_calibrated(n)]
@@ -51,15 +57,6 @@ def _calibrated_reducer(spec: str):
 
 
 def run(args):
-    import torch
-
-    from .. import distributed as bd
-    from .. import patch
-    from ..calibration import calibrate_and_save
-    from ..cli import emit
-    from ..outputs import check_out_file, positive
-    from .common import calibration_inputs
-
     for flag, dest in (("--iters", "iters"), ("--batch-size", "batch_size"), ("--num-classes", "num_classes"),
                        ("--img-size", "img_size")):
         positive(getattr(args, dest), flag)

@@ -3,6 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import distributed as bd
+from .. import models, patch, proxy
+from .. import preprocess as pp
+from ..checkpoint import load_model, load_proxy_backbone, model_name_of
+from ..data import build_loader, data_root, describe_data, parse_data, resolve_labels
+from ..errors import ConfigError
+from ..weights import load_pretrained
+
 
 def add_model_args(p, reducer_default="none"):
     p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
@@ -23,12 +31,7 @@ def unreduced_model(args, n_classes=None, command: str = "this command"):
     """The unpatched model a calibration starts from, and its name: ``--init`` (a pmbench checkpoint),
     ``--weights`` / ``--pretrained`` (:func:`bench.weights.load_pretrained`, the one loader of weight
     files), or, for the proxy model, the proxy backbone of ``--data``."""
-    from .. import patch, proxy
-    from ..errors import ConfigError
-
     if args.init:
-        from ..checkpoint import load_model, model_name_of
-
         model, _red = load_model(args.init, args.model)
         if patch.is_patched(model):
             patch.remove(model)
@@ -36,23 +39,15 @@ def unreduced_model(args, n_classes=None, command: str = "this command"):
     if not args.model:
         raise ConfigError(f"{command} needs --model (or --init CKPT naming its model)")
     if args.model == proxy.PROXY_MODEL and not (args.weights or args.pretrained):
-        from ..checkpoint import load_proxy_backbone
-        from ..data import parse_data
-
         return load_proxy_backbone(size=parse_data(args.data).get("size") or "default"), args.model
     if not (args.weights or args.pretrained):
         raise ConfigError(f"{command} needs trained weights: --init CKPT, --weights FILE or --pretrained")
-    from ..weights import load_pretrained
-
     nc = args.num_classes or n_classes
     return load_pretrained(args.model, weights=args.weights, num_classes=nc, img_size=args.img_size), args.model
 
 
 def prepare_proxy(args) -> None:
     """Generate the proxy data and backbone a command will read (rank 0, before the other ranks start)."""
-    from .. import proxy
-    from ..data import describe_data, parse_data
-
     describe_data(args.data)
     if args.model == proxy.PROXY_MODEL and not (args.init or args.weights or args.pretrained):
         proxy.ensure_backbone(size=parse_data(args.data).get("size") or "default")
@@ -78,11 +73,6 @@ def calibration_inputs(args, command: str, train_aug: bool = False) -> Calibrati
     weights (:func:`unreduced_model`), labels checked against its head and its preprocessing, before any
     compute; then the seeded, shuffled loader: the first batches cover the classes, as the official PM
     code's shuffled loader does, instead of the first classes in folder order."""
-    from .. import distributed as bd
-    from .. import models
-    from .. import preprocess as pp
-    from ..data import build_loader, data_root, describe_data, resolve_labels
-
     bd.init(args.device)
     rank, world = bd.rank(), bd.world_size()
     device = bd.device_for_rank(args.device)
