@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from . import plots, published
@@ -143,9 +144,26 @@ def _excerpts(ctx) -> list[str]:
     return lines
 
 
+def drop_retired_tables(out: Path) -> list[str]:
+    """Remove the files of tables the folder's previous manifest lists under a name the suite no longer
+    writes (a renamed table, e.g. ``pm_ablations`` -> ``ablations``), so a report folder never shows a
+    table this code cannot regenerate.  Tables of other stages (a ``--only`` run) are kept.  Returns the
+    names removed."""
+    try:
+        old = json.loads((out / "manifest.json").read_text()).get("tables", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    gone = [n for n in old if isinstance(n, str) and n not in ORDER and re.fullmatch(r"[A-Za-z0-9_]+", n)]
+    for name in gone:
+        for ext in ("md", "csv", "json"):
+            (out / f"{name}.{ext}").unlink(missing_ok=True)
+    return gone
+
+
 def write_all(ctx, wall_s: float) -> None:
     out: Path = ctx.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    drop_retired_tables(out)
     _join_speedups(ctx)
     if getattr(ctx, "fixture", False):  # the stages line is known only now (seg runs after the tables' stages)
         fm = {k: v for k, v in ctx.meta().items() if k in ("fixture", "stages", "command")}

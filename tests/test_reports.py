@@ -276,3 +276,22 @@ def test_pm_off_the_shelf_rows_say_calibrated_not_fine_tuned():
     assert registry.build("pm:keep=0.6").off_the_shelf_note.startswith("calibrated, not fine-tuned: on real "
                                                                        "pretrained ViTs this loses heavily")
     assert registry.build("tome:r=13").off_the_shelf_note is None
+
+
+def test_a_renamed_table_leaves_no_files_behind(tmp_path):
+    """Files of a table the previous manifest lists under a retired name go; current tables (and
+    tables of stages a --only run skipped) stay."""
+    from bench import reports_writer
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    for name in ("pm_ablations", "flops", "ablations"):
+        for ext in ("md", "csv", "json"):
+            (out / f"{name}.{ext}").write_text("x")
+    (out / "manifest.json").write_text(json.dumps({"tables": ["flops", "pm_ablations", "../escape"]}))
+    (tmp_path / "escape.md").write_text("not ours")
+    assert reports_writer.drop_retired_tables(out) == ["pm_ablations"]
+    assert not any(out.glob("pm_ablations.*"))
+    assert len(list(out.glob("flops.*"))) == 3 and len(list(out.glob("ablations.*"))) == 3
+    assert (tmp_path / "escape.md").exists()
+    assert reports_writer.drop_retired_tables(tmp_path / "absent") == []
