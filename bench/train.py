@@ -129,7 +129,8 @@ def compose_config(red, info, source_defaults: Optional[dict] = None, *later: di
     reducer's recipe (:meth:`bench.reducer.Trainable.recipe`) < each of ``later`` in order (a config
     file, flags, the run's settings, a data source's overrides).  Returns a complete field dict; a
     recipe field TrainConfig does not have is a ConfigError naming the reducer."""
-    d = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
+    defaults = TrainConfig()
+    d = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
     d.update(source_defaults or {})
     recipe = red.recipe(info) if isinstance(red, Trainable) else {}
     bad = sorted(set(recipe) - set(d))

@@ -465,8 +465,12 @@ class PruneAndMerge(Calibrated, Trainable):
     def implementation(self, info: ModelInfo) -> Optional[str]:
         """The merge/reconstruct implementation inference runs (sparse gather where M, R kept the
         calibrated support, dense matmul where fine-tuning filled them)."""
-        impl = tuple(sorted({self._inference_impl(l) for l in self.compressed_layers(info.depth)}))
+        impl = self._inference_impls(info.depth)
         return _MATRICES.get(impl, "+".join(impl)) if impl else None
+
+    def _inference_impls(self, depth: int) -> tuple:
+        """The M/R implementations the compressed blocks run at inference, sorted, each once."""
+        return tuple(sorted({self._inference_impl(l) for l in self.compressed_layers(depth)}))
 
     def extra_macs(self, info: ModelInfo) -> int:
         """Merge + reconstruct (+ shortcut) MACs of the implementation that inference runs."""
@@ -520,7 +524,7 @@ class PruneAndMerge(Calibrated, Trainable):
             "diag_shortcut_gmacs": g(diag),
             "official_code_full_gmacs": g(pm + mr + diag),
             "as_implemented_extra_gmacs": g(self.extra_macs(info)),
-            "as_implemented_impl": sorted({self._inference_impl(l) for l in layers}),  # implementation()
+            "as_implemented_impl": list(self._inference_impls(info.depth)),
             "note": "pm_code_formula: 12ND^2+2N^2D+hN^2 per block + head as n_patches*classes*D, no patch embed "
                     "(PM README convention); official_code_full adds the dense merge/reconstruct and diag products",
         }

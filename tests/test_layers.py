@@ -1,110 +1,107 @@
-"""Layering of ``bench/``: every module belongs to one layer and imports only its own layer or lower ones,
-and nothing in ``bench/`` imports a method package (``pm``, ``baselines``): methods reach the harness
-through entry points (``bench/plugins.py`` names the built-in ones as strings).
+"""Issue 12's layering rule, for the current flat layout of ``bench/``: a module imports only modules
+of its own or a lower layer (module-level and function-local imports alike), and the harness never
+imports a method package (``pm``, ``baselines``): methods reach it through the registry.
 
-    core      the contract: reducer, patch, registry, flops, plugin discovery, errors, environment
-    runtime   data, preprocessing, models, weights, checkpoints, training, evaluation, speed,
-              distributed, calibration, launching, results cache, the proxy, segmentation (bench.seg)
-    pipeline  profiles, overrides, stages, the proxy-ranking reference
-    report    tables, the report writer, published numbers, plots
-    app       the front-ends that compose everything: run_all (orchestrate), pmbench (cli, commands,
-              bench.seg.cli), the gate, the test runner, the Ctrl-C-safe entry
+Layers, lowest first (a module not listed is reported, so a new one must be placed):
 
-Function-local imports count too: deferring an import does not change which way it points.
+0. core      the contract and what it needs: errors, reducer, plugins, registry, patch, flops
+1. runtime   data, models, weights, checkpoints, training, evaluation, timing, environment
+2. seg       the Segmenter path (``bench/seg/``)
+3. pipeline  profiles, overrides, stages, regression gate
+4. report    tables, the published numbers, plots
+5. front-end the command lines (``cli``, ``commands/``, ``seg/cli``, ``orchestrate``, ``entry``, ``testrun``)
 """
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-ORDER = ["core", "runtime", "pipeline", "report", "app"]
-LAYERS = {  # module (dotted, below bench) or package prefix -> layer; the longest match wins
-    "reducer": "core", "errors": "core", "patch": "core", "registry": "core", "flops": "core",
-    "plugins": "core", "env": "core", "__init__": "core",
-    "data": "runtime", "preprocess": "runtime", "models": "runtime", "weights": "runtime",
-    "checkpoint": "runtime", "train": "runtime", "evaluate": "runtime", "speed": "runtime",
-    "distributed": "runtime", "proxy": "runtime", "fixtures": "runtime", "outputs": "runtime",
-    "calibration": "runtime", "launch": "runtime", "stats": "runtime", "results": "runtime", "seg": "runtime",
-    "profiles": "pipeline", "overrides": "pipeline", "stages": "pipeline", "proxy_ranking": "pipeline",
-    "report": "report", "reports_writer": "report", "published": "report", "plots": "report",
-    "orchestrate": "app", "cli": "app", "commands": "app", "seg.cli": "app", "gate": "app", "testrun": "app",
-    "entry": "app",
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+LAYERS = {
+    "core": ["bench.errors", "bench.reducer", "bench.plugins", "bench.registry", "bench.patch", "bench.flops"],
+    "runtime": ["bench.env", "bench.outputs", "bench.stats", "bench.distributed", "bench.preprocess", "bench.proxy",
+                "bench.fixtures", "bench.models", "bench.weights", "bench.checkpoint", "bench.data", "bench.train",
+                "bench.evaluate", "bench.speed", "bench.results", "bench.launch", "bench.proxy_ranking",
+                "bench.calibration"],
+    "seg": ["bench.seg"],
+    "pipeline": ["bench.profiles", "bench.overrides", "bench.stages", "bench.gate"],
+    "report": ["bench.report", "bench.reports_writer", "bench.published", "bench.plots"],
+    # orchestrate is run_all.sh's command line (it runs the stages, then writes the reports);
+    # seg.cli holds the seg-* commands
+    "front-end": ["bench.cli", "bench.commands", "bench.seg.cli", "bench.orchestrate", "bench.entry", "bench.testrun"],
 }
+ORDER = list(LAYERS)
 METHOD_PACKAGES = ("pm", "baselines")
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(BENCH).with_suffix("").parts)
-    if parts[-1] == "__init__" and len(parts) > 1:
-        parts = parts[:-1]
-    return ".".join(parts)
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def layer_of(name: str):
-    """The layer of ``name`` (dotted, below bench), or None when no entry covers it."""
+def layer_of(mod: str):
     best = None
-    for key, layer in LAYERS.items():
-        if (name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
-            best = (key, layer)
-    return best and best[1]
+    for layer, prefixes in LAYERS.items():
+        for p in prefixes:
+            if (mod == p or mod.startswith(p + ".")) and (best is None or len(p) > len(best[1])):
+                best = (layer, p)
+    return None if best is None else best[0]
 
 
-def _imports(path: Path):
-    """(dotted target, line) of every import in ``path``, relative ones resolved, including those
-    inside functions."""
-    mod = _module_name(path)
-    pkg = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
-    if mod == "__init__":
-        pkg = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+def imported_modules(path: Path, mod: str) -> set[str]:
+    """Every repository module ``path`` imports, at module level or inside functions."""
+    is_pkg = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            for a in node.names:
-                yield a.name, node.lineno
+            out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                yield node.module, node.lineno
-                continue
-            base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
-            if node.module:
-                yield "bench." + ".".join(base + [node.module]) if base else "bench." + node.module, node.lineno
-            else:  # from . import a, b: each name is a module of that package
-                for a in node.names:
-                    yield "bench." + ".".join(base + [a.name]), node.lineno
+            if node.level:
+                base = mod.split(".")
+                base = base[: len(base) - node.level + (1 if is_pkg else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.add(target)
+            out |= {f"{target}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in ("bench", *METHOD_PACKAGES)}
 
 
-def _violations():
-    bad, unplaced = [], []
-    for path in sorted(BENCH.rglob("*.py")):
-        mod = _module_name(path)
+def _modules():
+    return [(p, module_name(p)) for p in sorted(BENCH.rglob("*.py"))]
+
+
+def test_every_bench_module_has_a_layer():
+    assert [m for _, m in _modules() if m != "bench" and layer_of(m) is None] == []
+
+
+def violations() -> list[str]:
+    """Every import of a higher layer or of a method package, one line each."""
+    bad = []
+    for path, mod in _modules():
         mine = layer_of(mod)
         if mine is None:
-            unplaced.append(mod)
             continue
-        for target, line in _imports(path):
-            top = target.split(".")[0]
-            where = f"bench/{path.relative_to(BENCH)}:{line}"
-            if top in METHOD_PACKAGES:
-                bad.append(f"{where} imports the method package {target}")
-            elif top == "bench" and target != "bench":
-                theirs = layer_of(target[len("bench."):])
-                if theirs is not None and ORDER.index(theirs) > ORDER.index(mine):
-                    bad.append(f"{where} ({mine}) imports {target} ({theirs})")
-    return bad, unplaced
+        for target in imported_modules(path, mod):
+            if target.split(".")[0] in METHOD_PACKAGES:
+                bad.append(f"{mod} imports the method package {target}")
+                continue
+            theirs = layer_of(target)
+            if theirs is not None and ORDER.index(theirs) > ORDER.index(mine):
+                bad.append(f"{mod} ({mine}) imports {target} ({theirs})")
+    return sorted(set(bad))
 
 
-def test_every_module_has_a_layer():
-    _, unplaced = _violations()
-    assert not unplaced, f"place these modules in a layer (tests/test_layers.py LAYERS): {unplaced}"
+def test_no_module_imports_a_higher_layer_or_a_method():
+    bad = violations()
+    assert bad == [], "\n".join(bad)
 
 
-def test_imports_point_down_and_never_at_a_method():
-    bad, _ = _violations()
-    assert not bad, "upward or method imports:\n" + "\n".join(bad)
-
-
-def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
-    """The checker itself: a core module importing the orchestrator, or PM, is reported."""
+def test_the_check_reports_planted_violations(tmp_path, monkeypatch):
+    """The checker itself: an upward function-local import and a method import are reported, a
+    downward one is not."""
     import sys
 
     fake = tmp_path / "bench"
@@ -112,9 +109,11 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     (fake / "reducer.py").write_text("def f():\n    from .orchestrate import main\n")
     (fake / "flops.py").write_text("import pm.reducer\n")
     (fake / "stages" / "x.py").write_text("from ..reports_writer import write\nfrom .. import patch\n")
-    monkeypatch.setattr(sys.modules[__name__], "BENCH", fake)
-    bad, unplaced = _violations()
-    assert any("reducer.py:2 (core) imports bench.orchestrate (app)" in b for b in bad)
-    assert any("flops.py:1 imports the method package pm.reducer" in b for b in bad)
-    assert any("stages/x.py:1 (pipeline) imports bench.reports_writer (report)" in b for b in bad)
-    assert not any("bench.patch" in b for b in bad) and not unplaced
+    mod = sys.modules[__name__]
+    monkeypatch.setattr(mod, "ROOT", tmp_path)
+    monkeypatch.setattr(mod, "BENCH", fake)
+    bad = violations()
+    assert "bench.reducer (core) imports bench.orchestrate (front-end)" in bad
+    assert "bench.flops imports the method package pm.reducer" in bad
+    assert "bench.stages.x (pipeline) imports bench.reports_writer (report)" in bad
+    assert not any("bench.patch" in b for b in bad)

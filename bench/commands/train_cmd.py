@@ -16,7 +16,7 @@ from .. import env, models, patch, registry
 from .. import preprocess as pp
 from ..cli import emit
 from ..reducer import ConfigError, ModelInfo, Trainable
-from ..train import RUN_FIELDS
+from ..train import RUN_FIELDS, TrainConfig, compose_config, seed_everything, train
 
 # flag -> TrainConfig field (all default None = "not given")
 _FLAGS = [
@@ -120,9 +120,7 @@ def check_args(args) -> None:
     if args.resume and not args.out:
         raise ConfigError("--resume continues from --out; give --out CHECKPOINT")
     if args.config is not None:
-        from ..train import TrainConfig
-
-        read_config(args.config, {f.name: None for f in fields(TrainConfig)})
+        read_config(args.config, {f.name for f in fields(TrainConfig)})
 
 
 # TrainConfig fields that flags of this command set (refused in --config, named with their flag)
@@ -184,7 +182,6 @@ def run(args):
     pp.merge_size_flags(args)
     dist.init(args.device)
     main = dist.is_main()
-    from ..train import TrainConfig, compose_config, seed_everything, train
 
     info_data = data_mod.describe_data(args.data)
     # Seed before the model exists: a from-scratch run's initial weights come from the global RNG,

@@ -38,14 +38,10 @@ def run(ctx) -> None:
 
         def measure(spec=spec, ck=ck, label=label):
             # with --nproc the evaluations and the fine-tuning run through torchrun (bench.launch)
-            what = f"eval ablation {label} (off-the-shelf)"
-            if ck is not None:  # the calibrated structure
-                model, red = src.load_checkpoint(ck)
-                before = src.evaluate_checkpoint(ck, model, what)["top1"]
-            else:  # the method applied to the backbone as it is
-                model, red = src.patched_backbone(spec)
-                before = (src.launch_eval(bb, reducer=spec, label=what) if src.launcher is not None
-                          else src.evaluate(model))["top1"]
+            # the start: the calibrated checkpoint, or the method applied to the backbone as it is
+            model, red = src.load_checkpoint(ck) if ck is not None else src.patched_backbone(spec)
+            before = src.evaluate_checkpoint(ck or bb, model, f"eval ablation {label} (off-the-shelf)",
+                                             reducer=None if ck is not None else spec)["top1"]
             info = ModelInfo.from_model(model, src.img_size)
             ft, hist = src.finetune(spec, ck, epochs, ctx, max_steps=max_steps)
             model, red = src.load_checkpoint(ft)

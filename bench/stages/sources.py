@@ -273,11 +273,12 @@ class Source:
         return out, {"wall_s": res.get("wall_s", 0.0), "total_steps": res.get("steps"),
                      "world_size": res.get("world_size")}
 
-    def evaluate_checkpoint(self, path, model=None, label=None) -> dict:
-        """Top-1 etc. of checkpoint ``path`` with its own reducer: in this process (``model``: the
-        checkpoint already loaded) or through the launcher (``label``: the job's name in the progress)."""
+    def evaluate_checkpoint(self, path, model=None, label=None, reducer=None) -> dict:
+        """Top-1 etc. of checkpoint ``path`` with its own reducer (or ``reducer``, a spec applied
+        off-the-shelf to an unreduced checkpoint): in this process (``model``: the checkpoint already
+        loaded, with that reducer) or through the launcher (``label``: the job's name in the progress)."""
         if self.launcher is not None:
-            return self.launch_eval(path, label=label)
+            return self.launch_eval(path, reducer=reducer, label=label)
         if model is None:
             model, _ = self.load_checkpoint(path)
         return self.evaluate(model)
