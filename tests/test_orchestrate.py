@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,13 @@ def test_paper_profile_runs_on_fixtures(tmp_path):
         assert "skipped: seg (not requested" in md and "ablations (not requested" in md
     readme = (out / "README.md").read_text()
     assert "(fixture run)" in readme.splitlines()[0] and "Stages: run: accuracy, cost, speed" in readme
+    # every stage plans exactly the jobs it runs (calibrations, fine-tuned cost rows included, a method
+    # that needs training left out of the off-the-shelf evaluations): each stage's last job reaches the
+    # total the next stage then raises, and the counter never passes it
+    counts = [tuple(map(int, m)) for m in re.findall(r"^\[(\d+)/(\d+)\] ", r.stderr, re.M)]
+    stage_ends = [a for a, b in zip(counts, counts[1:]) if b[1] != a[1]] + counts[-1:]
+    assert len(stage_ends) == 3 and all(k == n for k, n in stage_ends), counts
+    assert all(k <= n for k, n in counts), counts
 
 
 @pytest.mark.slow

@@ -22,7 +22,8 @@ def run(ctx) -> None:
     epochs = prof.get("ablation_epochs", prof["finetune_epochs"])
     max_steps = prof.get("ablation_max_steps", prof.get("finetune_max_steps"))
     abl = prof["ablations"]
-    ctx.progress.plan(2 * len(abl), 65.0 * len(abl))  # calibration + fine-tune/eval per variant
+    n_cal = sum(registry.is_calibrated(spec) for _, spec in abl)  # calibration (Calibrated methods only)
+    ctx.progress.plan(n_cal + len(abl), 15.0 * n_cal + 50.0 * len(abl))  # + fine-tune/eval per variant
     rows = []
     for label, spec in abl:
         ck = None

@@ -169,7 +169,9 @@ def run_source(ctx, src) -> list:
     bb_hash = file_hash(backbone_path)
     configs = list(prof["accuracy_configs"])
     ft_configs = list(prof["finetune_configs"])
-    ctx.progress.plan(len(configs) + len(ft_configs), 4.0 * len(configs) + 40.0 * len(ft_configs))
+    n_cal = len(set(calibrated_specs(configs + ft_configs)))
+    n_eval = sum(not registry.build(s).needs_training for s in configs)
+    ctx.progress.plan(n_cal + n_eval + len(ft_configs), 15.0 * n_cal + 4.0 * n_eval + 40.0 * len(ft_configs))
     rows = []
     base_desc = {"kind": "accuracy", "model": src.model_name, "data": src.input_key(), "backbone": bb_hash,
                  "per_image": 1}

@@ -16,7 +16,8 @@ def run(ctx) -> None:
     prof = ctx.profile
     rows, blocks = [], []
     jobs = [(m, s) for m in prof["cost_models"] for s in prof["cost_configs"]]
-    ctx.progress.plan(len(jobs), 0.5 * len(jobs))
+    n_jobs = len(jobs) + sum(finetuned_path(ctx, m, s) is not None for m, s in jobs)  # + fine-tuned rows
+    ctx.progress.plan(n_jobs, 0.5 * n_jobs)
     base_gmacs = {}
 
     def counts(red, info, model_name):
