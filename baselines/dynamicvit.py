@@ -153,6 +153,17 @@ class DynamicViT(Trainable):
     summary = "DynamicViT: learned predictors drop tokens before blocks 4/7/10, keep rho^s (Rao et al. 2021)"
     needs_training = True  # the predictors start random
     needs_teacher = True
+    # its NeurIPS paper (and the ToMe paper's copy of one of its rows) summed the official per-layer
+    # formula without the predictors; its later README prints fvcore counts, i.e. the suite's count
+    paper_count_sources = ("DynamicViT paper (secondary copy)", "ToMe paper (secondary copy)")
+    report_notes = {
+        "flops": "paper_count_gmacs of DynamicViT rows: its paper's rule, the official per-layer formula with the "
+                 "predictors excluded",
+        "published": "DynamicViT: its paper summed the official per-layer formula without the predictors "
+                     "(ours_count: method paper's rule); its README prints its fvcore counts, predictors included, "
+                     "cut to one decimal (gmacs_agree: ours truncated)",
+        "segmentation": "DynamicViT rows: untrained predictors (it needs training; a Segmenter is not fine-tuned here)",
+    }
     options = {
         "rho": Option("float", 0.7, "base keep ratio; stage s keeps int(n_patches * rho**s) patch tokens"),
         "loc": Option("intlist", [3, 6, 9], "0-based indices of the blocks the predictors sit in front of"),

@@ -154,6 +154,13 @@ class MSTM(Trainable):
     name = "mstm"
     summary = ("MSTM (reconstruction): CLS-attention crucial tokens at blocks 4/7/10, non-crucial tokens merged "
                "into the most similar crucial one, multi-scale fusion before pruning (Bian et al. 2023)")
+    # the defaults reconstruct the abstract's headline setting (about -33% FLOPs on DeiT-S)
+    defaults_are_published = True
+    report_notes = {
+        "segmentation": "MSTM in a Segmenter is our extension: 'mstm' restores a merged token from the crucial token "
+                        "it joined (ToMe-style unmerge), 'mstm (restore=own)' from its own features at the merge "
+                        "(EViT-style)",
+    }
     options = {
         "keep": Option("float", 0.7, "[INFERRED] fraction of non-prefix tokens kept (crucial) at each pruning block"),
         "loc": Option("intlist", [3, 6, 9], "[INFERRED] 0-based indices of the pruning blocks"),

@@ -134,7 +134,7 @@ class LaunchConfig:
 
 def add_arguments(p) -> None:
     """The orchestrator's launcher flags."""
-    g = p.add_argument_group("multi-process launching (paper profile: PM calibration, fine-tuning, evaluation)")
+    g = p.add_argument_group("multi-process launching (paper profile: calibration, fine-tuning, evaluation)")
     g.add_argument("--launcher", choices=LAUNCHERS, default=None,
                    help="inprocess (default: everything in this one process) or torchrun (implied by --nproc "
                         "and the multi-node flags; see docs/distributed.md)")

@@ -293,7 +293,7 @@ def check_launch(cfg, prof: dict, stages: list) -> None:
                           f"{prof['name']} profile runs on the embedded proxy in one process: drop them")
     if not any(s in LAUNCHED_STAGES for s in stages):
         raise ConfigError(f"--nproc / --launcher torchrun: none of the requested stages ({', '.join(stages)}) runs "
-                          f"through torchrun (only {' and '.join(LAUNCHED_STAGES)} do: PM calibration, fine-tuning "
+                          f"through torchrun (only {' and '.join(LAUNCHED_STAGES)} do: calibration, fine-tuning "
                           "and evaluation); drop the launcher flags or add one of those stages to --only")
 
 

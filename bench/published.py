@@ -24,7 +24,6 @@ MODEL_MAP = {
     "ViT-B/16 (README name PM-ViT-MAE-base)": "vit_base_patch16_224",
 }
 
-METHOD_MAP = {"none": "none", "ToMe": "tome", "EViT": "evit", "DynamicViT": "dynamicvit", "PM": "pm", "MSTM": "mstm"}
 
 
 def load_rows(path: Optional[Path] = None) -> list[dict]:
@@ -43,38 +42,32 @@ def _num(s: str) -> Optional[float]:
 
 
 def spec_for(method: str, config: str) -> Optional[str]:
-    """Map a CSV (method, config) to a reducer spec, or None if not expressible."""
-    name = METHOD_MAP.get(method)
-    if name is None:
-        return None
+    """Map a CSV (method, config) to a reducer spec, or None if the suite cannot express it.
+
+    ``method`` names a registered reducer (case-insensitively; a built-in or a plug-in), ``config``
+    lists that method's options as ``k=v;k=v``.  A row whose config has a tag the method has no
+    option for (a resolution, a protocol) or a value it refuses is not comparable.  A row stating no
+    option at all is comparable only when the method declares that its defaults are the published
+    setting (``Reducer.defaults_are_published``); otherwise a headline without a configuration would be
+    compared with an arbitrary default."""
+    from . import registry
+
+    name = (method or "").strip().lower()
     if name == "none":
         return "none"
-    kv = {}
-    for part in filter(None, (config or "").split(";")):
-        if "=" not in part:
-            return None  # e.g. resolution/protocol tags we do not model
-        k, v = part.split("=", 1)
-        kv[k.strip()] = v.strip()
-    if name == "tome":
-        if set(kv) - {"r"} or "r" not in kv:
-            return None
-        return f"tome:r={int(kv['r'])}"
-    if name == "evit":
-        if set(kv) - {"keep", "fuse"} or "keep" not in kv:
-            return None
-        fuse = kv.get("fuse", "yes") in ("yes", "true")
-        return f"evit:keep={kv['keep']}" + ("" if fuse else ",fuse=false")
-    if name == "dynamicvit":
-        if set(kv) - {"rho"} or "rho" not in kv:
-            return None
-        return f"dynamicvit:rho={kv['rho']}"
-    if name == "pm":
-        if set(kv) - {"keep"} or "keep" not in kv:
-            return None
-        return f"pm:keep={kv['keep']}"
-    if name == "mstm":
-        return "mstm" if not kv else None
-    return None
+    if name not in registry.available():
+        return None  # e.g. "ToMe (ablation)" rows, or methods the suite does not implement
+    parts = [p.strip() for p in (config or "").split(";") if p.strip()]
+    if any("=" not in p for p in parts):
+        return None  # e.g. resolution/protocol tags we do not model
+    if not parts and not registry.get(name).defaults_are_published:
+        return None
+    spec = name + (":" + ",".join(re.sub(r"\s+", "", p) for p in parts) if parts else "")
+    try:
+        registry.build(spec)
+    except Exception:  # an option this method does not have, or a value it refuses
+        return None
+    return spec
 
 
 def comparable_rows(task: str = "imagenet") -> list[dict]:
@@ -122,20 +115,14 @@ def normalise_spec(spec: str) -> str:
         return re.sub(r"\s+", "", spec)
 
 
-# Sources whose GFLOPs a method's own publication made with a rule other than the suite's count
-# (Reducer.paper_count_macs): (source, method).  DynamicViT's NeurIPS figures (and the ToMe paper's
-# copy of one) come from the official per-layer formula without predictors; its T-PAMI README's come
-# from fvcore, i.e. the suite's count.  The PM README uses PM's code formula (docs/methods/pm.md §1.4).
-PAPER_COUNT_SOURCES = {
-    ("DynamicViT paper (secondary copy)", "dynamicvit"),
-    ("ToMe paper (secondary copy)", "dynamicvit"),
-    ("PM README", "pm"),
-}
-
-
 def uses_paper_count(row: dict) -> bool:
-    """Whether a comparable row's GFLOPs were made with its method's own rule (see above)."""
-    return (row["source"], row["spec"].split(":", 1)[0]) in PAPER_COUNT_SOURCES
+    """Whether a comparable row's GFLOPs were made with its method's own rule rather than the suite's
+    count: its source is one of the method's ``Reducer.paper_count_sources``."""
+    from . import registry
+
+    if row["spec"] == "none":
+        return False
+    return row["source"] in registry.build(row["spec"]).paper_count_sources
 
 
 def gmacs_agreement(ours: Optional[float], published: Optional[float]) -> Optional[str]:
@@ -144,7 +131,7 @@ def gmacs_agreement(ours: Optional[float], published: Optional[float]) -> Option
     ``within 0.05``: the figure is ours rounded (or closer).  ``ours truncated``: the figure is our
     count cut to one decimal (published <= ours < published + 0.1), as DynamicViT's README prints its
     fvcore counts (tests/test_dynamicvit.py) and as some baseline rows are copied.  ``differs``:
-    neither (e.g. the PM README's DeiT-S 3.0)."""
+    neither."""
     if ours is None or published is None:
         return None
     if abs(ours - published) <= 0.05 + 1e-9:

@@ -270,9 +270,16 @@ class Reducer:
     needs_training: ClassVar[bool] = False  # off-the-shelf numbers are meaningless without it
     changes_token_count: ClassVar[bool] = True
     # Lines the report tables add when the method has rows, by table ("accuracy"; "structure": FLOPs and
-    # throughput; "ablations"; "learned_structure"; "{model}"
-    # is replaced by the table's model); plain text, no behaviour
+    # throughput; "flops"; "segmentation"; "ablations"; "learned_structure"; "published": the
+    # published-vs-reproduced table; in "accuracy", "{model}" is replaced by the table's model); plain
+    # text, no behaviour
     report_notes: ClassVar[dict[str, str]] = {}
+    # Publications (the ``source`` names of bench/data_files/paper_numbers.csv) whose GFLOPs follow this
+    # method's own rule (flops_conventions' PAPER_COUNT key) rather than the suite's count
+    paper_count_sources: ClassVar[tuple[str, ...]] = ()
+    # A published row of this method that states no configuration means the defaults (the defaults
+    # were chosen to be the publication's headline setting)
+    defaults_are_published: ClassVar[bool] = False
     # Shown in the note column of the method's off-the-shelf accuracy rows: what such a row is and
     # is not (e.g. a calibrated-only model that is known to lose heavily before fine-tuning)
     off_the_shelf_note: ClassVar[Optional[str]] = None
@@ -379,7 +386,7 @@ class Reducer:
 
         The key :data:`PAPER_COUNT` (MACs, an int) is the count the method's own publication made
         its GFLOPs with: the published-vs-reproduced table compares a paper's figure with it
-        (``bench.published.PAPER_COUNT_SOURCES``).  Every other key is reported as is (JSON-able)
+        (the sources in ``paper_count_sources``).  Every other key is reported as is (JSON-able)
         next to the suite's count by ``pmbench flops`` and the cost stage (``method_conventions``).
         The suite's tables always use the suite's own count."""
         return {}

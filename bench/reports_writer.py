@@ -9,6 +9,7 @@ from . import plots, published
 from .proxy_ranking import CHECKED
 from .report import FIXTURE_WARNING, PROXY_WARNING, _fmt, write_table
 from .results import atomic_write_json, atomic_write_text
+from .stages.common import method_notes, short_model
 
 
 def _published_table(ctx) -> None:
@@ -16,8 +17,8 @@ def _published_table(ctx) -> None:
     flops_rows = ctx.tables.get("flops", {}).get("rows", [])
     speed_rows = ctx.tables.get("throughput", {}).get("rows", [])
     acc_rows = ctx.tables.get("accuracy", {}).get("rows", [])
-    # PM: the calibrated rows (the published counts exclude the merge/reconstruct products, so the
-    # fine-tuned rows' paper count is the same; their suite count is in the flops table)
+    # the calibrated rows of methods with learned modules (a paper count excludes what fine-tuning
+    # changes, e.g. PM's merge/reconstruct products; the fine-tuned rows' suite count is in the flops table)
     ours_flops = {(r["timm_model"], published.normalise_spec(r["config"])): r for r in flops_rows
                   if r.get("structure") != "fine-tuned"}
     ours_speed = {}
@@ -27,7 +28,6 @@ def _published_table(ctx) -> None:
         if r.get("structure") == "fine-tuned":
             continue
         ours_speed.setdefault((r["model"], published.normalise_spec(r["config"])), r["speedup"])
-    from .stages.common import short_model
 
     pub = published.comparable_rows("imagenet")
     pub_sp = published.published_speedups(pub)
@@ -66,12 +66,12 @@ def _published_table(ctx) -> None:
                      "published top-1 is shown for reference only; our proxy accuracy is not an ImageNet accuracy.")
     notes.append("Speed-ups: ours on this run's device and batch size; published ones on the source's hardware.")
     notes.append("ours_count: 'suite' = the flops table's count; \"method paper's rule\" = the count the method's "
-                 "own publication used, where it differs (flops table, paper_count_gmacs): DynamicViT's paper summed "
-                 "the official per-layer formula without the predictors; the PM README uses PM's code formula.")
+                 "own publication used, where it differs (flops table, paper_count_gmacs).")
     notes.append("gmacs_agree: 'within 0.05' = the published figure is ours rounded; 'ours truncated' = it is our "
-                 "count cut to one decimal (DynamicViT's README prints its fvcore counts, predictors included, that "
-                 "way); 'differs' = neither. note = the source row's explanation from paper_numbers.csv (what "
-                 "the figure counts, configuration caveats), which says why a figure differs where it is known.")
+                 "count cut to one decimal (as some sources print their counts); 'differs' = neither. note = the "
+                 "source row's explanation from paper_numbers.csv (what the figure counts, configuration caveats), "
+                 "which says why a figure differs where it is known.")
+    notes += method_notes(list(dict.fromkeys(r["config"] for r in rows)), "published")
     ctx.add_table("published_vs_reproduced", "Published vs reproduced", rows,
                   ctx.meta(data_source=ctx.profile["data_source"], notes=notes),
                   ["model", "config", "source", "confidence", "trained", "published_gmacs", "ours_gmacs",
@@ -98,14 +98,14 @@ def _join_speedups(ctx) -> None:
                 (r.get("precision"), r.get("batch_size")) == (first.get("precision"), first.get("batch_size")):
             sp.setdefault((r["config"], r.get("structure") == "fine-tuned"), r["speedup"])
     for r in acc:
-        # a fine-tuned PM row gets the speed-up of the fine-tuned matrices, never the calibrated one's
+        # a fine-tuned row gets the speed-up of its fine-tuned modules, never the calibrated one's
         ft = r.get("structure") == "fine-tuned"
         r["speedup"] = sp.get((r["config"], ft))
     ctx.speedup_ref = ref
     ctx.tables["accuracy"]["meta"].setdefault("notes", []).append(
         f"speedup column: measured at the {ref} size in this run (same 196-token geometry; "
-        f"{first.get('precision')}, batch {first.get('batch_size')}); PM rows: with "
-        "their own matrices (calibrated or fine-tuned, see structure)")
+        f"{first.get('precision')}, batch {first.get('batch_size')}); rows of methods with learned modules: "
+        "with their own modules (calibrated or fine-tuned, see structure)")
 
 
 def _excerpt(rows: list[dict], columns: list[str]) -> list[str]:

@@ -135,7 +135,12 @@ class PruneAndMerge(Calibrated, Trainable):
     needs_teacher = False  # distillation goes through the trainer's soft KD (recipe)
     structure_name = "PM structure"
     default_structure = "PM's uniform structure (int(N*keep) evenly spread centres in every compressed block)"
+    paper_count_sources = ("PM README",)  # GFLOPs by the official code's formula (docs/methods/pm.md §1.4)
     report_notes = {
+        "flops": "paper_count_gmacs of PM rows: the PM README's convention, the official code's formula (no patch "
+                 "embedding, merge/reconstruct excluded)",
+        "published": "PM: the PM README counts with the official code's formula (ours_count: method paper's rule)",
+        "segmentation": "PM rows: calibrated with PM-Segmenter's settings (per-layer keep, no pruning, frozen M/R)",
         "ablations": "the Prune and Merge ablations of the paper's table 3, all at keep 0.6; fine-tuning is PM's "
                      "self-distillation recipe",
         "learned_structure": "PM rows: tokens = centres + CLS processed by each block; global rule: "

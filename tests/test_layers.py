@@ -14,6 +14,7 @@ Layers, lowest first (a module not listed is reported, so a new one must be plac
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,3 +118,42 @@ def test_the_check_reports_planted_violations(tmp_path, monkeypatch):
     assert "bench.flops imports the method package pm.reducer" in bad
     assert "bench.stages.x (pipeline) imports bench.reports_writer (report)" in bad
     assert not any("bench.patch" in b for b in bad)
+
+
+# Modules that are configuration data, where built-in method names belong: the built-in reducer list,
+# the built-in profiles, the plot colours, the segmentation table's rows, the real-model reference of the
+# proxy check, and the published numbers' model names.
+CONFIG_DATA = ("bench.plugins", "bench.profiles", "bench.plots", "bench.seg.table", "bench.proxy_ranking",
+               "bench.published")
+_METHOD_NAME = re.compile(
+    r"\b(?:pm|tome|evit|dynamicvit|mstm)(?::|$)|\b(?:PM(?!-Bench)|ToMe|EViT|DynamicViT|MSTM)\b")
+
+
+def method_names_in_code_at(path: Path, root: Path) -> list[str]:
+    """String constants (docstrings aside) that name a built-in method, other than an example ("e.g.")."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and ast.get_docstring(n, clean=False) is not None}
+    return [f"{path.relative_to(root)}:{n.lineno}: {n.value[:80]!r}" for n in sorted(
+            ast.walk(tree), key=lambda n: (getattr(n, "lineno", 0), getattr(n, "col_offset", 0)))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+            and _METHOD_NAME.search(n.value) and "e.g." not in n.value]
+
+
+def test_the_harness_names_no_method_outside_configuration_data():
+    """Issue 12: what the harness does and says about a method comes from the method (its declared
+    capabilities and report_notes), so a plug-in gets the same treatment; built-in names appear only
+    in the modules that are configuration data, and as examples in help text."""
+    found = [hit for path, mod in _modules() if not any(mod == d or mod.startswith(d + ".") for d in CONFIG_DATA)
+             for hit in method_names_in_code_at(path, ROOT)]
+    assert not found, "\n".join(found)
+
+
+def test_the_method_name_check_sees_a_planted_name(tmp_path):
+    planted = tmp_path / "bench" / "stages" / "x.py"
+    planted.parent.mkdir(parents=True)
+    planted.write_text('"""Docstrings may cite PM."""\nNOTE = "PM rows: calibrated"\nHELP = "e.g. tome:r=13"\n'
+                       'IF = spec.startswith("pm:")\n')
+    hits = [h.split(": ", 1)[1] for h in method_names_in_code_at(planted, tmp_path)]
+    assert hits == ["'PM rows: calibrated'", "'pm:'"], hits

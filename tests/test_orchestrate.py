@@ -60,13 +60,32 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 
 # --------------------------------------------------------------------------- published numbers
-def test_published_mapping():
+def test_published_mapping(monkeypatch):
+    norm = lambda m, c: published.normalise_spec(published.spec_for(m, c))  # noqa: E731
     assert published.spec_for("ToMe", "r=13") == "tome:r=13"
-    assert published.spec_for("EViT", "keep=0.7;fuse=no") == "evit:keep=0.7,fuse=false"
-    assert published.spec_for("EViT", "keep=0.7;fuse=yes") == "evit:keep=0.7"
+    assert norm("EViT", "keep=0.7;fuse=no") == published.normalise_spec("evit:keep=0.7,fuse=false")
+    assert norm("EViT", "keep=0.7;fuse=yes") == published.normalise_spec("evit:keep=0.7")
     assert published.spec_for("DynamicViT", "rho=0.7") == "dynamicvit:rho=0.7"
     assert published.spec_for("PM", "keep=0.6") == "pm:keep=0.6"
-    assert published.spec_for("ToMe (ablation)", "r=8;feature=K") is None
+    assert published.spec_for("ToMe (ablation)", "r=8;feature=K") is None  # not a registered method
+    assert published.spec_for("ToMe", "r=8;decreasing") is None  # a tag the method has no option for
+    assert published.spec_for("ToMe", "r=8;feature=K") is None  # an option it does not have
+    assert published.spec_for("EViT", "keep=1.7") is None  # a value it refuses
+    # a headline without a configuration: only where the defaults are the published setting
+    assert published.spec_for("PM", "") is None and published.spec_for("MSTM", "") == "mstm"
+    # the method column is matched against the registry, so a plug-in's published rows map too
+    from bench import registry
+    from bench.reducer import Option, Reducer
+
+    class Toy(Reducer):
+        name = "toy"
+        options = {"k": Option("int", 1, "tokens removed")}
+        paper_count_sources = ("Toy paper",)
+
+    monkeypatch.setitem(registry._registered, "toy", Toy)
+    assert published.spec_for("Toy", "k=3") == "toy:k=3" and published.spec_for("Toy", "") is None
+    assert published.uses_paper_count({"source": "Toy paper", "spec": "toy:k=3"})
+    assert not published.uses_paper_count({"source": "Toy README", "spec": "toy:k=3"})
     rows = published.comparable_rows()
     assert any(r["spec"] == "tome:r=13" and r["timm_model"] == "deit_small_patch16_224" for r in rows)
     sp = published.published_speedups(rows)

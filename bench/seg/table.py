@@ -26,6 +26,10 @@ ROWS = [
 ]
 
 
+# What the rows above mean, for the table's notes (each method's own lines come from its report_notes)
+TABLE_NOTES = ["ToMe has no keep rate: its r is chosen per keep rate to match EViT's encoder GMACs"]
+
+
 def matched_tome_r(info: ModelInfo, target_macs: int) -> int:
     """The constant ToMe r whose analytic encoder MACs are closest to ``target_macs``."""
     best, best_d = 0, None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .. import flops
 from ..reducer import split_conventions
-from .common import (FINETUNED, finetuned_key, info_for, method_of, finetuned_copy, finetuned_note,
+from .common import (FINETUNED, finetuned_key, info_for, method_notes, method_of, finetuned_copy, finetuned_note,
                      finetuned_path, structure_note, reducer_for, short_model, structure_label)
 
 
@@ -82,9 +82,8 @@ def run(ctx) -> None:
                  notes=["Counted from per-block token counts: patch embedding + attention (qkv, proj, QK^T, AV) "
                         "+ MLP + head + the method's own modules; norms/softmax not counted (as fvcore).",
                         "paper_count_gmacs: the count the method's own publication used, where it differs "
-                        "(DynamicViT paper: the official per-layer formula, predictors excluded; PM README: "
-                        "the official code's formula, no patch embedding, merge/reconstruct excluded); "
-                        "for comparison with published figures only.",
+                        "from ours; for comparison with published figures only.",
+                        *method_notes(prof["cost_configs"], "flops"),
                         *structure_note(ctx, prof["cost_configs"]),
                         *finetuned_note(ctx, prof["cost_configs"], [r["model"] for r in rows])]),
         ["model", "method", "config", "structure", "gmacs", "gmacs_ratio", "reducer_gmacs", "implementation",

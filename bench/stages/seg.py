@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..results import file_hash
-from .common import method_of
+from .common import method_notes, method_of
 
 
 def _targets(ctx):
@@ -52,7 +52,7 @@ def run(ctx) -> None:
         else:
             ctx.skip_stage("seg", "no --ade20k given")
         return
-    from ..seg.table import KEEPS, config_info, table_specs
+    from ..seg.table import KEEPS, TABLE_NOTES, config_info, table_specs
 
     keeps = tuple(prof.get("seg_keeps", KEEPS))
     extra = [{"method": method_of(s), "keep": None, "spec": s} for s in prof.get("seg_configs", [])]
@@ -92,11 +92,8 @@ def run(ctx) -> None:
                                   "GMACs: encoder (analytic, per-block token counts) + decode head, per 512x512 "
                                   "window (proxy: the proxy crop) and per image",
                                   "reducers applied off-the-shelf to the trained Segmenter (methods that learn a "
-                                  "structure from data, e.g. PM, calibrated on the training crops, not fine-tuned; "
-                                  "PM with PM-Segmenter's settings; DynamicViT: untrained predictors)",
-                                  "ToMe has no keep rate: its r is chosen per keep rate to match EViT's GMACs",
-                                  "MSTM in a Segmenter is our extension: 'mstm' restores a merged token from the "
-                                  "crucial token it joined (ToMe-style unmerge), 'mstm (restore=own)' from its own "
-                                  "features at the merge (EViT-style)"]),
+                                  "structure from data are calibrated on the training crops, not fine-tuned)",
+                                  *TABLE_NOTES, *method_notes([s for v in plan.values() for s in
+                                                               (r["spec"] for r in v)], "segmentation")]),
                   ["config_model", "method", "keep", "config", "miou", "aAcc", "gmacs_per_window", "gmacs_per_image",
                    "fps_bs32", "fps_bs1"])
