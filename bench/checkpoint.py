@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import models, patch, proxy, registry
+from . import models, patch, registry
 from .outputs import temp_file
 from .reducer import Calibrated, ConfigError, Reducer
 
@@ -182,9 +182,3 @@ def load_model(path, model_name: Optional[str] = None, *, reducer=None, device="
     model.to(device)
     model.eval()
     return model, red
-
-
-def load_proxy_backbone(device="cpu", *, size: str = "default"):
-    """The trained proxy backbone (unpatched, eval mode), training it first if needed."""
-    model, _ = load_model(proxy.ensure_backbone(size=size), proxy.PROXY_MODEL, device=device)
-    return model.eval()

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import env, launch, overrides, profiles, registry
+from . import env, launch, overrides, profiles, proxy, proxy_backbone, registry
 from .checkpoint import load_structure
 from .reducer import Calibrated, ConfigError
 from .results import ResultCache, file_hash
@@ -203,15 +203,13 @@ class RunContext(StageArtefacts):
     def proxy_backbone_line(self) -> str:
         """Where this run's proxy backbone came from: the shipped weights or a training run.  Read
         from the checkpoint once per run (every table header asks), after the backbone was loaded."""
-        from . import proxy
-
         size = self.profile.get("proxy_size", "default")
         p = proxy.backbone_path(size)
         if not p.exists():
             return "not loaded in this run"
         if self._proxy_backbone_line is None:
-            if proxy.backbone_origin(p) == "shipped":
-                e = proxy.shipped_entry(size) or {}
+            if proxy_backbone.backbone_origin(p) == "shipped":
+                e = proxy_backbone.shipped_entry(size) or {}
                 self._proxy_backbone_line = (
                     f"shipped weights {e.get('file', '?')} (sha256 {str(e.get('sha256', '?'))[:12]}, recipe "
                     f"{e.get('recipe', '?')}, val top-1 {e.get('val_top1', float('nan')):.1f}% when shipped; "

@@ -38,7 +38,7 @@ blocks 4/7/10, DynamicViT's rho) apply unchanged; width 64 with 2 heads so that
 evaluating and fine-tuning it fits the default run on 2 CPU cores.  The eval transform is DeiT's with
 crop_pct 0.875 (resize 128, centre crop 112).
 
-The backbone is trained by the suite's own trainer (``train_command``: 6 epochs of 8000 images, batch
+The backbone (:mod:`bench.proxy_backbone`) is trained by the suite's own trainer (``train_command``: 6 epochs of 8000 images, batch
 32, AdamW lr 1e-3, 0.5 warm-up epochs, label smoothing 0.1: 1500 steps, about 25 min on 2 CPU cores,
 88.5% val top-1).  Those weights ship in ``data_files/`` (SHA-256 in ``proxy_backbone.json``, made with
 ``benchmarks/proxy_weights.py ship``), so a fresh clone loads them instead of training; a changed recipe
@@ -54,7 +54,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -128,7 +127,7 @@ def pmbench_proxy_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     if pretrained:
         raise RuntimeError(
             "pmbench_proxy_vit has no downloadable weights; train it with `pmbench train --model "
-            "pmbench_proxy_vit --data proxy` or use bench.checkpoint.load_proxy_backbone()"
+            "pmbench_proxy_vit --data proxy` or use bench.proxy_backbone.load_proxy_backbone()"
         )
     args = dict(img_size=IMG_SIZE, patch_size=8, embed_dim=64, depth=12, num_heads=2, mlp_ratio=4.0,
                 num_classes=len(CLASSES), qkv_bias=True)
@@ -161,7 +160,7 @@ def backbone_path(size: str = "default") -> Path:
 
 
 @contextlib.contextmanager
-def _locked(name: str):
+def cache_lock(name: str):
     """An exclusive file lock in the cache dir: concurrent processes (torchrun ranks, several
     users of one cache) generate or train once and the others wait, then reuse the result."""
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -449,7 +448,7 @@ def ensure_proxy_data(root: Optional[Path] = None, *, size: str = "default", see
     from .outputs import check_out_dir
 
     check_out_dir(out, "--out" if root is not None else "the proxy data folder", manifest=MANIFEST)
-    with _locked(f"data-{size}"):
+    with cache_lock(f"data-{size}"):
         if ready():  # made by another process while we waited
             return out
         t0 = time.time()
@@ -457,95 +456,3 @@ def ensure_proxy_data(root: Optional[Path] = None, *, size: str = "default", see
         generate(out, train_per_class=sz.train_per_class, val_per_class=sz.val_per_class, seed=seed)
         print(f"[pmbench] proxy dataset ready in {time.time() - t0:.0f} s", file=sys.stderr)
     return out
-
-
-# --------------------------------------------------------------------------- backbone
-def train_command(size: str = "default", out: Optional[Path] = None) -> list[str]:
-    """The ``pmbench train`` command line that produces the cached backbone."""
-    sz = SIZES[size]
-    out = Path(out) if out is not None else backbone_path(size)
-    return [sys.executable, "-m", "bench.cli", "train", "--model", PROXY_MODEL, "--reducer", "none",
-            "--data", "proxy" if size == "default" else f"proxy:{size}",
-            "--epochs", str(sz.epochs), "--batch-size", str(sz.batch_size), "--lr", str(sz.lr),
-            "--warmup-epochs", f"{sz.warmup_epochs:g}", "--weight-decay", "0.05",
-            "--label-smoothing", f"{sz.label_smoothing:g}", "--out", str(out), "--json"]
-
-
-# --------------------------------------------------------------------------- shipped weights
-# The default backbone is trained once with train_command("default") and shipped in the package
-# (docs/proxy.md, "Shipped weights"): a fresh clone loads it instead of training for minutes.  The
-# manifest names the file, its SHA-256, the recipe and data version it was trained with, the command,
-# and the validation top-1 it reached; `--retrain-proxy` re-creates it with the suite's own trainer.
-SHIPPED_DIR = Path(__file__).resolve().parent / "data_files"
-SHIPPED_MANIFEST = SHIPPED_DIR / "proxy_backbone.json"
-
-
-def shipped_entry(size: str = "default") -> Optional[dict]:
-    """The manifest entry of the shipped weights for ``size`` if they were trained with the current
-    data version and recipe, else None (then the backbone is trained)."""
-    try:
-        manifest = json.loads(SHIPPED_MANIFEST.read_text())
-    except (OSError, ValueError):
-        return None
-    e = manifest.get(size)
-    if not isinstance(e, dict) or e.get("data_version") != DATA_VERSION or e.get("recipe") != SIZES[size].recipe():
-        return None
-    return e
-
-
-def load_shipped(entry: dict):
-    """The shipped backbone as a model, after checking the file's SHA-256 against the manifest."""
-    from .reducer import ConfigError
-    from .results import file_hash
-    from .weights import load_file_weights
-
-    f = SHIPPED_DIR / entry["file"]
-    if not f.is_file():
-        raise ConfigError(f"the shipped proxy weights {f} are missing (the manifest {SHIPPED_MANIFEST.name} names "
-                          "them): restore them with `git checkout -- bench/data_files/`, or train the backbone "
-                          "with `./run_all.sh --retrain-proxy`")
-    got = file_hash(f, n=64)
-    if got != entry["sha256"]:
-        raise ConfigError(f"the shipped proxy weights {f} fail their SHA-256 check (manifest {entry['sha256'][:16]}..., "
-                          f"file {got[:16]}...): the file is damaged or was replaced without updating "
-                          f"{SHIPPED_MANIFEST.name}; restore it with `git checkout -- bench/data_files/`, or train "
-                          "the backbone with `./run_all.sh --retrain-proxy`")
-    return load_file_weights(pmbench_proxy_vit(), f).eval()
-
-
-def backbone_origin(path: Path) -> str:
-    """``shipped`` or ``trained``: where the cached backbone came from (recorded in its checkpoint)."""
-    from .checkpoint import read_checkpoint
-
-    return (read_checkpoint(path).get("extra") or {}).get("origin", "trained")
-
-
-def ensure_backbone(force: bool = False, *, size: str = "default") -> Path:
-    """Path of the proxy backbone checkpoint: the cached one, else the shipped weights (checked and
-    converted once), else trained with ``pmbench train``.  ``force`` retrains (``--retrain-proxy``)."""
-    check_task()
-    path = backbone_path(size)
-    if path.exists() and not force:
-        return path
-    with _locked(f"backbone-{size}"):
-        if path.exists() and not force:  # made by another process while we waited
-            return path
-        entry = None if force else shipped_entry(size)
-        if entry is not None:
-            from .checkpoint import save_checkpoint
-
-            save_checkpoint(path, load_shipped(entry), extra={"origin": "shipped", "sha256": entry["sha256"],
-                                                              "recipe": entry["recipe"]})
-            print(f"[pmbench] proxy backbone: the shipped weights ({entry['file']}, sha256 "
-                  f"{entry['sha256'][:12]}, val top-1 {entry['val_top1']:.1f}%)", file=sys.stderr)
-            return path
-        ensure_proxy_data(size=size)
-        cmd = train_command(size, path)
-        print(f"[pmbench] training the proxy backbone: {' '.join(cmd[2:])}", file=sys.stderr)
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                "MASTER_ADDR", "MASTER_PORT")}
-        res = subprocess.run(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, env=env)
-        if res.returncode != 0 or not path.exists():
-            raise RuntimeError(f"training the proxy backbone failed (exit {res.returncode}); run it by hand: "
-                               f"{' '.join(cmd[2:])}")
-    return path

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import env, proxy  # noqa: E402
+from bench import env, proxy, proxy_backbone  # noqa: E402
 from bench.results import atomic_write_json, file_hash  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def _run_json(cmd: list[str]) -> dict:
 def train(size: str, out: Path) -> float:
     """Train with the recipe of ``size`` into ``out``; returns the seconds it took."""
     proxy.ensure_proxy_data(size=size)
-    cmd = proxy.train_command(size, out)
+    cmd = proxy_backbone.train_command(size, out)
     print(f"training: {' '.join(cmd[2:])}", file=sys.stderr)
     t0 = time.time()
     _run_json(cmd)
@@ -68,28 +68,28 @@ def ship(args) -> int:
         ev = val_top1(ckpt, size)
         sd = {k: v.contiguous() for k, v in state_dict_of(read_checkpoint(ckpt)).items()}
         name = f"proxy_backbone-v{proxy.DATA_VERSION}-{size}.safetensors"
-        dest = proxy.SHIPPED_DIR / name
+        dest = proxy_backbone.SHIPPED_DIR / name
         save_file(sd, str(dest), metadata={"recipe": proxy.SIZES[size].recipe(),
                                            "data_version": str(proxy.DATA_VERSION)})
     try:
-        manifest = json.loads(proxy.SHIPPED_MANIFEST.read_text())
+        manifest = json.loads(proxy_backbone.SHIPPED_MANIFEST.read_text())
     except (OSError, ValueError):
         manifest = {}
     st = env.stamp("cpu")
-    cmd = proxy.train_command(size, Path("OUT.pt"))
+    cmd = proxy_backbone.train_command(size, Path("OUT.pt"))
     manifest[size] = {
         "file": name, "sha256": file_hash(dest, n=64), "data_version": proxy.DATA_VERSION,
         "recipe": proxy.SIZES[size].recipe(), "command": " ".join(["pmbench", *cmd[3:]]),
         "val_top1": round(ev["top1"], 2), "n_val": ev["n_images"], "train_seconds": seconds and round(seconds),
         "trained_on": st["device"], "torch": st["torch"], "timm": st["timm"], "commit": st["commit"], "date": st["date"],
     }
-    atomic_write_json(proxy.SHIPPED_MANIFEST, manifest)
+    atomic_write_json(proxy_backbone.SHIPPED_MANIFEST, manifest)
     print(json.dumps(manifest[size], indent=1))
     return 0
 
 
 def check(args) -> int:
-    e = proxy.shipped_entry(args.size)
+    e = proxy_backbone.shipped_entry(args.size)
     if e is None:
         raise SystemExit(f"no shipped weights for '{args.size}' with the current recipe ({proxy.SIZES[args.size].recipe()}) "
                          f"and data version {proxy.DATA_VERSION}: run `python benchmarks/proxy_weights.py ship` first")

@@ -22,7 +22,7 @@ BENCH = ROOT / "bench"
 
 LAYERS = {
     "core": ["bench.errors", "bench.reducer", "bench.plugins", "bench.registry", "bench.patch", "bench.flops"],
-    "runtime": ["bench.env", "bench.outputs", "bench.stats", "bench.distributed", "bench.preprocess", "bench.proxy",
+    "runtime": ["bench.env", "bench.outputs", "bench.stats", "bench.distributed", "bench.preprocess", "bench.proxy", "bench.proxy_backbone",
                 "bench.fixtures", "bench.models", "bench.weights", "bench.checkpoint", "bench.data", "bench.train",
                 "bench.evaluate", "bench.speed", "bench.results", "bench.launch", "bench.proxy_ranking",
                 "bench.calibration"],

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from bench import orchestrate, proxy
+from bench import orchestrate, proxy, proxy_backbone
 from bench.checkpoint import load_model
 from bench.reducer import ConfigError
 from bench.results import file_hash
@@ -16,14 +16,14 @@ from bench.results import file_hash
 
 def test_the_shipped_weights_match_their_manifest_and_the_recipe():
     """A recipe or data change without re-shipping (benchmarks/proxy_weights.py ship) fails here."""
-    e = proxy.shipped_entry("default")
+    e = proxy_backbone.shipped_entry("default")
     assert e is not None, (f"no shipped weights for the default recipe {proxy.SIZES['default'].recipe()} and data "
                            f"version {proxy.DATA_VERSION}: run `python benchmarks/proxy_weights.py ship`")
-    f = proxy.SHIPPED_DIR / e["file"]
+    f = proxy_backbone.SHIPPED_DIR / e["file"]
     assert file_hash(f, n=64) == e["sha256"]
-    assert e["command"].split()[1:] == proxy.train_command("default", "OUT.pt")[3:]
+    assert e["command"].split()[1:] == proxy_backbone.train_command("default", "OUT.pt")[3:]
     assert 0 < e["val_top1"] <= 100 and e["n_val"] == proxy.SIZES["default"].val_per_class * len(proxy.CLASSES)
-    m = proxy.load_shipped(e)
+    m = proxy_backbone.load_shipped(e)
     assert sum(p.numel() for p in m.parameters()) > 0 and not m.training
 
 
@@ -40,8 +40,8 @@ def fake_shipped(tmp_path, monkeypatch):
     entry = {"file": "w.safetensors", "sha256": file_hash(d / "w.safetensors", n=64),
              "data_version": proxy.DATA_VERSION, "recipe": proxy.SIZES["default"].recipe(), "val_top1": 50.0}
     (d / "proxy_backbone.json").write_text(json.dumps({"default": entry}))
-    monkeypatch.setattr(proxy, "SHIPPED_DIR", d)
-    monkeypatch.setattr(proxy, "SHIPPED_MANIFEST", d / "proxy_backbone.json")
+    monkeypatch.setattr(proxy_backbone, "SHIPPED_DIR", d)
+    monkeypatch.setattr(proxy_backbone, "SHIPPED_MANIFEST", d / "proxy_backbone.json")
     monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "cache"))
     return model, d
 
@@ -53,12 +53,12 @@ def _no_training(*a, **k):
 def test_a_fresh_cache_loads_the_shipped_weights_without_training(fake_shipped, monkeypatch):
     model, _ = fake_shipped
     monkeypatch.setattr(subprocess, "run", _no_training)
-    path = proxy.ensure_backbone(size="default")
-    assert path == proxy.backbone_path("default") and proxy.backbone_origin(path) == "shipped"
+    path = proxy_backbone.ensure_backbone(size="default")
+    assert path == proxy.backbone_path("default") and proxy_backbone.backbone_origin(path) == "shipped"
     loaded, _ = load_model(path, proxy.PROXY_MODEL)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    assert proxy.ensure_backbone(size="default") == path  # cached: no second conversion
+    assert proxy_backbone.ensure_backbone(size="default") == path  # cached: no second conversion
 
 
 def test_damaged_shipped_weights_are_refused_with_the_fix(fake_shipped, monkeypatch):
@@ -68,11 +68,11 @@ def test_damaged_shipped_weights_are_refused_with_the_fix(fake_shipped, monkeypa
     (d / "w.safetensors").write_bytes(bytes(raw))
     monkeypatch.setattr(subprocess, "run", _no_training)
     with pytest.raises(ConfigError, match="SHA-256") as e:
-        proxy.ensure_backbone(size="default")
+        proxy_backbone.ensure_backbone(size="default")
     assert "git checkout" in str(e.value) and "--retrain-proxy" in str(e.value)
     (d / "w.safetensors").unlink()
     with pytest.raises(ConfigError, match="missing"):
-        proxy.ensure_backbone(size="default")
+        proxy_backbone.ensure_backbone(size="default")
 
 
 def test_a_changed_recipe_does_not_load_weights_of_another_recipe(fake_shipped, monkeypatch):
@@ -80,7 +80,7 @@ def test_a_changed_recipe_does_not_load_weights_of_another_recipe(fake_shipped, 
     m = json.loads((d / "proxy_backbone.json").read_text())
     m["default"]["recipe"] = "1ep-bs8-lr1"
     (d / "proxy_backbone.json").write_text(json.dumps(m))
-    assert proxy.shipped_entry("default") is None
+    assert proxy_backbone.shipped_entry("default") is None
 
 
 def test_retrain_trains_with_the_recipe_even_when_weights_are_shipped(fake_shipped, monkeypatch):
@@ -95,11 +95,11 @@ def test_retrain_trains_with_the_recipe_even_when_weights_are_shipped(fake_shipp
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(proxy, "ensure_proxy_data", lambda **k: None)
-    proxy.ensure_backbone(size="default")  # shipped first
+    proxy_backbone.ensure_backbone(size="default")  # shipped first
     monkeypatch.setattr(subprocess, "run", fake_train)
-    path = proxy.ensure_backbone(force=True, size="default")
-    assert calls and calls[0][2:] == proxy.train_command("default", path)[2:]
-    assert proxy.backbone_origin(path) == "trained"
+    path = proxy_backbone.ensure_backbone(force=True, size="default")
+    assert calls and calls[0][2:] == proxy_backbone.train_command("default", path)[2:]
+    assert proxy_backbone.backbone_origin(path) == "trained"
 
 
 def test_retrain_proxy_is_refused_outside_the_proxy_profiles(capsys):

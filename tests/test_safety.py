@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench import checkpoint, models, outputs, patch, proxy, registry
+from bench import checkpoint, models, outputs, patch, proxy, proxy_backbone, registry
 from bench.data import ShardedEpochSampler
 from bench.reducer import ConfigError
 from fixtures_data import make_imagefolder
@@ -36,7 +36,7 @@ def _no_compute(monkeypatch):
 
     for mod, name in ((bench.data, "describe_data"), (bench.data, "build_loader"), (bench.data, "build_dataset"),
                       (pm.calibrate, "calibrate"), (models, "create"), (proxy, "ensure_proxy_data"),
-                      (proxy, "ensure_backbone"), (bench.seg.evaluate, "seg_eval"),
+                      (proxy_backbone, "ensure_backbone"), (bench.seg.evaluate, "seg_eval"),
                       (bench.seg.train, "train_segmenter"), (bench.seg.train, "ensure_proxy_segmenter")):
         monkeypatch.setattr(mod, name, boom)
 

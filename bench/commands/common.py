@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import distributed as bd
-from .. import models, patch, proxy
+from .. import models, patch, proxy, proxy_backbone
 from .. import preprocess as pp
-from ..checkpoint import load_model, load_proxy_backbone, model_name_of
+from ..checkpoint import load_model, model_name_of
 from ..data import build_loader, data_root, describe_data, parse_data, resolve_labels
 from ..errors import ConfigError
 from ..weights import load_pretrained
@@ -39,7 +39,7 @@ def unreduced_model(args, n_classes=None, command: str = "this command"):
     if not args.model:
         raise ConfigError(f"{command} needs --model (or --init CKPT naming its model)")
     if args.model == proxy.PROXY_MODEL and not (args.weights or args.pretrained):
-        return load_proxy_backbone(size=parse_data(args.data).get("size") or "default"), args.model
+        return proxy_backbone.load_proxy_backbone(size=parse_data(args.data).get("size") or "default"), args.model
     if not (args.weights or args.pretrained):
         raise ConfigError(f"{command} needs trained weights: --init CKPT, --weights FILE or --pretrained")
     nc = args.num_classes or n_classes
@@ -50,7 +50,7 @@ def prepare_proxy(args) -> None:
     """Generate the proxy data and backbone a command will read (rank 0, before the other ranks start)."""
     describe_data(args.data)
     if args.model == proxy.PROXY_MODEL and not (args.init or args.weights or args.pretrained):
-        proxy.ensure_backbone(size=parse_data(args.data).get("size") or "default")
+        proxy_backbone.ensure_backbone(size=parse_data(args.data).get("size") or "default")
 
 
 @dataclass

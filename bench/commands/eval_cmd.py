@@ -16,7 +16,7 @@ import os
 
 from .. import data as data_mod
 from .. import distributed as dist
-from .. import env, flops, models, patch, registry
+from .. import env, flops, models, patch, proxy_backbone, registry
 from .. import preprocess as pp
 from ..cli import emit
 from ..evaluate import evaluate
@@ -69,12 +69,10 @@ def load_for_eval(args):
     ckpt = args.checkpoint
     if ckpt is None and not (args.weights or args.pretrained):
         if args.model.split(".")[0] == "pmbench_proxy_vit":
-            from .. import proxy
-
             d = data_mod.parse_data(args.data)
             if d["source"] != "proxy":
                 raise ConfigError("pmbench_proxy_vit is trained on the proxy task; evaluate it with --data proxy")
-            ckpt = str(proxy.ensure_backbone(size=d.get("size") or "default"))
+            ckpt = str(proxy_backbone.ensure_backbone(size=d.get("size") or "default"))
         else:
             raise ConfigError(f"no weights for {args.model}: give --checkpoint, --weights PATH or --pretrained")
     if ckpt:

@@ -12,22 +12,6 @@
   :func:`ensure_proxy_segmenter`.
 * :mod:`bench.seg.evaluate`   :func:`seg_eval`: mIoU (IoUMetric, sliding window), cost, speed.
 
-Heavy imports (mmseg, mmengine) happen inside the sub-modules, so ``import bench.seg`` is cheap.
+The package itself imports nothing (``import bench.seg`` is cheap and no sub-module depends on it);
+callers import the sub-module they use, e.g. ``from bench.seg.evaluate import seg_eval``.
 """
-from __future__ import annotations
-
-
-def ensure_proxy_segmenter(force: bool = False, **kw):
-    from .train import ensure_proxy_segmenter as f
-
-    return f(force=force, **kw)
-
-
-def seg_eval(config, reducer="none", data="proxy", checkpoint=None, opts=None, **kw) -> dict:
-    """:func:`bench.seg.evaluate.seg_eval` (``opts``: a :class:`bench.seg.evaluate.SegEvalConfig`)."""
-    from .evaluate import seg_eval as f
-
-    return f(config, reducer, data, checkpoint, opts, **kw)
-
-
-__all__ = ["ensure_proxy_segmenter", "seg_eval"]

@@ -15,7 +15,7 @@ from .common import method_notes, method_of
 def _targets(ctx):
     prof = ctx.profile
     if prof["data_source"] == "proxy":
-        from ..seg import ensure_proxy_segmenter
+        from ..seg.train import ensure_proxy_segmenter
 
         ck = ensure_proxy_segmenter(size=prof.get("proxy_size", "default")) if prof.get("proxy_size") == "smoke" \
             else ensure_proxy_segmenter()
@@ -37,7 +37,7 @@ def _targets(ctx):
 def run(ctx) -> None:
     import logging
 
-    from ..seg import seg_eval
+    from ..seg.evaluate import seg_eval
 
     # mmengine logs every parameter's init and per-class IoU tables at INFO; the table has the numbers
     logging.getLogger("mmengine").setLevel(logging.WARNING)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import patch, registry
+from .. import patch, proxy, proxy_backbone, registry
 from ..calibration import calibrate_and_save
 from ..reducer import ConfigError, ModelInfo
 from ..results import file_hash
@@ -331,8 +331,6 @@ class Source:
 class ProxySource(Source):
     def __init__(self, ctx, size: str = "default"):
         super().__init__(ctx)
-        from .. import proxy
-
         self.size = size
         self.model_name = proxy.PROXY_MODEL
         self.data = "proxy" if size == "default" else f"proxy:{size}"
@@ -349,17 +347,15 @@ class ProxySource(Source):
     def ensure_backbone(self) -> Path:
         """The cached backbone; else the shipped weights (hash-checked); else trained.  With
         ``--retrain-proxy`` the first call of the run retrains it with the suite's trainer."""
-        from .. import proxy
-
         t = self.ctx.progress
         p = proxy.backbone_path(self.size)
         retrain = bool(getattr(self.ctx.args, "retrain_proxy", False)) and not self.ctx.proxy_retrained
         if retrain:
             t.note(f"--retrain-proxy: training the proxy backbone ({self.size}) with the suite's trainer")
         elif not p.exists():
-            t.note(f"proxy backbone ({self.size}): " + ("the shipped weights" if proxy.shipped_entry(self.size)
+            t.note(f"proxy backbone ({self.size}): " + ("the shipped weights" if proxy_backbone.shipped_entry(self.size)
                                                          else "training it; cached afterwards"))
-        path = proxy.ensure_backbone(force=retrain, size=self.size)
+        path = proxy_backbone.ensure_backbone(force=retrain, size=self.size)
         if retrain:
             self.ctx.proxy_retrained = True
         return path
