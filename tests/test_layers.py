@@ -22,7 +22,8 @@ BENCH = ROOT / "bench"
 
 LAYERS = {
     "core": ["bench.errors", "bench.reducer", "bench.plugins", "bench.registry", "bench.patch", "bench.flops"],
-    "runtime": ["bench.env", "bench.outputs", "bench.stats", "bench.distributed", "bench.preprocess", "bench.proxy", "bench.proxy_backbone",
+    "runtime": ["bench.env", "bench.outputs", "bench.stats", "bench.distributed", "bench.preprocess", "bench.proxy",
+                "bench.proxy_backbone",
                 "bench.fixtures", "bench.models", "bench.weights", "bench.checkpoint", "bench.data", "bench.train",
                 "bench.evaluate", "bench.speed", "bench.results", "bench.launch", "bench.proxy_ranking",
                 "bench.calibration"],
@@ -157,3 +158,53 @@ def test_the_method_name_check_sees_a_planted_name(tmp_path):
                        'IF = spec.startswith("pm:")\n')
     hits = [h.split(": ", 1)[1] for h in method_names_in_code_at(planted, tmp_path)]
     assert hits == ["'PM rows: calibrated'", "'pm:'"], hits
+
+
+def import_cycles(graph: dict) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), i.e. the import cycles."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def repository_import_graph() -> dict:
+    """module -> the repository modules it imports (module-level and function-local), over bench/, pm/
+    and baselines/; ``from pkg import name`` counts as importing ``pkg.name`` where that is a module."""
+    mods = {module_name(p): p for root in ("bench", *METHOD_PACKAGES) for p in sorted((ROOT / root).rglob("*.py"))}
+
+    def resolve(m):
+        while m and m not in mods:
+            m = m.rpartition(".")[0]
+        return m
+
+    return {m: sorted({resolve(t) for t in imported_modules(p, m)} - {m, ""}) for m, p in mods.items()}
+
+
+def test_no_import_cycles():
+    """Issue 12: no import cycle, hidden by function-local imports or not."""
+    assert import_cycles(repository_import_graph()) == []
+    assert import_cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]  # the check works
