@@ -72,7 +72,7 @@ PROXY_MODEL = "pmbench_proxy_vit"
 # experimental alternative of docs/proxy.md ("A task whose ranking agrees, and what it costs"), chosen
 # with PMBENCH_PROXY_TASK=small-object: it has its own data version, so its data, backbone and results
 # never mix with the default's, and every table header names it.  Read once at import, so torchrun ranks
-# and the backbone-training subprocess see the same task.
+# and any other process of the run see the same task.
 TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "largest-hue"
 TASK_VERSIONS = {"largest-hue": 5, "small-object": 8}

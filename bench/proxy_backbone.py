@@ -9,23 +9,25 @@ or data version, or ``--retrain-proxy``, trains the backbone with that very comm
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from . import proxy
+from . import data as data_mod
+from . import distributed as dist
+from . import models, proxy, registry
+from . import preprocess as pp
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
-from .env import ROOT
-from .reducer import ConfigError
+from .reducer import ConfigError, ModelInfo
 from .results import file_hash
+from .train import DataJob, TrainConfig, build_loaders, compose_config, run_extra, seed_everything, train
 from .weights import load_file_weights
 
 
 # --------------------------------------------------------------------------- backbone
 def train_command(size: str = "default", out: Optional[Path] = None) -> list[str]:
-    """The ``pmbench train`` command line that produces the cached backbone."""
+    """The ``pmbench train`` command line equivalent to :func:`train_backbone` (recorded in the shipped
+    manifest, so anyone can re-create the weights by hand)."""
     sz = proxy.SIZES[size]
     out = Path(out) if out is not None else proxy.backbone_path(size)
     return [sys.executable, "-m", "bench.cli", "train", "--model", proxy.PROXY_MODEL, "--reducer", "none",
@@ -81,7 +83,7 @@ def backbone_origin(path: Path) -> str:
 
 def ensure_backbone(force: bool = False, *, size: str = "default") -> Path:
     """Path of the proxy backbone checkpoint: the cached one, else the shipped weights (checked and
-    converted once), else trained with ``pmbench train``.  ``force`` retrains (``--retrain-proxy``)."""
+    converted once), else trained (:func:`train_backbone`).  ``force`` retrains (``--retrain-proxy``)."""
     proxy.check_task()
     path = proxy.backbone_path(size)
     if path.exists() and not force:
@@ -96,16 +98,34 @@ def ensure_backbone(force: bool = False, *, size: str = "default") -> Path:
             print(f"[pmbench] proxy backbone: the shipped weights ({entry['file']}, sha256 "
                   f"{entry['sha256'][:12]}, val top-1 {entry['val_top1']:.1f}%)", file=sys.stderr)
             return path
-        proxy.ensure_proxy_data(size=size)
-        cmd = train_command(size, path)
-        print(f"[pmbench] training the proxy backbone: {' '.join(cmd[2:])}", file=sys.stderr)
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                "MASTER_ADDR", "MASTER_PORT")}
-        res = subprocess.run(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, env=env)
-        if res.returncode != 0 or not path.exists():
-            raise RuntimeError(f"training the proxy backbone failed (exit {res.returncode}); run it by hand: "
-                               f"{' '.join(cmd[2:])}")
+        train_backbone(size, path)
     return path
+
+
+def train_backbone(size: str, out: Path) -> dict:
+    """Train the proxy backbone of ``size`` into the checkpoint ``out`` in this process: exactly what
+    ``train_command(size, out)`` (``pmbench train``, the command the shipped manifest records) does,
+    to the bit (tests/test_proxy_weights.py).  Returns the training history."""
+    if dist.is_distributed():
+        raise ConfigError("the proxy backbone is not cached and cannot be trained inside a multi-process job: "
+                          "create it first in one process (`pmbench eval --data proxy`, or `./run_all.sh`)")
+    cmd = train_command(size, out)
+    print(f"[pmbench] training the proxy backbone (as `pmbench {' '.join(cmd[3:])}`)", file=sys.stderr)
+    sz, data = proxy.SIZES[size], cmd[cmd.index("--data") + 1]
+    proxy.ensure_proxy_data(size=size)
+    seed_everything(TrainConfig().seed)  # before the model exists: its initial weights come from it
+    model = models.create(proxy.PROXY_MODEL, num_classes=data_mod.describe_data(data)["num_classes"])
+    labels = data_mod.resolve_labels(data_mod.data_root(data), model.num_classes, "auto")
+    prep = pp.resolve(proxy.PROXY_MODEL, model)
+    red = registry.build("none")
+    recipe = {"epochs": sz.epochs, "batch_size": sz.batch_size, "lr": sz.lr, "warmup_epochs": sz.warmup_epochs,
+              "weight_decay": 0.05, "label_smoothing": sz.label_smoothing}
+    cfg_d = compose_config(red, ModelInfo.from_model(model), None, recipe,
+                           dict(device=None, ckpt_path=str(out), resume=False, progress=True))
+    cfg_d["extra"] = run_extra(data_mod.describe_data(data, labels=labels), proxy.PROXY_MODEL, red, prep)
+    cfg = TrainConfig.from_dict(cfg_d)
+    train_loader, val_loader = build_loaders(DataJob(data, prep, labels), cfg)
+    return train(model, train_loader, cfg, val_loader=val_loader)
 
 
 def load_proxy_backbone(device="cpu", *, size: str = "default"):

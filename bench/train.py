@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import data as data_mod
 from . import distributed as dist
 from . import patch
 from .checkpoint import read_checkpoint, save_checkpoint
@@ -140,6 +141,41 @@ def compose_config(red, info, source_defaults: Optional[dict] = None, *later: di
     for layer in later:
         d.update(layer)
     return d
+
+
+@dataclass
+class DataJob:
+    """The data side of one training run (``pmbench train``'s data flags): which split to read, how
+    to preprocess and label it, and how much of it."""
+    data: str  # a data spec: proxy | proxy:SIZE | imagenet:PATH
+    prep: object  # bench.preprocess.Preprocess
+    labels: object  # bench.data.LabelSpace
+    workers: int = 0
+    distributed: bool = False
+    max_train_images: Optional[int] = None
+    max_val_images: Optional[int] = None
+    validate: bool = True  # False: no per-epoch validation loader
+
+
+def build_loaders(job: DataJob, cfg: "TrainConfig") -> tuple:
+    """(train loader, validation loader or None) of ``job`` at ``cfg``'s batch size and seed; the one
+    place a training run's loaders are made (``pmbench train``, the proxy backbone)."""
+    train_loader = data_mod.build_loader(job.data, "train", cfg.batch_size, train=True, prep=job.prep,
+                                         labels=job.labels, workers=job.workers, distributed=job.distributed,
+                                         max_images=job.max_train_images, seed=cfg.seed)
+    val_loader = None
+    if job.validate:
+        val_loader = data_mod.build_loader(job.data, "val", max(1, cfg.batch_size * 2), prep=job.prep,
+                                           labels=job.labels, workers=job.workers, distributed=job.distributed,
+                                           max_images=job.max_val_images)
+    return train_loader, val_loader
+
+
+def run_extra(data_info: dict, model_name: str, red, prep, **sources) -> dict:
+    """TrainConfig.extra of a run (stored in its checkpoints): the data, the model, the reducer, the
+    preprocessing and where the starting weights came from (``init``, ``weights``)."""
+    return {"data": data_info, "model_name": model_name, "reducer": red.spec(), "init": sources.get("init"),
+            "weights": sources.get("weights"), "reducer_full": red.full_spec(), "preprocess": prep.as_dict()}
 
 
 class TrainingDiverged(ConfigError):

@@ -87,19 +87,45 @@ def test_retrain_trains_with_the_recipe_even_when_weights_are_shipped(fake_shipp
     model, _ = fake_shipped
     calls = []
 
-    def fake_train(cmd, **kw):
+    def fake_train(size, out):
         from bench.checkpoint import save_checkpoint
 
-        calls.append(cmd)
-        save_checkpoint(cmd[cmd.index("--out") + 1], model)
-        return subprocess.CompletedProcess(cmd, 0)
+        calls.append((size, out))
+        save_checkpoint(out, model)
 
     monkeypatch.setattr(proxy, "ensure_proxy_data", lambda **k: None)
     proxy_backbone.ensure_backbone(size="default")  # shipped first
-    monkeypatch.setattr(subprocess, "run", fake_train)
+    monkeypatch.setattr(proxy_backbone, "train_backbone", fake_train)
     path = proxy_backbone.ensure_backbone(force=True, size="default")
-    assert calls and calls[0][2:] == proxy_backbone.train_command("default", path)[2:]
+    assert calls == [("default", path)]
     assert proxy_backbone.backbone_origin(path) == "trained"
+
+
+def test_the_backbone_is_trained_in_process_exactly_as_its_recorded_command(tmp_path, monkeypatch):
+    """The library trains the backbone without a subprocess; the weights and the checkpoint's record
+    are those of the `pmbench train` command the shipped manifest names (smoke recipe)."""
+    import sys
+
+    from bench.checkpoint import read_checkpoint, state_dict_of
+    from bench.env import ROOT
+
+    monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "cache"))
+    proxy.ensure_proxy_data(size="smoke")
+    by_cli, in_process = tmp_path / "cli.pt", tmp_path / "lib.pt"
+    cmd = proxy_backbone.train_command("smoke", by_cli)
+    assert cmd[:4] == [sys.executable, "-m", "bench.cli", "train"]
+    # the same thread count in both processes (conftest pins this one): float sums depend on it
+    env = {**__import__("os").environ, "PMBENCH_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    res = subprocess.run(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    hist = proxy_backbone.train_backbone("smoke", in_process)
+    assert hist["final_step"] == json.loads(res.stdout)["steps"] > 0
+    a, b = read_checkpoint(by_cli), read_checkpoint(in_process)
+    sa, sb = state_dict_of(a), state_dict_of(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ex_a, ex_b = a.get("extra") or {}, b.get("extra") or {}
+    assert ex_a.get("data") == ex_b.get("data") and ex_a.get("preprocess") == ex_b.get("preprocess")
 
 
 def test_retrain_proxy_is_refused_outside_the_proxy_profiles(capsys):

@@ -16,7 +16,8 @@ from .. import env, models, patch, registry
 from .. import preprocess as pp
 from ..cli import emit
 from ..reducer import ConfigError, ModelInfo, Trainable
-from ..train import RUN_FIELDS, TrainConfig, compose_config, seed_everything, train
+from ..train import (RUN_FIELDS, DataJob, TrainConfig, build_loaders, compose_config, run_extra, seed_everything,
+                     train)
 
 # flag -> TrainConfig field (all default None = "not given")
 _FLAGS = [
@@ -201,20 +202,15 @@ def run(args):
         flags["train_mode"] = False
     cfg_d = compose_config(red, minfo, None, read_config(args.config, names), flags,
                            dict(device=args.device, ckpt_path=args.out, resume=args.resume, progress=not args.no_progress))
-    cfg_d["extra"] = {"data": info_data, "model_name": args.model, "reducer": red.spec(), "init": args.init,
-                      "weights": args.weights, "reducer_full": red.full_spec(), "preprocess": prep.as_dict()}
+    cfg_d["extra"] = run_extra(info_data, args.model, red, prep, init=args.init, weights=args.weights)
     cfg = TrainConfig.from_dict(cfg_d)
 
     teacher, tspec = _teacher(args, cfg, red, model, base)
 
-    train_loader = data_mod.build_loader(args.data, "train", cfg.batch_size, train=True, prep=prep, labels=labels,
-                                         workers=args.workers, distributed=dist.is_distributed(),
-                                         max_images=args.max_train_images, seed=cfg.seed)
-    val_loader = None
-    if not args.no_val:
-        val_loader = data_mod.build_loader(args.data, "val", max(1, cfg.batch_size * 2), prep=prep, labels=labels,
-                                           workers=args.workers,
-                                           distributed=dist.is_distributed(), max_images=args.max_val_images)
+    train_loader, val_loader = build_loaders(
+        DataJob(args.data, prep, labels, workers=args.workers, distributed=dist.is_distributed(),
+                max_train_images=args.max_train_images, max_val_images=args.max_val_images,
+                validate=not args.no_val), cfg)
     if main and not args.json:
         print(f"training {args.model} reducer {red.spec()} on {info_data['source']} data "
               f"({len(train_loader.dataset)} train images, {dist.world_size()} process(es)) "
