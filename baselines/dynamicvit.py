@@ -19,7 +19,7 @@ decision and outputs log-probabilities ``[keep, drop]`` per token
 * **Training** (``model.train()``): Gumbel-softmax hard decisions
   (straight-through, tau 1) on the keep channel, multiplied by the previous
   decision (cumulative); no token is removed, instead every block's attention
-  uses the official masked softmax (``bench.patch.softmax_with_policy``, keys
+  uses the official masked softmax (``bench.core.patch.softmax_with_policy``, keys
   whose policy is 0 are hidden from every other query; all-ones policy before
   the first stage, exactly as the official code passes ``policy`` to every
   block).  Per-stage decisions and the final tokens go to ``state.scratch``
@@ -76,8 +76,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.patch import reducer_modules, topk_keep
-from bench.reducer import PAPER_COUNT, AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_map
+from bench.core.patch import reducer_modules, topk_keep
+from bench.core.reducer import (PAPER_COUNT, AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState,
+                                Trainable, keep_map)
 
 _KEY = "dynamicvit"  # name of the ModuleList under model.reducer_modules
 _FROZEN = ("cls_token", "pos_embed")  # official: in no optimiser group

@@ -29,8 +29,9 @@ import math
 
 import torch
 
-from bench.patch import gather_tokens, topk_keep
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count, keep_map
+from bench.core.patch import gather_tokens, topk_keep
+from bench.core.reducer import (AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable,
+                                keep_count, keep_map)
 
 
 def complement_idx(idx: torch.Tensor, dim: int) -> torch.Tensor:

@@ -78,8 +78,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.evit import complement_idx
-from bench.patch import gather_tokens, reducer_modules
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable, keep_count, keep_map
+from bench.core.patch import gather_tokens, reducer_modules
+from bench.core.reducer import (AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable,
+                                keep_count, keep_map)
 
 _KEY = "mstm"
 
@@ -238,7 +239,7 @@ class MSTM(Trainable):
         if self.cfg["multiscale"]:
             state.scratch["mstm_fusion"] = model.reducer_modules[_KEY]
         # token sizes are bookkeeping unless something reads them: the merge weights, the log-size
-        # bias, size-weighted average pooling (bench.patch) or tracking (dense prediction, tests)
+        # bias, size-weighted average pooling (bench.core.patch) or tracking (dense prediction, tests)
         c = self.cfg
         state.scratch["mstm_sizes"] = bool(state.track or c["weights"] == "size" or c["prop_attn"]
                                            or getattr(model, "global_pool", None) == "avg")

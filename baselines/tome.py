@@ -21,7 +21,7 @@ stay at 0 and 1.  The r schedule follows ``tome.utils.parse_r``: one value =
 constant r, a list = per-layer r (padded with zeros), ``inflect`` = the
 official (r, inflection) linear schedule (the paper's "decreasing" schedule is
 ``inflect=-1``; docs/methods/tome.md §1.6).  Source tracking is the shared grid tracking of
-``bench.reducer.TokenState`` (each original token maps to exactly one current
+``bench.core.reducer.TokenState`` (each original token maps to exactly one current
 token), used to unmerge for dense prediction (docs/methods/tome.md §1.10).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from bench.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable
+from bench.core.reducer import AttnRequest, BlockTokens, ConfigError, ModelInfo, Option, TokenState, Trainable
 
 
 def parse_r(num_layers: int, r: list[int], inflect: Optional[float]) -> list[int]:

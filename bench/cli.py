@@ -2,7 +2,7 @@
 
 Each sub-command lives in its own module exposing ``add_parser(subparsers)``.  ``COMMANDS`` below is
 the whole CLI: every command's name, its module and the one-line help ``pmbench --help`` shows; the
-suite's own commands, then those method packages add (:mod:`bench.plugins`, e.g. ``pm-calibrate``).  Only
+suite's own commands, then those method packages add (:mod:`bench.core.plugins`, e.g. ``pm-calibrate``).  Only
 the module of the command being run is imported (the others are listed from this table), so
 ``pmbench --help`` and ``pmbench --version`` never load torch, timm or mmseg; the modules register
 their commands with the same help text (tests/test_cli.py checks that the two agree).
@@ -18,9 +18,9 @@ import json
 import os
 import sys
 
-from . import __version__
-from .errors import ConfigError
-from .plugins import method_commands
+from bench import __version__
+from bench.core.errors import ConfigError
+from bench.core.plugins import method_commands
 
 # (command, module that registers it, help): the order is the order of `pmbench --help`
 COMMANDS = [
@@ -37,7 +37,7 @@ COMMANDS = [
      "train / fine-tune a Segmenter with mmengine's Runner (CPU, torchrun gloo, CUDA); saves a clean checkpoint"),
     ("seg-cost", "bench.seg.cli", "analytic Segmenter GMACs per 512x512 window (no weights, no data)"),
 ]
-# the commands method packages add (bench/plugins.py): after the suite's own
+# the commands method packages add (bench/core/plugins.py): after the suite's own
 COMMANDS += [c for c in method_commands() if c[0] not in {n for n, _, _ in COMMANDS}]
 COMMAND_NAMES = [c[0] for c in COMMANDS]
 
@@ -66,13 +66,13 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     return p
 
 
-_RESULT_FILE: list = []  # set by main() from $PMBENCH_RESULT_JSON (bench.launch's jobs)
+_RESULT_FILE: list = []  # set by main() from $PMBENCH_RESULT_JSON (bench.runtime.launch's jobs)
 
 
 def emit(obj: dict, as_json: bool, text: str = "") -> None:
     result_file = (_RESULT_FILE or [os.environ.get("PMBENCH_RESULT_JSON")])[-1]
-    if result_file:  # a torchrun job of bench.launch: rank 0's object is also its result file
-        from .results import atomic_write_text
+    if result_file:  # a torchrun job of bench.runtime.launch: rank 0's object is also its result file
+        from bench.runtime.results import atomic_write_text
 
         atomic_write_text(result_file, json.dumps(obj, indent=2, default=_json_default) + "\n")
     if as_json:
@@ -117,7 +117,7 @@ class _Tee:
 
 
 def _launch_hooks() -> None:
-    """Under bench.launch: the result file for :func:`emit`, and this rank's stderr copied into
+    """Under bench.runtime.launch: the result file for :func:`emit`, and this rank's stderr copied into
     ``$PMBENCH_RANK_LOG_DIR/rank<RANK>.log``.  Both variables are taken out of the environment, so a
     process this command starts does not write into them."""
     rf = os.environ.pop("PMBENCH_RESULT_JSON", None)

@@ -1,6 +1,6 @@
 """``./run_all.sh [--profile P]``: regenerate every table of a profile.
 
-Flow (each stage lives in ``bench/stages/``):
+Flow (each stage lives in ``bench/pipeline/stages/``):
 
 1. ``accuracy``  the proxy (or ImageNet) top-1: off-the-shelf and fine-tuned rows; the structure of
                  every Calibrated method is calibrated here and reused by the cost and speed stages
@@ -11,7 +11,7 @@ Flow (each stage lives in ``bench/stages/``):
 6. reports      tables (md/csv/json) + published-vs-reproduced + plots + README
 
 Paper profile with ``--nproc N`` (or ``--launcher torchrun``): calibration, fine-tuning and evaluation
-of the accuracy and ablations stages run as torchrun jobs of ``pmbench`` commands (:mod:`bench.launch`,
+of the accuracy and ablations stages run as torchrun jobs of ``pmbench`` commands (:mod:`bench.runtime.launch`,
 multi-node flags included); everything else stays in this process.  Without it (the default) all runs
 in this process, as before.
 
@@ -30,10 +30,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import env, launch, overrides, profiles, proxy, proxy_backbone, registry
-from .checkpoint import load_structure
-from .reducer import Calibrated, ConfigError
-from .results import ResultCache, file_hash
+from bench.core import registry
+from bench.core.reducer import Calibrated, ConfigError
+from bench.pipeline import overrides, profiles
+from bench.runtime import env, launch, proxy, proxy_backbone
+from bench.runtime.checkpoint import load_structure
+from bench.runtime.results import ResultCache, file_hash
 
 ROOT = env.ROOT
 STAGES = ["accuracy", "cost", "speed", "seg", "ablations"]
@@ -138,7 +140,7 @@ class RunContext(StageArtefacts):
         self.failures: list[str] = []
         self.stages: list[str] = list(STAGES)  # the stages this invocation runs (set by main)
         self.skipped_stages: dict[str, str] = {}  # stage -> why it produced no table
-        self.launcher = None  # bench.launch.Launcher with --nproc / --launcher torchrun (paper profile)
+        self.launcher = None  # bench.runtime.launch.Launcher with --nproc / --launcher torchrun (paper profile)
         self.proxy_retrained = False  # --retrain-proxy: the backbone was trained again in this run
         self._proxy_backbone_line: Optional[str] = None  # proxy_backbone_line(), computed once
 
@@ -192,7 +194,7 @@ class RunContext(StageArtefacts):
         if self.profile["data_source"] == "proxy":
             m["proxy_backbone"] = self.proxy_backbone_line()
         if self.fixture:
-            from .fixtures import TINY_MODEL
+            from bench.runtime.fixtures import TINY_MODEL
 
             m["fixture"] = (f"yes: small fixture data in the real formats and the tiny {TINY_MODEL} (random "
                             "weights); tests the paper profile's code path, NOT paper results")
@@ -273,7 +275,7 @@ def parse_args(argv=None):
                         "key=value continues the spec before it; repeatable)")
     p.add_argument("--profile-file", default=None, metavar="FILE",
                    help="TOML/JSON/YAML file of profile keys to set, [add] lists to extend, [speed] settings to "
-                        "merge, configs to add everywhere (see bench/overrides.py and the README)")
+                        "merge, configs to add everywhere (see bench/pipeline/overrides.py and the README)")
     p.add_argument("--retrain-proxy", action="store_true",
                    help="default/smoke profiles: train the proxy backbone again with the suite's trainer instead of "
                         "loading the shipped weights (docs/proxy.md)")
@@ -340,15 +342,15 @@ def main(argv=None) -> int:
                               f"({', '.join(s for s in stages if s in LAUNCHED_STAGES)}); the rest in this process")
         try:
             for name in stages:
-                mod = importlib.import_module(f"bench.stages.{name}")
+                mod = importlib.import_module(f"bench.pipeline.stages.{name}")
                 ctx.progress.note(f"stage {name}")
                 mod.run(ctx)
         finally:
             if ctx.launcher is not None:  # followers (other nodes) stop waiting for jobs
                 ctx.launcher.close(wait_s=60.0 if sys.exc_info()[0] is None else 5.0)
-        from . import reports_writer
+        from bench.report import writer
 
-        reports_writer.write_all(ctx, wall_s=time.time() - t0)
+        writer.write_all(ctx, wall_s=time.time() - t0)
         ctx.progress.note(f"done in {_hms(time.time() - t0)}; reports in {out_dir}")
         if ctx.failures:
             ctx.progress.note("FAILURES:\n  " + "\n  ".join(ctx.failures))

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         print(f"\n[run_all test] tests took {t1 - t0:.0f} s; running the smoke profile + regression gate", flush=True)
         rc_smoke = subprocess.call([py, "-m", "bench.orchestrate", "--profile", "smoke", "--force",
                                     "--out", str(SMOKE_DIR)], cwd=ROOT)
-        rc_gate = subprocess.call([py, "-m", "bench.gate", str(SMOKE_DIR)], cwd=ROOT) if rc_smoke == 0 else 1
+        rc_gate = subprocess.call([py, "-m", "bench.pipeline.gate", str(SMOKE_DIR)], cwd=ROOT) if rc_smoke == 0 else 1
         print(f"[run_all test] smoke + gate took {time.time() - t1:.0f} s")
         failed = sum(rc != 0 for rc in (rc_tests, rc_smoke, rc_gate))
         print(f"suites: {3 - failed} passed, {failed} failed")

@@ -1,7 +1,7 @@
 """Speed-up / MAC-ratio of every configuration at one model size (issue 14's DeiT-T target).
 
-Not a unit test: it times real models for minutes.  Every configuration of ``bench.profiles.PAPER_CONFIGS``
-is timed interleaved with the unreduced model by the suite's protocol (``bench.speed.measure``:
+Not a unit test: it times real models for minutes.  Every configuration of ``bench.pipeline.profiles.PAPER_CONFIGS``
+is timed interleaved with the unreduced model by the suite's protocol (``bench.runtime.speed.measure``:
 iterations calibrated to ``--min-time`` s per timing, ``--repeats`` rounds, each row timed right between
 two baseline timings (``--pair-every 1``), bootstrap interval) and compared with its analytic MAC ratio::
 
@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
-from bench import flops, models, patch, profiles, registry, speed
-from bench.reducer import ModelInfo
+from bench.core import flops, patch, registry
+from bench.core.reducer import ModelInfo
+from bench.pipeline import profiles
+from bench.runtime import models, speed
 
 
 def main(argv=None) -> int:

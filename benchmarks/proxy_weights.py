@@ -2,7 +2,7 @@
 
 The default profile loads the proxy backbone from ``bench/data_files/`` (SHA-256 checked against
 ``proxy_backbone.json``) instead of training it for many minutes on every fresh clone.  The weights
-are produced by the suite's own trainer with the recipe in ``bench.proxy.SIZES``; this script is
+are produced by the suite's own trainer with the recipe in ``bench.runtime.proxy.SIZES``; this script is
 how they were made and how anyone re-checks them::
 
     python benchmarks/proxy_weights.py ship                 # train with the recipe, evaluate, write the
@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import env, proxy, proxy_backbone  # noqa: E402
-from bench.results import atomic_write_json, file_hash  # noqa: E402
+from bench.runtime import env, proxy, proxy_backbone  # noqa: E402
+from bench.runtime.results import atomic_write_json, file_hash  # noqa: E402
 
 
 def _run_json(cmd: list[str]) -> dict:
@@ -59,7 +59,7 @@ def val_top1(ckpt: Path, size: str) -> dict:
 def ship(args) -> int:
     from safetensors.torch import save_file
 
-    from bench.checkpoint import read_checkpoint, state_dict_of
+    from bench.runtime.checkpoint import read_checkpoint, state_dict_of
 
     size = args.size
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,9 +37,9 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench import distributed as bd
-from bench import patch
-from bench.reducer import AttnRequest, ConfigError, ModelInfo
+from bench.core import patch
+from bench.core.reducer import AttnRequest, ConfigError, ModelInfo
+from bench.runtime import distributed as bd
 
 
 class ScoreAccumulator:

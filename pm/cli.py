@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from bench import preprocess as pp
-from bench.data import LABEL_MODES
+from bench.runtime import preprocess as pp
+from bench.runtime.data import LABEL_MODES
 
 
 def add_parser(sub):
@@ -54,14 +54,14 @@ def add_parser(sub):
 
 # --------------------------------------------------------------------------- helpers
 def top1(model, loader, device) -> float:
-    from bench.evaluate import evaluate
+    from bench.runtime.evaluate import evaluate
 
     return round(float(evaluate(model, loader, device)["top1"]), 3)
 
 
 def save(path, model, reducer, model_name: str, meta: dict) -> None:
-    """A bench.checkpoint checkpoint (weights, model name, spec, reducer_state) + the calibration summary."""
-    from bench.checkpoint import save_checkpoint
+    """A bench.runtime.checkpoint checkpoint (weights, model name, spec, reducer_state) + the calibration summary."""
+    from bench.runtime.checkpoint import save_checkpoint
 
     if model_name and not getattr(model, "pmbench_name", None):
         model.pmbench_name = model_name
@@ -71,7 +71,7 @@ def save(path, model, reducer, model_name: str, meta: dict) -> None:
 # --------------------------------------------------------------------------- command
 def check_args(args) -> None:
     """Counts >= 1 and a writable --out file, before any data, model or compute."""
-    from bench.outputs import check_out_file, positive
+    from bench.runtime.outputs import check_out_file, positive
 
     for flag, dest in (("--iters", "iters"), ("--max-images", "max_images"), ("--batch-size", "batch_size"),
                        ("--num-classes", "num_classes"), ("--img-size", "img_size"),
@@ -82,8 +82,8 @@ def check_args(args) -> None:
 
 def _reducer_from_args(args):
     """The PM reducer of ``--reducer`` with ``--keep`` / ``--prune`` applied."""
-    from bench import registry
-    from bench.reducer import ConfigError
+    from bench.core import registry
+    from bench.core.reducer import ConfigError
 
     name, opts = registry.parse_spec(args.reducer)
     if name != "pm":
@@ -115,11 +115,11 @@ def _summary_text(res: dict, summ: dict, model_name, reducer, world: int, out) -
 def run(args):
     check_args(args)
     pp.merge_size_flags(args)
-    from bench import distributed as bd
-    from bench import patch
+    from bench.runtime import distributed as bd
+    from bench.core import patch
     from bench.cli import emit
     from bench.commands.common import calibration_inputs
-    from bench.data import build_loader
+    from bench.runtime.data import build_loader
 
     from .calibrate import ScoringOptions, calibrate
 

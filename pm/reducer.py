@@ -73,9 +73,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from bench.checkpoint import load_structure
-from bench.reducer import (PAPER_COUNT, AttnRequest, BlockTokens, Calibrated, ConfigError, ModelInfo, Option,
-                           TokenState, Trainable)
+from bench.runtime.checkpoint import load_structure
+from bench.core.reducer import (PAPER_COUNT, AttnRequest, BlockTokens, Calibrated, ConfigError, ModelInfo, Option,
+                                TokenState, Trainable)
 
 from . import matrices, structure
 from .calibrate import collect_scores
@@ -319,7 +319,7 @@ class PruneAndMerge(Calibrated, Trainable):
 
     # -- patching ---------------------------------------------------------------------------------
     def on_patch(self, model, info: ModelInfo) -> None:
-        from bench.patch import reducer_modules
+        from bench.core.patch import reducer_modules
 
         if self.structs is None or self._auto:  # data-free structure, rebuilt for every model
             layers = structure.resolve_layers(self.cfg["layers"], info.depth)
@@ -568,7 +568,7 @@ class PruneAndMerge(Calibrated, Trainable):
         """Under ``lr_quirk`` the 'decay_const_lr' group trains at a constant 1e-6: the multiplier
         that turns the trainer's cosine value at this step into 1e-6.  The cosine is recomputed
         from ``base_lr``/``min_lr`` (set by :meth:`recipe`; no warm-up, as the recipe says) at the
-        fractional epoch bench.train passes each step, i.e. its per-step schedule."""
+        fractional epoch bench.runtime.train passes each step, i.e. its per-step schedule."""
         if not self.cfg["lr_quirk"] or group != "decay_const_lr" or not self.base_lr:
             return 1.0
         t = min(1.0, float(epoch) / max(1e-9, float(num_epochs)))

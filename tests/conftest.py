@@ -65,7 +65,7 @@ def run_and_check_schedule(record_tokens):
     """``rec = run_and_check_schedule(model, reducer, x)``: one no-grad forward of the patched
     ``model`` on ``x``; asserts the token counts every block's attention and MLP really saw equal
     the reducer's declared ``token_schedule`` (the FLOP count's input); returns the record."""
-    from bench.reducer import ModelInfo
+    from bench.core.reducer import ModelInfo
 
     def run(model, reducer, x, img_size=None):
         rec = record_tokens(model)
@@ -105,7 +105,7 @@ def patched_vit(make_vit):
     copy with the same weights)."""
     import copy
 
-    from bench import patch, registry
+    from bench.core import patch, registry
 
     def make(spec: str, seed: int = 0):
         m = make_vit(seed=seed)
@@ -121,8 +121,8 @@ def patched_vit(make_vit):
 def assert_spec_rejected():
     """``assert_spec_rejected([(spec, message regex), ...])``: building each spec raises a ConfigError
     whose message matches (bad option values are caught before any model exists)."""
-    from bench import registry
-    from bench.reducer import ConfigError
+    from bench.core import registry
+    from bench.core.reducer import ConfigError
 
     def check(cases):
         for spec, msg in cases:
@@ -136,8 +136,8 @@ def assert_spec_rejected():
 def assert_patch_rejected():
     """``assert_patch_rejected(model, [(spec, message regex), ...])``: each spec builds but fails
     ``patch.apply`` on ``model`` with a ConfigError matching the message, leaving it unpatched."""
-    from bench import patch, registry
-    from bench.reducer import ConfigError
+    from bench.core import patch, registry
+    from bench.core.reducer import ConfigError
 
     def check(model, cases):
         for spec, msg in cases:

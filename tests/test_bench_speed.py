@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from bench import patch, registry
+from bench.core import patch, registry
 
 pytestmark = pytest.mark.benchmark(group="tiny-vit-forward", warmup=False)
 ROUNDS = int(os.environ.get("PMBENCH_BENCH_ROUNDS", "1"))

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from bench.checkpoint import load_model, read_checkpoint
 from bench.cli import main
+from bench.runtime.checkpoint import load_model, read_checkpoint
 
 COMMON = ["--model", "pmbench_proxy_vit", "--data", "proxy:smoke", "--iters", "2", "--batch-size", "8",
           "--no-progress", "--json"]

@@ -2,7 +2,7 @@
 
 tests/calibrated_plugin_fixture is a distribution the suite knows nothing about: ``scoredrop``
 scores every patch position on calibration batches (the loss gradient's magnitude on the patch's
-pixels) and drops the lowest-scoring ones.  It declares the :class:`bench.reducer.Calibrated`
+pixels) and drops the lowest-scoring ones.  It declares the :class:`bench.core.reducer.Calibrated`
 capability and adds a ``pmbench`` sub-command through the ``pmbench.commands`` entry-point group.
 Installed into a temporary folder (as tests/test_plugin.py installs its fixture), with no file of
 this repository edited, ``./run_all.sh --profile smoke --configs SPEC`` (with a profile file that

@@ -72,7 +72,8 @@ def test_flops_json_measure(capsys):
 ])
 @pytest.mark.parametrize("command", ["flops", "speed"])
 def test_user_errors_one_line_exit_2(capsys, monkeypatch, command, reducer, needles):
-    from bench import models, patch
+    from bench.runtime import models
+    from bench.core import patch
 
     forwards, created = [], []
     real_apply, real_create = patch.apply, models.create

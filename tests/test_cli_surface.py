@@ -114,7 +114,7 @@ def test_run_all_entry_turns_ctrl_c_into_130(monkeypatch, capsys):
 
 def test_orchestrate_ctrl_c_keeps_what_was_measured(monkeypatch, capsys, tmp_path):
     import bench.orchestrate as orch
-    from bench.stages import cost
+    from bench.pipeline.stages import cost
 
     def interrupted(ctx):
         raise KeyboardInterrupt
@@ -147,7 +147,7 @@ def test_testrun_with_pytest_args_runs_pytest_only(monkeypatch):
     calls.clear()
     monkeypatch.setenv("PMBENCH_GATE", "1")
     assert testrun.main(["tests/test_cli.py"]) == 0
-    assert calls == [["-m", "pytest"], ["-m", "bench.orchestrate"], ["-m", "bench.gate"]]
+    assert calls == [["-m", "pytest"], ["-m", "bench.orchestrate"], ["-m", "bench.pipeline.gate"]]
 
 
 def test_run_all_script_documents_and_uses_the_entry_wrapper():

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import data, preprocess
-from bench.evaluate import evaluate
-from bench.reducer import ConfigError
+from bench.core.reducer import ConfigError
+from bench.runtime import data, preprocess
+from bench.runtime.evaluate import evaluate
 from fixtures_data import make_imagefolder
 
 

@@ -10,16 +10,16 @@ import textwrap
 
 import torch
 
-from bench import data, models
-from bench.evaluate import evaluate
+from bench.runtime import data, models
+from bench.runtime.evaluate import evaluate
 from fixtures_data import make_imagefolder
 
 WORKER = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    from bench import data, distributed as dist, models
-    from bench.evaluate import evaluate
-    from bench.train import TrainConfig, train
+    from bench.runtime import data, distributed as dist, models
+    from bench.runtime.evaluate import evaluate
+    from bench.runtime.train import TrainConfig, train
 
     root, out = sys.argv[1], sys.argv[2]
     assert dist.init("cpu") and dist.world_size() == 2

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from baselines.dynamicvit import DynamicViT, PredictorLG, paper_formula_macs
-from bench import flops, patch, published, registry
-from bench.reducer import ModelInfo
+from bench.core import flops, patch, registry
+from bench.core.reducer import ModelInfo
+from bench.report import published
 
 
 def _info(dim, heads, grid=(14, 14), depth=12, classes=1000):
@@ -172,8 +173,8 @@ def test_param_groups_and_backbone_freeze(patched_vit):
 
 
 def _train_and_diff(patched_vit, spec: str, n_batches: int, epochs: float):
-    """Train ``spec`` through bench.train on random batches; (history, names of the parameters that moved)."""
-    from bench.train import TrainConfig, train
+    """Train ``spec`` through bench.runtime.train on random batches; (history, names of the parameters that moved)."""
+    from bench.runtime.train import TrainConfig, train
 
     m, r, teacher = patched_vit(spec)
     data = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(n_batches)]
@@ -185,7 +186,7 @@ def _train_and_diff(patched_vit, spec: str, n_batches: int, epochs: float):
 
 
 def test_trainer_integration_freezes_backbone(patched_vit):
-    """Two steps through bench.train inside the freeze: predictors move, the frozen backbone does not."""
+    """Two steps through bench.runtime.train inside the freeze: predictors move, the frozen backbone does not."""
     hist, moved = _train_and_diff(patched_vit, "dynamicvit:freeze_epochs=1", n_batches=2, epochs=1)
     assert {"ratio", "cls_kl", "token_distill"} <= set(hist["steps"][-1])
     assert moved and all(n.startswith("reducer_modules.") for n in moved)
@@ -290,7 +291,7 @@ def test_paper_rule_also_gives_the_lvvit_rows(model, rho, pub):
 def test_paper_rule_misses_the_384px_rows():
     """The paper's DeiT-S@384 rows (9.5 / 7.0) are the only ones the rule misses (9.56 / 7.10, keep
     counts int(576 * rho^s)); the paper does not give that model's configuration, and the suite maps no
-    model to it (bench.published.MODEL_MAP), so no table compares it."""
+    model to it (bench.report.published.MODEL_MAP), so no table compares it."""
     info = _info(384, 6, grid=(24, 24))
     got = [_paper_gmacs(info, f"dynamicvit:rho={r}") for r in (0.7, 0.5)]
     assert got == pytest.approx([9.558, 7.097], abs=1e-3)

@@ -13,8 +13,8 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 
 from baselines.evit import keep_rate_at
-from bench import patch, registry
-from bench.reducer import ModelInfo
+from bench.core import patch, registry
+from bench.core.reducer import ModelInfo
 
 # docs/methods/evit.md §2: tokens (incl. CLS) from the MLP of blocks 4 / 7 / 10 onward, 197-token DeiT
 TABLE = {

@@ -10,8 +10,9 @@ import pytest
 import timm
 import torch
 
-from bench import cli, data, preprocess, stats
-from bench.reducer import ConfigError
+from bench import cli
+from bench.core.reducer import ConfigError
+from bench.runtime import data, preprocess, stats
 from fixtures_data import SYNSETS, make_imagefolder, make_synset_folder
 
 AUGREG = "vit_tiny_patch16_224"  # pinned to .augreg_in21k_ft_in1k: mean = std = 0.5
@@ -87,7 +88,7 @@ def test_cache_keys_differ_when_only_normalisation_differs(tmp_path, monkeypatch
     # the accuracy stage's job key holds the model's preprocessing (the fixture model is AugReg-like)
     from types import SimpleNamespace
 
-    from bench.stages.sources import RealSource
+    from bench.pipeline.stages.sources import RealSource
 
     ctx = SimpleNamespace(args=SimpleNamespace(fixture=True), work_dir=tmp_path / "work", device="cpu")
     key = RealSource(ctx, None).input_key()
@@ -145,7 +146,7 @@ def test_paired_drop_on_a_constructed_case():
 
 
 def test_accuracy_rows_get_paired_drops():
-    from bench.stages.accuracy import add_paired_drops
+    from bench.pipeline.stages.accuracy import add_paired_drops
 
     rows = [{"timm_model": "m", "config": "none", "kind": "off-the-shelf", "correct": "1" * 90 + "0" * 10},
             {"timm_model": "m", "config": "tome:r=13", "kind": "off-the-shelf", "correct": "1" * 80 + "0" * 20},
@@ -159,7 +160,7 @@ def test_accuracy_rows_get_paired_drops():
 # --------------------------------------------------------------------------- results say what they measured
 def test_eval_json_has_the_resolved_spec_and_progress_on_stderr(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "cache"))
-    from bench.fixtures import ensure_fixture
+    from bench.runtime.fixtures import ensure_fixture
 
     fx = ensure_fixture()
     rc, out, err = run_cli(capsys, "eval", "--model", fx["model"], "--weights", fx["weights"], "--data",
@@ -183,7 +184,7 @@ def tiny(tmp_path_factory):
     old = os.environ.get("PMBENCH_CACHE")
     os.environ["PMBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     try:
-        from bench.fixtures import ensure_fixture
+        from bench.runtime.fixtures import ensure_fixture
 
         fx = ensure_fixture()
     finally:

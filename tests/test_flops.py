@@ -1,4 +1,4 @@
-"""FLOPs (bench/flops.py): analytic count vs a measured count, and vs every published figure.
+"""FLOPs (bench/core/flops.py): analytic count vs a measured count, and vs every published figure.
 
 The field's "GFLOPs" are GMACs (docs/flops.md §1).  The analytic count derives from the
 reducer's declared token schedule; the measured one runs the patched model under torch's
@@ -18,8 +18,8 @@ import pytest
 import timm
 import torch
 
-from bench import flops, patch, registry
-from bench.reducer import ModelInfo
+from bench.core import flops, patch, registry
+from bench.core.reducer import ModelInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_CSV = ROOT.parent / "shared" / "reference" / "paper_numbers.csv"

@@ -1,4 +1,4 @@
-"""The reducer contract and the shared patch (bench.reducer, bench.patch, bench.registry).
+"""The reducer contract and the shared patch (bench.core.reducer, bench.core.patch, bench.core.registry).
 
 Identity at zero reduction on every supported timm block variant, undo, hook order,
 fused attention kept at inference, spec parsing, and config errors raised before compute.
@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from timm.models.deit import VisionTransformerDistilled
 
-from bench import patch, registry
-from bench.reducer import AttnRequest, ConfigError, Reducer
+from bench.core import patch, registry
+from bench.core.reducer import AttnRequest, ConfigError, Reducer
 
 # model variants the patch must handle (issue: LayerScale, q/k-norm, dist token, any resolution)
 VARIANTS = {

@@ -1,4 +1,4 @@
-"""bench.launch: the torchrun command lines (one node, several nodes, pass-through), the launcher
+"""bench.runtime.launch: the torchrun command lines (one node, several nodes, pass-through), the launcher
 flags' errors, a failing job's report, Ctrl-C, and node 0 / follower hand-over of jobs.
 The 2-rank gloo run of the paper profile through the launcher is in test_orchestrate.py."""
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import launch
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
+from bench.runtime import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,7 +191,7 @@ def test_a_failing_torchrun_job_is_one_clear_error(tmp_path):
 DRIVER = textwrap.dedent("""
     import signal, subprocess, sys
     from pathlib import Path
-    from bench import launch
+    from bench.runtime import launch
     # a shell's background job starts with SIGINT ignored, and Python then leaves it ignored: restore what an
     # interactive user's Ctrl-C does, so the test does not depend on how the suite was started
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -333,7 +333,7 @@ def test_launched_commands_see_the_sources_input_exactly(tmp_path, monkeypatch):
     written exactly), label mode, and `cuda` (each rank its own GPU) for a run on cuda:N."""
     import types
 
-    from bench.stages.sources import RealSource
+    from bench.pipeline.stages.sources import RealSource
 
     monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "c"))
     ctx = types.SimpleNamespace(args=argparse.Namespace(fixture=True, imagenet=None, weights=None),

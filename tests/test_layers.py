@@ -1,15 +1,16 @@
-"""Issue 12's layering rule, for the current flat layout of ``bench/``: a module imports only modules
-of its own or a lower layer (module-level and function-local imports alike), and the harness never
-imports a method package (``pm``, ``baselines``): methods reach it through the registry.
+"""Issue 12's layering rule: ``bench/``'s folders are its layers, and a module imports only modules of
+its own or a lower layer (module-level and function-local imports alike); the harness never imports a
+method package (``pm``, ``baselines``): methods reach it through the registry.
 
-Layers, lowest first (a module not listed is reported, so a new one must be placed):
+Layers, lowest first (a module outside them is reported, so a new one must be placed):
 
-0. core      the contract and what it needs: errors, reducer, plugins, registry, patch, flops
-1. runtime   data, models, weights, checkpoints, training, evaluation, timing, environment
-2. seg       the Segmenter path (``bench/seg/``)
-3. pipeline  profiles, overrides, stages, regression gate
-4. report    tables, the published numbers, plots
-5. front-end the command lines (``cli``, ``commands/``, ``seg/cli``, ``orchestrate``, ``entry``, ``testrun``)
+0. core      ``bench/core/``: the contract and what it needs (reducer, errors, plugins, registry, patch, flops)
+1. runtime   ``bench/runtime/``: data, models, weights, checkpoints, training, evaluation, timing, environment
+2. seg       ``bench/seg/``: the Segmenter path
+3. pipeline  ``bench/pipeline/``: profiles, overrides, stages, regression gate
+4. report    ``bench/report/``: tables, the report folder, the published numbers, plots
+5. front-end the command lines at the top of ``bench/`` (``cli``, ``commands/``, ``orchestrate``, ``entry``,
+             ``testrun``) and ``bench/seg/cli``
 """
 from __future__ import annotations
 
@@ -21,15 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
 LAYERS = {
-    "core": ["bench.errors", "bench.reducer", "bench.plugins", "bench.registry", "bench.patch", "bench.flops"],
-    "runtime": ["bench.env", "bench.outputs", "bench.stats", "bench.distributed", "bench.preprocess", "bench.proxy",
-                "bench.proxy_backbone",
-                "bench.fixtures", "bench.models", "bench.weights", "bench.checkpoint", "bench.data", "bench.train",
-                "bench.evaluate", "bench.speed", "bench.results", "bench.launch", "bench.proxy_ranking",
-                "bench.calibration"],
+    "core": ["bench.core"],
+    "runtime": ["bench.runtime"],
     "seg": ["bench.seg"],
-    "pipeline": ["bench.profiles", "bench.overrides", "bench.stages", "bench.gate"],
-    "report": ["bench.report", "bench.reports_writer", "bench.published", "bench.plots"],
+    "pipeline": ["bench.pipeline"],
+    "report": ["bench.report"],
     # orchestrate is run_all.sh's command line (it runs the stages, then writes the reports);
     # seg.cli holds the seg-* commands
     "front-end": ["bench.cli", "bench.commands", "bench.seg.cli", "bench.orchestrate", "bench.entry", "bench.testrun"],
@@ -107,25 +104,27 @@ def test_the_check_reports_planted_violations(tmp_path, monkeypatch):
     import sys
 
     fake = tmp_path / "bench"
-    (fake / "stages").mkdir(parents=True)
-    (fake / "reducer.py").write_text("def f():\n    from .orchestrate import main\n")
-    (fake / "flops.py").write_text("import pm.reducer\n")
-    (fake / "stages" / "x.py").write_text("from ..reports_writer import write\nfrom .. import patch\n")
+    for d in ("core", "pipeline/stages", "report"):
+        (fake / d).mkdir(parents=True)
+    (fake / "core" / "reducer.py").write_text("def f():\n    from ..orchestrate import main\n")
+    (fake / "core" / "flops.py").write_text("import pm.reducer\n")
+    (fake / "pipeline" / "stages" / "x.py").write_text(
+        "from ...report.writer import write\nfrom ...core import patch\n")
     mod = sys.modules[__name__]
     monkeypatch.setattr(mod, "ROOT", tmp_path)
     monkeypatch.setattr(mod, "BENCH", fake)
     bad = violations()
-    assert "bench.reducer (core) imports bench.orchestrate (front-end)" in bad
-    assert "bench.flops imports the method package pm.reducer" in bad
-    assert "bench.stages.x (pipeline) imports bench.reports_writer (report)" in bad
-    assert not any("bench.patch" in b for b in bad)
+    assert "bench.core.reducer (core) imports bench.orchestrate (front-end)" in bad
+    assert "bench.core.flops imports the method package pm.reducer" in bad
+    assert "bench.pipeline.stages.x (pipeline) imports bench.report.writer (report)" in bad
+    assert not any("bench.core.patch" in b for b in bad)
 
 
 # Modules that are configuration data, where built-in method names belong: the built-in reducer list,
 # the built-in profiles, the plot colours, the segmentation table's rows, the real-model reference of the
 # proxy check, and the published numbers' model names.
-CONFIG_DATA = ("bench.plugins", "bench.profiles", "bench.plots", "bench.seg.table", "bench.proxy_ranking",
-               "bench.published")
+CONFIG_DATA = ("bench.core.plugins", "bench.pipeline.profiles", "bench.report.plots", "bench.seg.table",
+               "bench.runtime.proxy_ranking", "bench.report.published")
 _METHOD_NAME = re.compile(
     r"\b(?:pm|tome|evit|dynamicvit|mstm)(?::|$)|\b(?:PM(?!-Bench)|ToMe|EViT|DynamicViT|MSTM)\b")
 

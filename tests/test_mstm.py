@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from baselines.mstm import MSTM, merge_into_crucial
-from bench import flops, patch, registry
-from bench.reducer import ModelInfo
+from bench.core import flops, patch, registry
+from bench.core.reducer import ModelInfo
 
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))

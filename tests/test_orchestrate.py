@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import gate, published
-from bench.results import ResultCache, atomic_write_json
+from bench.pipeline import gate
+from bench.report import published
+from bench.runtime.results import ResultCache, atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,8 +75,8 @@ def test_published_mapping(monkeypatch):
     # a headline without a configuration: only where the defaults are the published setting
     assert published.spec_for("PM", "") is None and published.spec_for("MSTM", "") == "mstm"
     # the method column is matched against the registry, so a plug-in's published rows map too
-    from bench import registry
-    from bench.reducer import Option, Reducer
+    from bench.core import registry
+    from bench.core.reducer import Option, Reducer
 
     class Toy(Reducer):
         name = "toy"
@@ -121,7 +122,7 @@ def test_gate_cli_prints_what_regressed_and_how_to_accept(tmp_path):
     exp = tmp_path / "smoke.json"
     gate.accept(_report(tmp_path), exp)
     bad = _report(tmp_path, gm=3.0)
-    out = subprocess.run([sys.executable, "-m", "bench.gate", str(bad), "--expect", str(exp)],
+    out = subprocess.run([sys.executable, "-m", "bench.pipeline.gate", str(bad), "--expect", str(exp)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 1
     assert "GMACs DeiT-T|tome:r=13" in out.stdout and "./run_all.sh accept" in out.stdout
@@ -129,7 +130,7 @@ def test_gate_cli_prints_what_regressed_and_how_to_accept(tmp_path):
 
 
 def _speed_row(base_s, reduced_s, **extra):
-    """A throughput row built from constructed per-repeat timings, as bench.speed reports them."""
+    """A throughput row built from constructed per-repeat timings, as bench.runtime.speed reports them."""
     import statistics
 
     ratios = sorted(b / t for b, t in zip(base_s, reduced_s))
@@ -309,8 +310,8 @@ def test_paper_profile_through_torchrun_with_two_gloo_ranks(tmp_path, monkeypatc
 
     import torch
 
-    from bench.fixtures import ensure_fixture, pmbench_tiny_vit
-    from bench.stages.sources import RealSource
+    from bench.runtime.fixtures import ensure_fixture, pmbench_tiny_vit
+    from bench.pipeline.stages.sources import RealSource
 
     cache, out = tmp_path / "cache", tmp_path / "rep"
     monkeypatch.setenv("PMBENCH_CACHE", str(cache))

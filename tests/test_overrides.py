@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import overrides, profiles
-from bench.reducer import ConfigError
+from bench.core.reducer import ConfigError
+from bench.pipeline import overrides, profiles
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from plugin_install import install
 
-from bench import flops, patch, registry
-from bench.reducer import ConfigError, ModelInfo
+from bench.core import flops, patch, registry
+from bench.core.reducer import ConfigError, ModelInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "plugin_fixture"

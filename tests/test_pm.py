@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from bench import patch, registry
-from bench.reducer import ConfigError, ModelInfo
+from bench.core import patch, registry
+from bench.core.reducer import ConfigError, ModelInfo
 from pm import matrices, structure
 from pm.calibrate import calibrate, collect_scores
 from pm.reducer import PruneAndMerge, find_state
@@ -201,7 +201,7 @@ def test_pm_block_processes_C_tokens_and_pruned_tokens_skip(make_vit, record_tok
     zero_blocks(m)
     x = m.norm_pre(m._pos_embed(m.patch_embed(torch.randn(2, 3, 32, 32))))
     st = patch.get_context(m)
-    from bench.reducer import TokenState
+    from bench.core.reducer import TokenState
 
     st.state = TokenState(batch=2, n_prefix=1, grid=(8, 8), n0=65)
     blk = m.blocks[0]
@@ -289,9 +289,9 @@ def test_score_ablations(make_vit):
 
 # --------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
-    """pm-calibrate's checkpoint rebuilds the fine-tuned model through bench.checkpoint.load_model."""
-    from bench import models
-    from bench.checkpoint import load_model, read_checkpoint
+    """pm-calibrate's checkpoint rebuilds the fine-tuned model through bench.runtime.checkpoint.load_model."""
+    from bench.runtime import models
+    from bench.runtime.checkpoint import load_model, read_checkpoint
     from pm.cli import save
 
     torch.manual_seed(0)
@@ -349,7 +349,7 @@ def test_flops_report_matches_the_pm_code_formula(dim, heads, base, k6):
 
 
 def test_flops_of_the_patched_model_are_measured_consistently(make_vit):
-    from bench import flops
+    from bench.core import flops
 
     m, r = _calibrated(make_vit)
     info = patch.get_context(m).info
@@ -366,7 +366,7 @@ def test_recipe_and_lr_quirk():
     rt = r.recipe(_deit(192, 3))
     assert rt["distill"] == "soft" and rt["distill_form"] == "add" and rt["distill_tau"] == 20
     assert rt["distill_alpha"] == 0.8 and rt["lr"] == 1e-4 and rt["warmup_epochs"] == 0
-    from bench.train import TrainConfig
+    from bench.runtime.train import TrainConfig
 
     TrainConfig.from_dict(rt)  # every key is a TrainConfig field
     assert r.recipe(_deit(384, 6))["distill_alpha"] == 1.0
@@ -378,11 +378,11 @@ def test_recipe_and_lr_quirk():
     assert q.param_group("blocks.0.norm1.weight") == "no_decay" and q.param_group("norm.weight") == "no_decay"
     assert q.param_group("blocks.0.ls1.gamma") == "no_decay"
     assert q.param_group("blocks.0.attn.qkv.bias") == "no_decay" and q.param_group("pos_embed") == "no_decay"
-    from bench.train import CosineSchedule
+    from bench.runtime.train import CosineSchedule
 
     sched = CosineSchedule(1e-4, 1e-6, total_steps=100, warmup_steps=0, warmup_lr=1e-6)
     for step in (0, 37, 99):  # the trainer's per-step cosine times the scale stays at 1e-6
-        # (bench.train passes the fractional epoch step / steps_per_epoch)
+        # (bench.runtime.train passes the fractional epoch step / steps_per_epoch)
         assert sched.lr_at(step) * q.lr_scale("decay_const_lr", step / 10, 10) == pytest.approx(1e-6)
     assert q.lr_scale("no_decay", 5, 10) == 1.0
 
@@ -410,7 +410,7 @@ def test_inference_uses_the_fused_kernel_and_calibration_the_explicit_path(make_
 def test_pm_calibrate_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     import json
 
-    from bench.checkpoint import load_model
+    from bench.runtime.checkpoint import load_model
     from bench.cli import main
 
     out = tmp_path / "pm.pt"

@@ -22,8 +22,8 @@ def _batches():
 
 
 def _scores(batches):
-    from bench import patch, registry
-    from bench.reducer import ModelInfo
+    from bench.core import patch, registry
+    from bench.core.reducer import ModelInfo
     from pm.calibrate import collect_scores
 
     m = _model()

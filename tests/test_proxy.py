@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from bench import data, models, proxy
+from bench.runtime import data, models, proxy
 
 
 def _digest(root):

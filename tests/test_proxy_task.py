@@ -23,7 +23,7 @@ def _py(code: str, task: str | None, tmp_path) -> subprocess.CompletedProcess:
 
 PROBE = """
 import json, numpy as np
-from bench import proxy
+from bench.runtime import proxy
 out = proxy.generate(proxy.Path({out!r}), train_per_class=1, val_per_class=1, seed=0)
 meta = json.loads((out / "proxy.json").read_text())
 img = np.asarray(proxy.render(3, np.random.default_rng(np.random.SeedSequence([0, 1, 3, 0]))))

@@ -8,10 +8,11 @@ import subprocess
 import pytest
 import torch
 
-from bench import orchestrate, proxy, proxy_backbone
-from bench.checkpoint import load_model
-from bench.reducer import ConfigError
-from bench.results import file_hash
+from bench import orchestrate
+from bench.core.reducer import ConfigError
+from bench.runtime import proxy, proxy_backbone
+from bench.runtime.checkpoint import load_model
+from bench.runtime.results import file_hash
 
 
 def test_the_shipped_weights_match_their_manifest_and_the_recipe():
@@ -88,7 +89,7 @@ def test_retrain_trains_with_the_recipe_even_when_weights_are_shipped(fake_shipp
     calls = []
 
     def fake_train(size, out):
-        from bench.checkpoint import save_checkpoint
+        from bench.runtime.checkpoint import save_checkpoint
 
         calls.append((size, out))
         save_checkpoint(out, model)
@@ -106,8 +107,8 @@ def test_the_backbone_is_trained_in_process_exactly_as_its_recorded_command(tmp_
     are those of the `pmbench train` command the shipped manifest names (smoke recipe)."""
     import sys
 
-    from bench.checkpoint import read_checkpoint, state_dict_of
-    from bench.env import ROOT
+    from bench.runtime.checkpoint import read_checkpoint, state_dict_of
+    from bench.runtime.env import ROOT
 
     monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "cache"))
     proxy.ensure_proxy_data(size="smoke")
@@ -136,7 +137,7 @@ def test_retrain_proxy_is_refused_outside_the_proxy_profiles(capsys):
 def test_the_shipped_file_is_packaged():
     import tomllib
 
-    from bench.env import ROOT
+    from bench.runtime.env import ROOT
 
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["bench"]
     assert "data_files/*.safetensors" in data and "data_files/*.json" in data

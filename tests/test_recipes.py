@@ -1,7 +1,7 @@
 """Fine-tuning recipes of ToMe, EViT, DynamicViT and MSTM (``Reducer.recipe``) and their
-integration with the shared trainer (bench/train.py): the recipes are valid TrainConfigs with
+integration with the shared trainer (bench/runtime/train.py): the recipes are valid TrainConfigs with
 the official values, EViT keeps the model in eval mode and its keep-rate schedule, ToMe merges
-while training, and each method trains a few steps through ``bench.train.train``.
+while training, and each method trains a few steps through ``bench.runtime.train.train``.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from baselines.evit import keep_rate_at
-from bench import patch, registry
-from bench.reducer import ModelInfo
-from bench.train import TrainConfig, train
+from bench.core import patch, registry
+from bench.core.reducer import ModelInfo
+from bench.runtime.train import TrainConfig, train
 
 METHODS = ["tome", "evit", "dynamicvit", "mstm"]
 

@@ -11,9 +11,11 @@ import json
 import pytest
 import torch
 
-from bench import flops, patch, plots, profiles, registry
-from bench.checkpoint import save_checkpoint
-from bench.reducer import ConfigError, ModelInfo
+from bench.core import flops, patch, registry
+from bench.core.reducer import ConfigError, ModelInfo
+from bench.pipeline import profiles
+from bench.report import plots
+from bench.runtime.checkpoint import save_checkpoint
 from pm.calibrate import calibrate
 
 SPEC = "pm:keep=0.6"
@@ -37,7 +39,7 @@ def _densify(model, layers):
 @pytest.fixture(scope="module")
 def pm_checkpoints(tmp_path_factory):
     """(calibrated, fine-tuned) PM checkpoints of the fixtures' tiny ViT (blocks 0, 2, 5 densified)."""
-    from bench.fixtures import TINY_MODEL, pmbench_tiny_vit
+    from bench.runtime.fixtures import TINY_MODEL, pmbench_tiny_vit
 
     d = tmp_path_factory.mktemp("pm")
     torch.manual_seed(0)
@@ -58,7 +60,7 @@ def test_transplanted_matrices_run_as_the_fine_tuned_model(pm_checkpoints):
     dense block (what FlopCounterMode measures too)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from bench.stages.common import transplant
+    from bench.pipeline.stages.common import transplant
 
     _, cal, ft, src = pm_checkpoints
     torch.manual_seed(0)
@@ -102,7 +104,7 @@ def _ctx(tmp_path, fixture=True):
 
 
 def _accuracy_table(ctx, model):
-    from bench.stages.common import short_model
+    from bench.pipeline.stages.common import short_model
 
     name = short_model(model)
     rows = [{"model": name, "timm_model": model, "method": "none", "config": "none", "kind": "off-the-shelf",
@@ -121,8 +123,9 @@ def test_fine_tuned_pm_rows_in_flops_throughput_and_accuracy(tmp_path, pm_checkp
     """Cost and speed stages give PM's fine-tuned checkpoint rows of its own (labelled), the accuracy
     table pairs each PM row with the speed-up of its own matrices, the other rows keep their GMACs,
     and the fixture run says so in every header, with the stages it skipped."""
-    from bench import gate, reports_writer
-    from bench.stages import cost, speed
+    from bench.pipeline import gate
+    from bench.report import writer
+    from bench.pipeline.stages import cost, speed
 
     model, cal, ft, _ = pm_checkpoints
     ctx = _ctx(tmp_path)
@@ -151,7 +154,7 @@ def test_fine_tuned_pm_rows_in_flops_throughput_and_accuracy(tmp_path, pm_checkp
     assert spb[(SPEC, "fine-tuned")]["mac_speedup"] < spb[(SPEC, "calibrated")]["mac_speedup"]
 
     _accuracy_table(ctx, model)
-    from bench.stages import seg
+    from bench.pipeline.stages import seg
 
     seg.run(ctx)  # the fixture run has no ADE20K fixture: skipped, and said so
     figs = {}
@@ -162,7 +165,7 @@ def test_fine_tuned_pm_rows_in_flops_throughput_and_accuracy(tmp_path, pm_checkp
         fig.savefig(out / name, dpi=40)
 
     monkeypatch.setattr(plots, "_save", save)
-    reports_writer.write_all(ctx, 1.0)
+    writer.write_all(ctx, 1.0)
     acc = {(r["config"], r["kind"]): r for r in ctx.tables["accuracy"]["rows"]}
     assert acc[(SPEC, "fine-tuned")]["speedup"] == spb[(SPEC, "fine-tuned")]["speedup"]
     assert acc[(SPEC, "off-the-shelf")]["speedup"] == spb[(SPEC, "calibrated")]["speedup"]
@@ -222,7 +225,7 @@ def test_method_colours_are_fixed_and_distinct():
 
 def test_published_table_shows_the_explanation(tmp_path):
     """PM DeiT-S keep 0.6: 'differs' (3.0 vs ours) comes with the CSV note that says why."""
-    from bench import published, reports_writer
+    from bench.report import published, writer
 
     ctx = _ctx(tmp_path, fixture=False)
     ctx.add_table("flops", "GMACs", [{"model": "DeiT-S", "timm_model": "deit_small_patch16_224", "method": "pm",
@@ -231,7 +234,7 @@ def test_published_table_shows_the_explanation(tmp_path):
                                      {"model": "DeiT-S", "timm_model": "deit_small_patch16_224", "method": "pm",
                                       "config": "pm:keep=0.6", "structure": "fine-tuned", "gmacs": 3.2,
                                       "paper_count_gmacs": 2.725}], ctx.meta(), None)
-    reports_writer._published_table(ctx)
+    writer._published_table(ctx)
     t = ctx.tables["published_vs_reproduced"]
     # the table's config column holds the canonical spec (keep=0.6 is PM's default: 'pm')
     want = published.normalise_spec("pm:keep=0.6")
@@ -242,7 +245,7 @@ def test_published_table_shows_the_explanation(tmp_path):
 
 
 def test_header_of_a_non_fixture_table_is_unchanged():
-    from bench.report import header_lines
+    from bench.report.tables import header_lines
 
     lines = header_lines("T", {"profile": "default", "data_source": "proxy"})
     assert lines[0] == "## T" and not any("Fixture" in x for x in lines)
@@ -251,7 +254,7 @@ def test_header_of_a_non_fixture_table_is_unchanged():
 def test_proxy_ranking_note_compares_with_the_real_model():
     """The accuracy table's computed note: the run's off-the-shelf order of the reference
     configurations against the real ViT-Ti's, with a verdict either way."""
-    from bench import proxy_ranking
+    from bench.runtime import proxy_ranking
 
     rows = [{"config": "pm:keep=0.6", "kind": "off-the-shelf", "drop": 0.2, "drop_ci95": "[-1.8, +2.2]"},
             {"config": "tome:r=13", "kind": "off-the-shelf", "drop": -0.2},
@@ -269,8 +272,8 @@ def test_proxy_ranking_note_compares_with_the_real_model():
 
 
 def test_pm_off_the_shelf_rows_say_calibrated_not_fine_tuned():
-    from bench import registry
-    from bench.stages import accuracy
+    from bench.core import registry
+    from bench.pipeline.stages import accuracy
 
     assert "note" in accuracy.COLUMNS
     assert registry.build("pm:keep=0.6").off_the_shelf_note.startswith("calibrated, not fine-tuned: on real "
@@ -281,7 +284,7 @@ def test_pm_off_the_shelf_rows_say_calibrated_not_fine_tuned():
 def test_a_renamed_table_leaves_no_files_behind(tmp_path):
     """Files of a table the previous manifest lists under a retired name go; current tables (and
     tables of stages a --only run skipped) stay."""
-    from bench import reports_writer
+    from bench.report import writer
 
     out = tmp_path / "rep"
     out.mkdir()
@@ -290,8 +293,8 @@ def test_a_renamed_table_leaves_no_files_behind(tmp_path):
             (out / f"{name}.{ext}").write_text("x")
     (out / "manifest.json").write_text(json.dumps({"tables": ["flops", "pm_ablations", "../escape"]}))
     (tmp_path / "escape.md").write_text("not ours")
-    assert reports_writer.drop_retired_tables(out) == ["pm_ablations"]
+    assert writer.drop_retired_tables(out) == ["pm_ablations"]
     assert not any(out.glob("pm_ablations.*"))
     assert len(list(out.glob("flops.*"))) == 3 and len(list(out.glob("ablations.*"))) == 3
     assert (tmp_path / "escape.md").exists()
-    assert reports_writer.drop_retired_tables(tmp_path / "absent") == []
+    assert writer.drop_retired_tables(tmp_path / "absent") == []

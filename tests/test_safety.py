@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench import checkpoint, models, outputs, patch, proxy, proxy_backbone, registry
-from bench.data import ShardedEpochSampler
-from bench.reducer import ConfigError
+from bench.core import patch, registry
+from bench.core.reducer import ConfigError
+from bench.runtime import checkpoint, models, outputs, proxy, proxy_backbone
+from bench.runtime.data import ShardedEpochSampler
 from fixtures_data import make_imagefolder
 
 
@@ -26,7 +27,7 @@ def _cli(argv, capsys):
 
 def _no_compute(monkeypatch):
     """Any data loading, training or calibration fails the test: errors must come first."""
-    import bench.data
+    import bench.runtime.data
     import bench.seg.evaluate
     import bench.seg.train
     import pm.calibrate
@@ -34,7 +35,8 @@ def _no_compute(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("compute started before the arguments were checked")
 
-    for mod, name in ((bench.data, "describe_data"), (bench.data, "build_loader"), (bench.data, "build_dataset"),
+    data = bench.runtime.data
+    for mod, name in ((data, "describe_data"), (data, "build_loader"), (data, "build_dataset"),
                       (pm.calibrate, "calibrate"), (models, "create"), (proxy, "ensure_proxy_data"),
                       (proxy_backbone, "ensure_backbone"), (bench.seg.evaluate, "seg_eval"),
                       (bench.seg.train, "train_segmenter"), (bench.seg.train, "ensure_proxy_segmenter")):
@@ -174,7 +176,7 @@ def _finite(ck):
 def test_diverging_update_keeps_last_good_checkpoint_resumable(tmp_path, monkeypatch):
     """The update of step 3 makes the weights NaN (loss still finite): the checkpoint of step 2
     stays, finite, and resuming it reproduces the straight run."""
-    from bench.train import TrainConfig, TrainingDiverged, train
+    from bench.runtime.train import TrainConfig, TrainingDiverged, train
 
     cfg = dict(epochs=2, lr=1e-3, progress=False, seed=3)  # 3 steps per epoch, 6 in all
     straight = _tiny(1)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import registry
-from bench.reducer import ConfigError
+from bench.core import registry
+from bench.core.reducer import ConfigError
 
 pytest.importorskip("mmseg")
 

@@ -1,4 +1,4 @@
-"""Throughput harness (bench/speed.py, ``pmbench speed``): functional checks only.
+"""Throughput harness (bench/runtime/speed.py, ``pmbench speed``): functional checks only.
 
 Timings on a shared CPU are noise, so nothing here asserts a speed; speed goals live in the
 pytest-benchmark file tests/test_bench_speed.py.  These tests check the protocol's bookkeeping:
@@ -13,9 +13,10 @@ import pytest
 import timm
 import torch
 
-from bench import patch, registry, speed
 from bench.cli import main
+from bench.core import patch, registry
 from bench.orchestrate import StageArtefacts
+from bench.runtime import speed
 
 STAMP_KEYS = {"device", "device_type", "threads", "torch", "timm", "python", "commit", "date"}
 
@@ -185,8 +186,9 @@ def test_paper_speed_settings_on_cpu(monkeypatch, compile_ok):
     """The GPU table's machinery (batch sweep, AMP/fp32/bf16, timm baselines, compiled configs, kernel
     check, budget) run on CPU with a tiny model and tiny counts.  torch.compile is stubbed: identity
     (the rows appear) or an error (the rows say why, the run goes on)."""
-    from bench import fixtures, profiles
-    from bench.stages import speed as stage
+    from bench.runtime import fixtures
+    from bench.pipeline import profiles
+    from bench.pipeline.stages import speed as stage
 
     def fake_compile(model, **kw):
         if not compile_ok:
@@ -227,8 +229,9 @@ def test_paper_speed_settings_on_cpu(monkeypatch, compile_ok):
 
 
 def test_budget_skips_later_groups(monkeypatch):
-    from bench import fixtures, profiles
-    from bench.stages import speed as stage
+    from bench.runtime import fixtures
+    from bench.pipeline import profiles
+    from bench.pipeline.stages import speed as stage
 
     prof = profiles.get("paper")
     prof["speed"].update(models=[fixtures.TINY_MODEL], configs=["none", "tome:r=13"], batch_sizes=[2, 1],
@@ -242,7 +245,7 @@ def test_budget_skips_later_groups(monkeypatch):
 
 
 def test_default_profile_speed_protocol():
-    from bench import profiles
+    from bench.pipeline import profiles
 
     for name in ("default", "smoke"):
         sp = profiles.get(name)["speed"]
@@ -274,7 +277,8 @@ def test_cli_speed_bad_flags(capsys, argv):
 
 _FAULTS_SCRIPT = r"""
 import copy, json, sys, torch
-from bench import models, patch, registry, speed
+from bench.core import patch, registry
+from bench.runtime import models, speed
 desc = speed.steady_allocator() if sys.argv[1] == "steady" else "system"
 torch.manual_seed(0)
 base = models.create("deit_tiny_patch16_224").eval()

@@ -13,8 +13,8 @@ from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 
 from baselines.tome import bipartite_soft_matching, merge_wavg, parse_r
-from bench import patch, registry
-from bench.reducer import AttnRequest, ModelInfo
+from bench.core import patch, registry
+from bench.core.reducer import AttnRequest, ModelInfo
 
 
 # --------------------------------------------------------------------------- hand-computed reference
@@ -288,7 +288,7 @@ def test_metric_is_head_mean_of_keys(make_vit):
 @pytest.mark.parametrize("kw", [{"reg_tokens": 4}, {"class_token": False, "reg_tokens": 1, "global_pool": "avg"}])
 def test_register_tokens_rejected(make_vit, kw):
     """ToMe protects only CLS and dist; a register token would be merged like a patch."""
-    from bench.reducer import ConfigError
+    from bench.core.reducer import ConfigError
 
     with pytest.raises(ConfigError, match="register"):
         patch.apply(make_vit(**kw), registry.build("tome:r=4"))

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench import checkpoint, models, patch, registry
-from bench.data import ShardedEpochSampler
-from bench.reducer import ConfigError, Reducer, Trainable
-from bench.train import CosineSchedule, TrainConfig, distill_loss, param_groups, train
+from bench.core import patch, registry
+from bench.core.reducer import ConfigError, Reducer, Trainable
+from bench.runtime import checkpoint, models
+from bench.runtime.data import ShardedEpochSampler
+from bench.runtime.train import CosineSchedule, TrainConfig, distill_loss, param_groups, train
 from fixtures_data import make_imagefolder
 
 
@@ -176,7 +177,7 @@ def test_unreduced_checkpoint_accepts_any_reducer_and_names_mismatches(tmp_path)
 def test_local_weights_deit_wrapping_and_safetensors(tmp_path):
     from safetensors.torch import save_file
 
-    from bench.weights import load_file_weights, load_pretrained, pinned_name
+    from bench.runtime.weights import load_file_weights, load_pretrained, pinned_name
 
     src = tiny(seed=4)
     torch.save({"model": src.state_dict(), "epoch": 299}, tmp_path / "deit.pth")  # DeiT's release format
@@ -189,7 +190,7 @@ def test_local_weights_deit_wrapping_and_safetensors(tmp_path):
 
 
 def test_offline_without_weights_names_both_options(monkeypatch):
-    from bench import weights
+    from bench.runtime import weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-pmbench-hf")

@@ -1,6 +1,6 @@
 """``pmbench calibrate``: learn a calibrated method's structure on training batches and save a checkpoint.
 
-Any reducer with the :class:`bench.reducer.Calibrated` capability, built-in or a plug-in, by its spec.
+Any reducer with the :class:`bench.core.reducer.Calibrated` capability, built-in or a plug-in, by its spec.
 It runs alone or as every rank of a torchrun job (the pipeline's ``--launcher torchrun``): each rank
 scores its shard of the shuffled batches and the method combines its statistics over the ranks
 (``Calibrated.calibrate``'s contract); rank 0 writes the checkpoint.  A method may also ship its own,
@@ -12,15 +12,14 @@ import sys
 
 import torch
 
-from .. import distributed as bd
-from .. import patch, registry
-from .. import preprocess as pp
-from ..calibration import calibrate_and_save
-from ..cli import emit
-from ..data import LABEL_MODES
-from ..errors import ConfigError
-from ..outputs import check_out_file, positive
-from .common import calibration_inputs
+from bench.cli import emit
+from bench.commands.common import calibration_inputs
+from bench.core import patch, registry
+from bench.core.errors import ConfigError
+from bench.runtime import distributed as bd, preprocess as pp
+from bench.runtime.calibration import calibrate_and_save
+from bench.runtime.data import LABEL_MODES
+from bench.runtime.outputs import check_out_file, positive
 
 
 def add_parser(sub):

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import distributed as bd
-from .. import models, patch, proxy, proxy_backbone
-from .. import preprocess as pp
-from ..checkpoint import load_model, model_name_of
-from ..data import build_loader, data_root, describe_data, parse_data, resolve_labels
-from ..errors import ConfigError
-from ..weights import load_pretrained
+from bench.core import patch
+from bench.core.errors import ConfigError
+from bench.runtime import distributed as bd, models, preprocess as pp, proxy, proxy_backbone
+from bench.runtime.checkpoint import load_model, model_name_of
+from bench.runtime.data import build_loader, data_root, describe_data, parse_data, resolve_labels
+from bench.runtime.weights import load_pretrained
 
 
 def add_model_args(p, reducer_default="none"):
@@ -29,7 +28,7 @@ def img_size_of(args, model):
 
 def unreduced_model(args, n_classes=None, command: str = "this command"):
     """The unpatched model a calibration starts from, and its name: ``--init`` (a pmbench checkpoint),
-    ``--weights`` / ``--pretrained`` (:func:`bench.weights.load_pretrained`, the one loader of weight
+    ``--weights`` / ``--pretrained`` (:func:`bench.runtime.weights.load_pretrained`, the one loader of weight
     files), or, for the proxy model, the proxy backbone of ``--data``."""
     if args.init:
         model, _red = load_model(args.init, args.model)

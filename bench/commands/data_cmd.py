@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data as data_mod
-from ..cli import emit
+from bench.cli import emit
+from bench.runtime import data as data_mod
 
 
 def add_parser(sub):
@@ -29,9 +29,9 @@ def add_parser(sub):
 
 
 def run_proxy(args):
-    from .. import proxy
-    from ..outputs import check_out_dir
-    from ..reducer import ConfigError
+    from bench.runtime import proxy
+    from bench.runtime.outputs import check_out_dir
+    from bench.core.reducer import ConfigError
 
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
@@ -56,7 +56,7 @@ def run_info(args):
 
 
 def run_cache(args):
-    from ..outputs import finite, positive
+    from bench.runtime.outputs import finite, positive
 
     positive(args.img_size, "--img-size")
     finite(args.crop_pct, "--crop-pct", low=0.0, low_open=True)

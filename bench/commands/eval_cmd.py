@@ -3,9 +3,9 @@
 Weights: ``--checkpoint`` (a pmbench checkpoint; its stored reducer is used unless
 ``--reducer`` is given), ``--weights FILE`` / ``--pretrained`` (timm/DeiT weights), or,
 for ``pmbench_proxy_vit``, the cached proxy backbone (trained on first use).
-Input preprocessing comes from the model (:mod:`bench.preprocess`); labels from the
-folders (:func:`bench.data.resolve_labels`: ImageNet synsets in canonical order).
-Reports GMACs of the evaluated configuration (bench.flops.analytic), the resolved
+Input preprocessing comes from the model (:mod:`bench.runtime.preprocess`); labels from the
+folders (:func:`bench.runtime.data.resolve_labels`: ImageNet synsets in canonical order).
+Reports GMACs of the evaluated configuration (bench.core.flops.analytic), the resolved
 preprocessing and reducer spec, device, data source and a provenance stamp.
 Works under torchrun (each sample counted once).
 """
@@ -14,14 +14,12 @@ from __future__ import annotations
 import csv
 import os
 
-from .. import data as data_mod
-from .. import distributed as dist
-from .. import env, flops, models, patch, proxy_backbone, registry
-from .. import preprocess as pp
-from ..cli import emit
-from ..evaluate import evaluate
-from ..outputs import check_out_file, positive, temp_file
-from ..reducer import ConfigError, ModelInfo
+from bench.cli import emit
+from bench.core import flops, patch, registry
+from bench.core.reducer import ConfigError, ModelInfo
+from bench.runtime import data as data_mod, distributed as dist, env, models, preprocess as pp, proxy_backbone
+from bench.runtime.evaluate import evaluate
+from bench.runtime.outputs import check_out_file, positive, temp_file
 
 
 def add_parser(sub):
@@ -64,7 +62,7 @@ def _check_args(args) -> None:
 
 def load_for_eval(args):
     """(model patched with the reducer, reducer, weights description, reducer trained?)."""
-    from ..checkpoint import load_model, read_checkpoint
+    from bench.runtime.checkpoint import load_model, read_checkpoint
 
     ckpt = args.checkpoint
     if ckpt is None and not (args.weights or args.pretrained):
@@ -82,7 +80,7 @@ def load_for_eval(args):
         stored = registry.build(read_checkpoint(ckpt).get("reducer") or "none") if red.needs_training else None
         trained = not red.needs_training or (stored is not None and stored.full_spec() == red.full_spec())
         return model, red, {"checkpoint": str(ckpt)}, trained
-    from ..weights import load_pretrained, pinned_name
+    from bench.runtime.weights import load_pretrained, pinned_name
 
     model = load_pretrained(args.model, weights=args.weights, img_size=args.img_size)
     models.require_vit(model, args.model)

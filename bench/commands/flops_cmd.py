@@ -1,11 +1,12 @@
 """``pmbench flops``: GMACs (the field's "GFLOPs") from per-block token counts."""
 from __future__ import annotations
 
-from .. import flops, models, patch, registry
-from ..cli import emit
-from ..checkpoint import load_structure
-from ..reducer import Calibrated, ModelInfo, split_conventions
-from .common import add_model_args, img_size_of
+from bench.cli import emit
+from bench.commands.common import add_model_args, img_size_of
+from bench.core import flops, patch, registry
+from bench.core.reducer import Calibrated, ModelInfo, split_conventions
+from bench.runtime import models
+from bench.runtime.checkpoint import load_structure
 
 
 def add_parser(sub):
@@ -19,7 +20,7 @@ def add_parser(sub):
 
 def check_args(args) -> None:
     """0 and negative sizes are errors, never read as "the model's default"."""
-    from ..outputs import positive
+    from bench.runtime.outputs import positive
 
     positive(args.img_size, "--img-size")
     positive(args.num_classes, "--num-classes")
@@ -37,7 +38,7 @@ def build(args):
     img = img_size_of(args, model)
     ps = tuple(model.patch_embed.patch_size)
     if img[0] < ps[0] or img[1] < ps[1]:
-        from ..reducer import ConfigError
+        from bench.core.reducer import ConfigError
 
         raise ConfigError(f"--img-size {img[0]} is smaller than {args.model}'s {ps[0]}x{ps[1]} patch: "
                           "no patch token would remain")

@@ -1,8 +1,8 @@
 """``pmbench list``: every registered reducer (built-in and plug-in) with its options."""
 from __future__ import annotations
 
-from .. import registry
-from ..cli import emit
+from bench.cli import emit
+from bench.core import registry
 
 
 def add_parser(sub):

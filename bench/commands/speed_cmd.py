@@ -6,11 +6,12 @@ import sys
 
 import torch
 
-from .. import env, models, patch, registry, speed
-from ..cli import emit
-from ..checkpoint import load_structure
-from ..reducer import Calibrated, ConfigError
-from .common import add_model_args, img_size_of
+from bench.cli import emit
+from bench.commands.common import add_model_args, img_size_of
+from bench.core import patch, registry
+from bench.core.reducer import Calibrated, ConfigError
+from bench.runtime import env, models, speed
+from bench.runtime.checkpoint import load_structure
 
 
 def add_parser(sub):

@@ -10,14 +10,12 @@ import copy
 import sys
 from dataclasses import asdict, fields
 
-from .. import data as data_mod
-from .. import distributed as dist
-from .. import env, models, patch, registry
-from .. import preprocess as pp
-from ..cli import emit
-from ..reducer import ConfigError, ModelInfo, Trainable
-from ..train import (RUN_FIELDS, DataJob, TrainConfig, build_loaders, compose_config, run_extra, seed_everything,
-                     train)
+from bench.cli import emit
+from bench.core import patch, registry
+from bench.core.reducer import ConfigError, ModelInfo, Trainable
+from bench.runtime import data as data_mod, distributed as dist, env, models, preprocess as pp
+from bench.runtime.train import (RUN_FIELDS, DataJob, TrainConfig, build_loaders, compose_config, run_extra,
+                                 seed_everything, train)
 
 # flag -> TrainConfig field (all default None = "not given")
 _FLAGS = [
@@ -66,7 +64,7 @@ def add_parser(sub):
 
 def build_student(args, n_classes: int):
     """(student model unpatched or patched, reducer, unreduced copy for the teacher or None)."""
-    from ..checkpoint import load_model
+    from bench.runtime.checkpoint import load_model
 
     red_spec = args.reducer
     base = None
@@ -80,7 +78,7 @@ def build_student(args, n_classes: int):
             base = model
         return model, red, base
     if args.weights or args.pretrained:
-        from ..weights import load_pretrained
+        from bench.runtime.weights import load_pretrained
 
         model = load_pretrained(args.model, weights=args.weights, num_classes=n_classes, img_size=args.img_size)
     else:
@@ -94,10 +92,11 @@ def build_student(args, n_classes: int):
     return model, red, base
 
 
-def check_args(args) -> None:
+def check_args(args) -> dict:
     """Bad values fail here, before any data, model or compute: 0 and negative counts are errors,
-    never read as "not given"; --out / --log must be writable file paths."""
-    from ..outputs import check_out_file, finite, positive
+    never read as "not given"; --out / --log must be writable file paths.  Returns the ``--config``
+    file's TrainConfig fields ({} without one), read and checked once."""
+    from bench.runtime.outputs import check_out_file, finite, positive
 
     for flag, dest in (("--batch-size", "batch_size"), ("--max-steps", "max_steps"),
                        ("--ckpt-every-steps", "ckpt_every_steps"), ("--img-size", "img_size"),
@@ -120,8 +119,7 @@ def check_args(args) -> None:
     check_out_file(args.log_path, "--log")
     if args.resume and not args.out:
         raise ConfigError("--resume continues from --out; give --out CHECKPOINT")
-    if args.config is not None:
-        read_config(args.config, {f.name for f in fields(TrainConfig)})
+    return read_config(args.config, {f.name for f in fields(TrainConfig)})
 
 
 # TrainConfig fields that flags of this command set (refused in --config, named with their flag)
@@ -168,7 +166,7 @@ def _teacher(args, cfg, red, model, base) -> tuple:
                               "--teacher CHECKPOINT")
         teacher = copy.deepcopy(base) if base is model else base
     elif tspec not in ("none", None):
-        from ..checkpoint import load_model
+        from bench.runtime.checkpoint import load_model
 
         teacher, tred = load_model(tspec)
         if patch.is_patched(teacher):
@@ -179,7 +177,7 @@ def _teacher(args, cfg, red, model, base) -> tuple:
 
 
 def run(args):
-    check_args(args)
+    config_file = check_args(args)
     pp.merge_size_flags(args)
     dist.init(args.device)
     main = dist.is_main()
@@ -196,11 +194,10 @@ def run(args):
     prep = pp.from_args(args, args.model, model)
     minfo = ModelInfo.from_model(model)
 
-    names = {f.name for f in fields(TrainConfig)}
     flags = {dest: getattr(args, dest) for _, _, dest in _FLAGS if getattr(args, dest) is not None}
     if args.eval_mode:
         flags["train_mode"] = False
-    cfg_d = compose_config(red, minfo, None, read_config(args.config, names), flags,
+    cfg_d = compose_config(red, minfo, None, config_file, flags,
                            dict(device=args.device, ckpt_path=args.out, resume=args.resume, progress=not args.no_progress))
     cfg_d["extra"] = run_extra(info_data, args.model, red, prep, init=args.init, weights=args.weights)
     cfg = TrainConfig.from_dict(cfg_d)

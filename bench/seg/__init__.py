@@ -1,7 +1,7 @@
 """Segmentation: every registered reducer inside mmsegmentation's Segmenter.
 
 * :mod:`bench.seg.backbone`   ``PMBenchViT``: a Segmenter backbone (registered in mmseg's
-  ``MODELS``) built on a timm ``VisionTransformer``, so :func:`bench.patch.apply` runs any
+  ``MODELS``) built on a timm ``VisionTransformer``, so :func:`bench.core.patch.apply` runs any
   reducer in it unchanged; it restores the full token grid through ``Reducer.restore``.
   mmseg ViT checkpoints load directly (keys are renamed on load).
 * :mod:`bench.seg.configs`    configs derived from mmseg's stock Segmenter configs, with the

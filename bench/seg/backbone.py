@@ -1,7 +1,7 @@
 """``PMBenchViT``: a Segmenter backbone in which any registered reducer runs.
 
 Why a timm encoder: every reducer of the suite hooks into timm ``Block``s through
-:func:`bench.patch.apply`.  Building the Segmenter encoder as a timm
+:func:`bench.core.patch.apply`.  Building the Segmenter encoder as a timm
 ``VisionTransformer`` lets the very same mechanism run in segmentation with no
 per-method code.  The module is a drop-in replacement for mmseg's
 ``VisionTransformer`` backbone: it takes the same constructor arguments (so a stock
@@ -20,8 +20,8 @@ Equivalence with mmseg's ``VisionTransformer`` (tested on random weights):
 * ``final_norm``: one LayerNorm after the last block.
 
 Token restoration.  The reducer runs inside ``vit.forward_features`` with grid
-tracking on (:func:`bench.patch.set_tracking`); the reduced tokens are mapped back
-to the full grid by the reducer's own :meth:`bench.reducer.Reducer.restore` (ToMe:
+tracking on (:func:`bench.core.patch.set_tracking`); the reduced tokens are mapped back
+to the full grid by the reducer's own :meth:`bench.core.reducer.Reducer.restore` (ToMe:
 unmerge through the source map; pruning methods: each pruned token's last
 features; PM: its reconstruct already returns the full grid).  The restore happens
 *before* the final norm, so restored tokens (e.g. a pruned token's
@@ -42,12 +42,11 @@ from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from bench import patch as bpatch
-from bench import registry
-from bench.checkpoint import load_structure
-from bench.reducer import Calibrated, ConfigError, ModelInfo
+from bench.core import patch as bpatch, registry
+from bench.core.reducer import Calibrated, ConfigError, ModelInfo
+from bench.runtime.checkpoint import load_structure
 
-from .checkpoint import block_rules, load_weights
+from bench.seg.checkpoint import block_rules, load_weights
 
 
 # --------------------------------------------------------------------------- position embedding
@@ -202,7 +201,7 @@ class PMBenchViT(BaseModule):
 
     Arguments are those of mmseg's ``VisionTransformer`` (:class:`MmsegViTArgs`) plus:
     ``reducer`` (spec string), ``reducer_structure`` (file for methods whose structure is
-    calibrated, e.g. PM; read by ``bench.checkpoint.load_structure``), ``drop_path_attn``
+    calibrated, e.g. PM; read by ``bench.runtime.checkpoint.load_structure``), ``drop_path_attn``
     (also drop-path the attention residual, as timm does; mmseg does not) and
     ``pad_to_img_size`` (zero-pad windows smaller than ``img_size`` at the bottom/right and crop
     the features back: for reducers whose structure is tied to one token grid, e.g. PM's merge

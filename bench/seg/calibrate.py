@@ -1,7 +1,7 @@
-"""Calibration of a :class:`bench.reducer.Calibrated` method inside Segmenter (e.g. PM-Segmenter's
+"""Calibration of a :class:`bench.core.reducer.Calibrated` method inside Segmenter (e.g. PM-Segmenter's
 prune pass: docs/methods/pm.md, "Segmentation").
 
-The backbone's reducer calibrates through its own :meth:`~bench.reducer.Calibrated.calibrate`, the
+The backbone's reducer calibrates through its own :meth:`~bench.core.reducer.Calibrated.calibrate`, the
 same call as in classification; in segmentation the loss is the pixel cross-entropy of the
 Segmenter on training crops (labels 255 ignored): the Segmenter is wrapped so that ``model(images)``
 returns per-pixel logits (B, K, H, W), which ``F.cross_entropy`` accepts with (B, H, W) targets.
@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from bench.outputs import temp_file
-from bench.reducer import Calibrated, ConfigError
+from bench.core.reducer import Calibrated, ConfigError
+from bench.runtime.outputs import temp_file
 
 
 class _PixelLogits(nn.Module):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.reducer import ConfigError
+from bench.core.reducer import ConfigError
 
 # --------------------------------------------------------------------------- key conversion
 # One transformer block: (timm ``Block`` sub-key, mmseg ``TransformerEncoderLayer`` sub-key).  The
@@ -199,7 +199,7 @@ def load_into(model, path, trust: bool = False, strict: bool = True) -> dict:
 
 def save_clean(model, path, meta: dict | None = None) -> Path:
     """Save ``{'state_dict', 'meta'}`` only: loads with plain ``weights_only=True``."""
-    from bench.outputs import temp_file
+    from bench.runtime.outputs import temp_file
 
     p = Path(path)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}

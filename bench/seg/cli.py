@@ -44,7 +44,7 @@ def _common(p):
 
 
 def _logs(args) -> None:
-    from . import logs
+    from bench.seg import logs
 
     logs.set_verbose(args.verbose)
 
@@ -85,14 +85,14 @@ def add_parser(sub):
 
 def _check(args, *flags) -> None:
     """Counts >= 1 (0 and negative values are errors, never "not given"), before any work."""
-    from bench.outputs import positive
+    from bench.runtime.outputs import positive
 
     for flag in ("--threads",) + flags:
         positive(getattr(args, flag[2:].replace("-", "_")), flag)
 
 
 def _fps_batches(text: str) -> tuple:
-    from bench.reducer import ConfigError
+    from bench.core.reducer import ConfigError
 
     try:
         out = tuple(int(b) for b in text.split(",") if b.strip())
@@ -111,7 +111,7 @@ def run_eval(args):
 
     from bench.cli import emit
 
-    from .evaluate import SegEvalConfig, seg_eval
+    from bench.seg.evaluate import SegEvalConfig, seg_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,21 +146,21 @@ def run_train(args):
     import torch
 
     from bench.cli import emit
-    from bench.outputs import check_out_file
+    from bench.runtime.outputs import check_out_file
 
     _check(args, "--max-iters")
     check_out_file(args.out, "--out")
     if args.out is not None:
         check_out_file(str(args.out) + ".json", "--out (its metadata file)")
 
-    from . import train
+    from bench.seg import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with _stdout_to_stderr(args.json):
         if args.out is None:
             if args.config != "proxy" or args.reducer != "none" or args.load_from:
-                from bench.reducer import ConfigError
+                from bench.core.reducer import ConfigError
 
                 raise ConfigError("--out is required except for the default proxy Segmenter")
             out = train.ensure_proxy_segmenter(force=args.force, max_iters=args.max_iters,
@@ -182,9 +182,9 @@ def run_cost(args):
     from bench.cli import emit
 
     _check(args, "--img-size")
-    from .configs import build_config
-    from .cost import measured_window_macs, window_macs
-    from .evaluate import build_segmentor
+    from bench.seg.configs import build_config
+    from bench.seg.cost import measured_window_macs, window_macs
+    from bench.seg.evaluate import build_segmentor
 
     with _stdout_to_stderr(args.json):
         cfg = build_config(args.config, args.reducer, None, reducer_structure=args.reducer_structure)

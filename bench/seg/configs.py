@@ -12,8 +12,8 @@ import copy
 from pathlib import Path
 from typing import Optional
 
-from bench import registry
-from bench.reducer import ConfigError
+from bench.core import registry
+from bench.core.reducer import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SHORT = {
@@ -69,7 +69,7 @@ def build_config(config, reducer: Optional[str] = None, data: Optional[str] = No
     naming the expected layout).  ``num_workers`` applies to every dataloader
     (0 = load in the main process, the sensible choice on a small CPU).
     """
-    from . import data as segdata
+    from bench.seg import data as segdata
 
     cfg = load(config)
     if cfg.model.backbone.get("type") != "PMBenchViT":
@@ -96,7 +96,7 @@ def build_config(config, reducer: Optional[str] = None, data: Optional[str] = No
         # the proxy config points at the default proxy set: make sure it exists
         for _, ds in _datasets(cfg):
             if ds.get("type") == "PMBenchProxySegDataset":
-                from .proxy_data import ensure_proxy_seg
+                from bench.seg.proxy_data import ensure_proxy_seg
 
                 ds.data_root = str(ensure_proxy_seg("default"))
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -106,7 +106,7 @@ def build_config(config, reducer: Optional[str] = None, data: Optional[str] = No
             dl.persistent_workers = bool(num_workers) and dl.get("persistent_workers", False)
     if work_dir is not None:
         cfg.work_dir = str(work_dir)
-    from . import logs
+    from bench.seg import logs
 
     logs.apply(cfg)  # quiet mmengine unless --verbose
     return cfg

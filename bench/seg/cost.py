@@ -3,7 +3,7 @@
 Convention (as the classification tables, docs/flops.md §1): multiply-accumulates,
 called "GFLOPs" in the papers.
 
-* encoder: :func:`bench.flops.analytic` on the timm encoder at the window size, with
+* encoder: :func:`bench.core.flops.analytic` on the timm encoder at the window size, with
   the reducer's declared token schedule (patch embedding + blocks; no classifier);
 * decode head (``SegmenterMaskTransformerHead``), counted analytically with the same
   rules: ``dec_proj`` N·C_in·D; each of its L layers on N+K tokens
@@ -24,8 +24,8 @@ import statistics
 
 import torch
 
-from bench import flops as bflops
-from bench import speed as bspeed
+from bench.core import flops as bflops
+from bench.runtime import speed as bspeed
 
 
 def head_macs(head, n_patches: int) -> int:
@@ -95,7 +95,7 @@ def fps(segmentor, crop: torch.Tensor, batch: int, warmup: int = 1, iters: int =
     metas = [dict(img_shape=hw, ori_shape=hw, pad_shape=hw)] * batch
     for _ in range(warmup):
         segmentor.encode_decode(x, metas)
-    # the suite's one timing loop (bench.speed.timed_loop: device sync before and after the clock)
+    # the suite's one timing loop (bench.runtime.speed.timed_loop: device sync before and after the clock)
     times = [bspeed.timed_loop(lambda: segmentor.encode_decode(x, metas), iters, device) for _ in range(repeats)]
     ips = sorted(batch / t for t in times)
     return {"img_s": statistics.median(ips), "img_s_min": ips[0], "img_s_max": ips[-1], "batch": batch,

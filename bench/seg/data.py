@@ -12,9 +12,9 @@ from pathlib import Path
 from mmseg.datasets import BaseSegDataset
 from mmseg.registry import DATASETS
 
-from bench.reducer import ConfigError
+from bench.core.reducer import ConfigError
 
-from . import proxy_data
+from bench.seg import proxy_data
 
 ADE_LAYOUT = (
     "ADEChallengeData2016 layout: PATH/images/{training,validation}/*.jpg and "

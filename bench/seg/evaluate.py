@@ -18,12 +18,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from bench import env, registry
-from bench.reducer import Calibrated, ConfigError
+from bench.core import registry
+from bench.core.reducer import Calibrated, ConfigError
+from bench.runtime import env
 
-from . import configs as segconfigs
-from . import cost
-from .calibrate import calibrate, calibration_loader
+from bench.seg import configs as segconfigs, cost
+from bench.seg.calibrate import calibrate, calibration_loader
 
 
 def _is_proxy(cfg) -> bool:
@@ -35,7 +35,7 @@ def build_segmentor(cfg, checkpoint=None, *, random_weights: bool = False, trust
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS
 
-    from .checkpoint import load_into
+    from bench.seg.checkpoint import load_into
 
     init_default_scope("mmseg")
     cfg.model.pretrained = None
@@ -76,7 +76,7 @@ class SegEvalConfig:
     pickled (non-weights-only) checkpoints; ``speed``: measure FPS at each of ``fps_batches`` with
     ``speed_warmup`` / ``speed_iters`` / ``speed_repeats``; ``max_images``: stop after this many
     evaluation images; ``reducer_structure``: a calibrated structure file; ``calib_iters``: training
-    batches to calibrate a :class:`bench.reducer.Calibrated` method without one (0: do not calibrate).
+    batches to calibrate a :class:`bench.core.reducer.Calibrated` method without one (0: do not calibrate).
     """
     random_weights: bool = False
     trust: bool = False
@@ -109,7 +109,7 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
     ``gmacs_per_image`` (mean over the evaluated images, summed over their windows),
     ``fps_bs32``, ``fps_bs1`` (windows/s, None when ``speed`` is off), ``stamp``, and details.
 
-    A :class:`bench.reducer.Calibrated` method without a structure file (e.g. PM) is calibrated first
+    A :class:`bench.core.reducer.Calibrated` method without a structure file (e.g. PM) is calibrated first
     (:mod:`bench.seg.calibrate`: pixel-CE loss on ``calib_iters`` training batches), not fine-tuned.
     """
     o = dataclasses.replace(opts or SegEvalConfig(), **overrides)
@@ -118,7 +118,7 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
     cfg = segconfigs.build_config(config, red.spec(), data, num_workers=o.num_workers,
                                   reducer_structure=o.reducer_structure)
     if checkpoint is None and _is_proxy(cfg) and not o.random_weights:
-        from .train import ensure_proxy_segmenter
+        from bench.seg.train import ensure_proxy_segmenter
 
         # the proxy Segmenter trained on the same proxy set (proxy:smoke -> its 30-iteration smoke model)
         size = str(data or "proxy").partition(":")[2].strip() or "default"
@@ -161,11 +161,11 @@ def seg_eval(config, reducer: str = "none", data: Optional[str] = "proxy", check
 
 
 def _calibrate_if_needed(model, cfg, calib_iters: int, log) -> Optional[dict]:
-    """Calibrate a :class:`~bench.reducer.Calibrated` backbone reducer that is not yet calibrated."""
+    """Calibrate a :class:`~bench.core.reducer.Calibrated` backbone reducer that is not yet calibrated."""
     bb_red = model.backbone.reducer
     if not (isinstance(bb_red, Calibrated) and not bb_red.calibrated and calib_iters):
         return None
-    from .data import check_ade_layout
+    from bench.seg.data import check_ade_layout
 
     check_ade_layout(cfg.train_dataloader.dataset.data_root, ("training",))
     if log:

@@ -123,7 +123,7 @@ def render(seed: int, split: str, index: int, h: int, w: int):
 
 
 def cache_root() -> Path:
-    from bench import env
+    from bench.runtime import env
 
     return env.ROOT / ".cache" / "proxy_seg"
 
@@ -133,7 +133,7 @@ def ensure_proxy_seg(size: str = "default", seed: int = 0, root=None, force: boo
     from PIL import Image
 
     if size not in SIZES:
-        from bench.reducer import ConfigError
+        from bench.core.reducer import ConfigError
 
         raise ConfigError(f"unknown proxy segmentation size '{size}'; available: {', '.join(SIZES)}")
     n_train, n_val, h, w = SIZES[size]
@@ -166,7 +166,7 @@ def ensure_proxy_seg(size: str = "default", seed: int = 0, root=None, force: boo
 
     # A fresh temporary folder renamed into place: an existing folder is replaced only when it is
     # an earlier output of this generator (manifest + generated files only), never a user's.
-    from bench.outputs import build_dir
+    from bench.runtime.outputs import build_dir
 
     return build_dir(root, build, manifest=MANIFEST,
                      is_ours=lambda m: isinstance(m.get("spec"), dict) and "sha256" in m,

@@ -8,9 +8,8 @@ PM runs with PM-Segmenter's settings (per-layer keep, no pruning, frozen M/R).
 """
 from __future__ import annotations
 
-from bench import flops as bflops
-from bench import registry
-from bench.reducer import ConfigError, ModelInfo
+from bench.core import flops as bflops, registry
+from bench.core.reducer import ConfigError, ModelInfo
 
 KEEPS = (0.8, 0.7, 0.5)
 # The rows of one keep rate k, in table order: (method, label or None, spec template).  "{tome_r}" is
@@ -73,8 +72,8 @@ def table_specs(info: ModelInfo, keeps=KEEPS, methods=None) -> list[dict]:
 
 def config_info(config) -> ModelInfo:
     """Encoder geometry of a config at its crop size (random weights; no data needed)."""
-    from .configs import build_config
-    from .evaluate import build_segmentor
+    from bench.seg.configs import build_config
+    from bench.seg.evaluate import build_segmentor
 
     cfg = build_config(config)
     model, _ = build_segmentor(cfg, None, random_weights=True)

@@ -24,11 +24,11 @@ from typing import Optional, Union
 
 import torch
 
-from bench import env
-from bench.reducer import ConfigError
+from bench.core.reducer import ConfigError
+from bench.runtime import env
 
-from . import configs as segconfigs
-from .checkpoint import save_clean
+from bench.seg import configs as segconfigs
+from bench.seg.checkpoint import save_clean
 
 PROXY_VERSION = 1
 
@@ -93,7 +93,7 @@ def train_segmenter(config, out: Path, opts: Optional[SegTrainConfig] = None, **
         cfg.model.backbone.pretrained = None
         # Runner.train() initialises the weights and then loads ``cfg.load_from``; give it a clean
         # copy (any supported layout, converted; loads under weights_only)
-        from .checkpoint import load_weights, model_state
+        from bench.seg.checkpoint import load_weights, model_state
 
         clean = work_dir / "init_weights.pth"
         clean.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None,
     (``default``: the full schedule on the default set; ``smoke``: 30 iterations on the smoke set);
     ``force`` retrains.  Training metadata (time, val mIoU, stamp) sits next to it in ``<file>.json``.
     """
-    from .proxy_data import SIZES
+    from bench.seg.proxy_data import SIZES
 
     if size not in SIZES:
         raise ConfigError(f"unknown proxy size '{size}'; available: {', '.join(SIZES)}")

@@ -9,7 +9,7 @@ index) is exported into checkpoints and imported back from them.
 import torch
 import torch.nn.functional as F
 
-from bench.reducer import BlockTokens, Calibrated, ConfigError, Option
+from bench.core.reducer import BlockTokens, Calibrated, ConfigError, Option
 
 FORMAT = "scoredrop/1"
 

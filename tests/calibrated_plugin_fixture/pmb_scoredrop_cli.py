@@ -10,7 +10,7 @@ def add_parser(sub):
 
 
 def run(args):
-    from bench.checkpoint import read_checkpoint
+    from bench.runtime.checkpoint import read_checkpoint
 
     print(json.dumps(read_checkpoint(args.checkpoint)["reducer_state"]["drop"]))
     return 0

@@ -6,7 +6,7 @@ from which ``pmbench flops`` derives the cost.
 """
 import torch
 
-from bench.reducer import BlockTokens, ConfigError, Option, Reducer
+from bench.core.reducer import BlockTokens, ConfigError, Option, Reducer
 
 
 class DropLast(Reducer):
