@@ -4,7 +4,8 @@ model; this module the one trained model of it).
 
 A fresh clone loads the shipped weights (``data_files/proxy_backbone.json`` names the file, its
 SHA-256, the recipe and data version, and the ``pmbench train`` command that made it); a changed recipe
-or data version, or ``--retrain-proxy``, trains the backbone with that very command.
+or data version, or ``--retrain-proxy``, trains the backbone in this process, exactly as that command
+does (:func:`train_backbone`).
 """
 from __future__ import annotations
 
