@@ -24,7 +24,6 @@ MODEL_MAP = {
 }
 
 
-
 def load_rows(path: Optional[Path] = None) -> list[dict]:
     p = Path(path) if path else CSV_PATH
     if not p.exists():

@@ -23,7 +23,6 @@ PROXY_WARNING = (
 )
 
 
-
 FIXTURE_WARNING = (
     "**Fixture run.** `--profile paper --fixture` runs the paper profile's code on small fixture data with a tiny "
     "random-weight model: it tests the real code path; none of its numbers is a result."

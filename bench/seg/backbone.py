@@ -356,8 +356,6 @@ class PMBenchViT(BaseModule):
         return (out,)
 
 
-
-
 def _convert_on_load(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """Rename mmseg/timm encoder keys to this layout and resize the position embedding."""
     keys = [k for k in list(state_dict) if k.startswith(prefix)]

@@ -51,8 +51,6 @@ def block_rules(src: str, dst: str, to_timm: bool) -> list[tuple[str, str]]:
     return rules
 
 
-
-
 def _safe_globals():
     """What mmengine Runner checkpoints pickle besides tensors: the message hub's
     ``HistoryBuffer`` (numpy arrays inside, whose numpy-2 pickles also reference
