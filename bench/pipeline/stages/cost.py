@@ -17,7 +17,8 @@ def run(ctx) -> None:
     prof = ctx.profile
     rows, blocks = [], []
     jobs = [(m, s) for m in prof["cost_models"] for s in prof["cost_configs"]]
-    n_jobs = len(jobs) + sum(finetuned_path(ctx, m, s) is not None for m, s in jobs)  # + fine-tuned rows
+    has_finetuned = {(m, s): finetuned_path(ctx, m, s) is not None for m, s in jobs}  # a second, fine-tuned row
+    n_jobs = len(jobs) + sum(has_finetuned.values())
     ctx.progress.plan(n_jobs, 0.5 * n_jobs)
     base_gmacs = {}
 
@@ -47,7 +48,7 @@ def run(ctx) -> None:
             return res
 
         variants = [("calibrated", measure)]
-        if finetuned_path(ctx, model_name, spec) is not None:
+        if has_finetuned[(model_name, spec)]:
             variants.append((FINETUNED, measure_finetuned))
         for variant, fn in variants:
             ft = variant == FINETUNED

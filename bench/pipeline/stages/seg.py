@@ -93,7 +93,7 @@ def run(ctx) -> None:
                                   "window (proxy: the proxy crop) and per image",
                                   "reducers applied off-the-shelf to the trained Segmenter (methods that learn a "
                                   "structure from data are calibrated on the training crops, not fine-tuned)",
-                                  *TABLE_NOTES, *method_notes([s for v in plan.values() for s in
-                                                               (r["spec"] for r in v)], "segmentation")]),
+                                  *TABLE_NOTES, *method_notes([r["spec"] for v in plan.values() for r in v],
+                                                              "segmentation")]),
                   ["config_model", "method", "keep", "config", "miou", "aAcc", "gmacs_per_window", "gmacs_per_image",
                    "fps_bs32", "fps_bs1"])
