@@ -19,6 +19,7 @@ import os
 import sys
 
 from bench import __version__
+from bench.runtime import startup
 from bench.core.errors import ConfigError
 from bench.core.plugins import method_commands
 
@@ -134,13 +135,15 @@ def _launch_hooks() -> None:
 
 
 def main(argv=None) -> int:
+    program = argv is None  # the console script or `python -m bench.cli`: the process ends with the command
     argv = list(sys.argv[1:] if argv is None else argv)
     _launch_hooks()
     command = next((a for a in argv if not a.startswith("-")), None)
     name = f"pmbench {command}" if command in COMMAND_NAMES else "pmbench"
     try:
         # only the command being run is imported (a typo or --help imports nothing heavy)
-        parser = build_parser([command] if command in COMMAND_NAMES else [])
+        with startup.heavy_imports(program):
+            parser = build_parser([command] if command in COMMAND_NAMES else [])
         args = parser.parse_args(argv)
         rc = args.func(args)
     except (ConfigError, FileNotFoundError) as e:
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # anywhere: imports, parsing, the command itself
         print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        startup.settle(program)
     return int(rc or 0)
 
 

@@ -8,21 +8,27 @@ from __future__ import annotations
 import importlib
 import sys
 
+from bench.runtime import startup
+
 NAMES = {"orchestrate": "run_all", "testrun": "run_all test", "gate": "gate"}
 
 
 def main(argv=None) -> int:
+    program = argv is None  # `python -m bench.entry`: the process ends with the command
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in NAMES:
         print(f"usage: python -m bench.entry {{{','.join(NAMES)}}} [ARGS...]", file=sys.stderr)
         return 2
     name, rest = argv[0], argv[1:]
     try:
-        mod = importlib.import_module(f"bench.{name}")
+        with startup.heavy_imports(program):
+            mod = importlib.import_module(f"bench.{name}")
         return int(mod.main(rest) or 0)
     except KeyboardInterrupt:
         print(f"\n{NAMES[name]}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        startup.settle(program)
 
 
 if __name__ == "__main__":

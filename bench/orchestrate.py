@@ -33,7 +33,7 @@ from typing import Optional
 from bench.core import registry
 from bench.core.reducer import Calibrated, ConfigError
 from bench.pipeline import overrides, profiles
-from bench.runtime import env, launch, proxy, proxy_backbone
+from bench.runtime import env, launch, proxy, proxy_backbone, startup
 from bench.runtime.checkpoint import load_structure
 from bench.runtime.results import ResultCache, file_hash
 
@@ -365,4 +365,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _rc = main()
+    startup.settle()
+    sys.exit(_rc)

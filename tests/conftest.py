@@ -146,3 +146,11 @@ def assert_patch_rejected():
             assert not patch.is_patched(model), spec
 
     return check
+
+
+def pytest_collection_finish(session):
+    """Every test module is imported (torch, timm, mmseg): freeze the objects those imports made, so the
+    garbage collector's full passes during the tests do not walk them again (bench/runtime/startup.py)."""
+    import gc
+
+    gc.freeze()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.core import registry
 from bench.core.errors import ConfigError
-from bench.runtime import env
+from bench.runtime import env, startup
 from bench.runtime.results import atomic_write_json
 
 EXPECT = env.ROOT / "tests" / "expectations" / "smoke.json"
@@ -226,4 +226,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _rc = main()
+    startup.settle()
+    sys.exit(_rc)
