@@ -90,6 +90,43 @@ def test_bootstrap_interval_is_seeded_and_flags_noise():
     assert wide["speedup_ci_low"] < 1.5 * 0.95 or wide["speedup_ci_high"] > 1.5 * 1.05
 
 
+def test_noisy_rows_get_extra_paired_rounds(monkeypatch):
+    """``extra_repeats``: after the scheduled rounds, only the rows whose interval is still wider than
+    +-5% are timed again, each right before a baseline timing, one round at a time, until the interval
+    is inside or the extra rounds are used up; a steady row keeps its scheduled pairs."""
+    clock = {"steady": iter([0.5] * 100), "noisy": iter([0.5, 0.5, 0.42, 0.6, 0.5, 0.5, 0.45] + [0.5] * 100),
+             "wild": iter([0.3, 0.9] * 100), "none": iter([1.0] * 400)}
+    calls = []
+
+    class Tag(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.tag = name
+
+    models = {k: Tag(k) for k in ("none", "steady", "noisy", "wild")}
+    monkeypatch.setattr(speed, "prepare", lambda m, cfg, compile=None, channels_last=None: (lambda x: m.tag))
+
+    def fake_loop(fn, iters, device):
+        name = fn()
+        calls.append(name)
+        return next(clock[name])
+
+    monkeypatch.setattr(speed, "timed_loop", fake_loop)
+    cfg = speed.SpeedConfig(batch_size=1, warmup=1, iters=1, repeats=7, extra_repeats=6, pair_every=1, img_size=(8, 8),
+                            check_kernels=False, allocator="system")
+    res = speed.measure(models, cfg, baseline="none")
+    m = res["models"]
+    assert m["steady"]["pairs"] == 7 and m["steady"]["noisy"] is False
+    assert m["wild"]["pairs"] == 13 and m["wild"]["noisy"] is True  # never settles: all 6 extra rounds
+    assert m["noisy"]["pairs"] == 11 and m["noisy"]["noisy"] is False  # settles, then stops
+    timed = calls[4 + 1 + 3 * 7 * 2:]  # after warm-up calibration (4) and the scheduled B (R B)x3x7
+    assert all(timed[i + 1] == "none" for i in range(0, len(timed), 2))  # every extra timing then a baseline
+    assert "steady" not in timed and timed.count("wild") == 6 and timed.count("noisy") == 4
+    assert "more paired rounds" in res["config"]["protocol"]
+    without = speed.SpeedConfig(**{**cfg.__dict__, "extra_repeats": 0})
+    assert "more paired rounds" not in without.describe()
+
+
 def test_kernel_labels():
     assert speed.kernels_from_names(["aten::_scaled_dot_product_flash_attention_for_cpu"]) == \
         {"attn_kernel": "flash (cpu)", "fused_sdpa": True}
@@ -252,7 +289,7 @@ def test_default_profile_speed_protocol():
         assert sp["repeats"] >= 5 and sp.get("iters") is None and sp["min_time"] > 0
     d = profiles.get("default")["speed"]
     # DeiT-S/B, whose rows the agreement benchmark compares: every row right between two baseline timings
-    assert d["min_time"] >= 0.4 and d["pair_every"] == 1 and d["repeats"] >= 7
+    assert d["min_time"] >= 0.4 and d["pair_every"] == 1 and d["repeats"] >= 7 and d["extra_repeats"] >= 4
     assert "compile" in d["per_model"]["deit_small_patch16_224"]["timm_baselines"]
 
 

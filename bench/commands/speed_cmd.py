@@ -34,6 +34,9 @@ def add_parser(sub):
                    help="seconds per timing the iteration count is calibrated to (default 1.0 CPU, 0.2 CUDA)")
     p.add_argument("--repeats", type=int, default=5,
                    help="interleaved repeats; the median and a bootstrap interval are reported (default 5)")
+    p.add_argument("--extra-repeats", type=int, default=0,
+                   help="with --vs: up to this many more paired rounds while the speed-up's interval is "
+                        "wider than +-5%% (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--checkpoint", default=None, help="reducer checkpoint (methods whose structure is learned)")
     p.set_defaults(func=run)
@@ -82,7 +85,7 @@ def run(args):
     for bs in batches:
         cfg = speed.SpeedConfig(batch_size=bs, precision=args.precision, device=device, warmup=args.warmup,
                                 iters=args.iters, min_time=args.min_time, repeats=args.repeats,
-                                channels_last=args.channels_last, compile=args.compile, img_size=img)
+                                extra_repeats=args.extra_repeats, channels_last=args.channels_last, compile=args.compile, img_size=img)
         ms, variants = {label: reduced}, {}
         if args.vs:
             ms = {"baseline": base, label: reduced}

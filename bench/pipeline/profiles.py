@@ -74,7 +74,9 @@ PROFILES = {
         # every row timed right between two baseline timings (pair_every 1: the ratio never spans other
         # rows, so drifts of the machine cancel); plain-timm baselines on DeiT-T/S: channels-last, and
         # torch.compile of the unreduced DeiT-S (the reference size of the accuracy table's speed-ups)
+        # a row still noisy after the 7 rounds gets up to 6 more paired rounds (docs/speed.md)
         "speed": {"batch_size": 8, "precision": "fp32", "warmup": 1, "min_time": 0.4, "repeats": 7, "pair_every": 1,
+                  "extra_repeats": 6,
                   "models": COST_MODELS, "configs": PAPER_CONFIGS,
                   "per_model": {"deit_tiny_patch16_224": {"min_time": 0.25, "timm_baselines": ["channels_last"]},
                                 "deit_small_patch16_224": {"timm_baselines": ["channels_last", "compile"]},

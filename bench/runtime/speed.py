@@ -70,6 +70,9 @@ class SpeedConfig:
     bootstrap: int = 2000  # resamples of the per-pair ratios (seeded)
     seed: int = 0
     noisy_pct: float = 5.0  # flag a row whose interval leaves +-noisy_pct % of its median
+    # after the scheduled rounds, up to this many more paired rounds (row, then baseline) for the rows
+    # still flagged noisy, one round at a time, until their interval is inside +-noisy_pct (0: none)
+    extra_repeats: int = 0
     check_kernels: bool = True  # record the attention kernel (profiler on the last warm-up iteration)
     allocator: str = "steady"  # CPU: "steady" pins glibc malloc's thresholds (no page-fault churn); "system"
 
@@ -96,6 +99,9 @@ class SpeedConfig:
         pairs = "each model bracketed by baseline timings" if not self.pair_every else \
             f"baseline timed around every {self.pair_every} models"
         head = f"synthetic input, eval+inference_mode, {self.warmup} warm-up, {timed}, {self.repeats} interleaved repeats"
+        if paired and self.extra_repeats:
+            head += (f" (then up to {self.extra_repeats} more paired rounds for each row whose interval still "
+                     f"leaves +-{self.noisy_pct:g}%)")
         if self.allocator == "steady" and torch.device(self.device).type == "cpu":
             head += ", malloc thresholds pinned"
         if not paired:
@@ -257,7 +263,7 @@ def speedup_stats(ratios: list[float], cfg: SpeedConfig) -> dict:
     lo, hi = bootstrap_median_ci(r, cfg.bootstrap, cfg.seed)
     return {"speedup": med, "speedup_min": r[0], "speedup_max": r[-1], "speedup_iqr": _iqr(r),
             "speedup_ci_low": lo, "speedup_ci_high": hi, "noisy": is_noisy(med, lo, hi, cfg.noisy_pct),
-            "ratios": list(ratios)}
+            "pairs": len(r), "ratios": list(ratios)}
 
 
 # --------------------------------------------------------------------------- attention kernel check
@@ -411,6 +417,19 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
             faults[k] += minor_faults() - f0
             if progress and (j + 1 == len(seq) or seq[j + 1][0] != rep):
                 progress(rep + 1, cfg.repeats)
+        if baseline is not None:
+            for rep in range(cfg.repeats, cfg.repeats + max(0, cfg.extra_repeats)):
+                again = noisy_rows(timings, baseline, names, cfg)
+                if not again:
+                    break
+                # the sequence so far ends with a baseline timing, so row, baseline, row, baseline...
+                # brackets every extra row timing as in the scheduled rounds
+                for k in (again if rep % 2 == 0 else again[::-1]):
+                    for kk in (k, baseline):
+                        f, xi = fns[kk], inputs[kk]
+                        f0 = minor_faults()
+                        timings.append((rep, kk, timed_loop(lambda: f(xi), iters[kk], dev)))
+                        faults[kk] += minor_faults() - f0
 
     times = {k: [t for _, n, t in timings if n == k] for k in names}
     out = {
@@ -450,6 +469,12 @@ def _warm_up(k: str, f, xi, cfg: SpeedConfig, compiled: bool, first_call: dict, 
         if w == 0:  # includes compilation for a compiled model
             first_call[k] = time.perf_counter() - t0
     return calibrate_iters(timed_loop(lambda: f(xi), 1, dev), cfg)
+
+
+def noisy_rows(timings: list, baseline: str, names: list, cfg: SpeedConfig) -> list[str]:
+    """The models (not the baseline) whose speed-up interval, from the timings so far, is flagged noisy."""
+    return [k for k in names if k != baseline
+            and speedup_stats(_pair_ratios(timings, baseline, k), cfg)["noisy"]]
 
 
 def _pair_ratios(timings: list, baseline: str, name: str) -> list[float]:
