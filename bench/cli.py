@@ -19,9 +19,9 @@ import os
 import sys
 
 from bench import __version__
-from bench.runtime import startup
 from bench.core.errors import ConfigError
 from bench.core.plugins import method_commands
+from bench.runtime import startup
 
 # (command, module that registers it, help): the order is the order of `pmbench --help`
 COMMANDS = [

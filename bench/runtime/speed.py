@@ -410,11 +410,15 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
         seq = schedule(names, baseline, cfg.repeats, cfg.pair_every)
         timings = []  # (repeat, name, seconds per iteration), in time order
         faults = {k: 0 for k in names}  # minor page faults during the model's timings (allocator churn)
-        for j, (rep, k) in enumerate(seq):
+
+        def time_one(rep: int, k: str) -> None:
             f, xi = fns[k], inputs[k]
             f0 = minor_faults()
             timings.append((rep, k, timed_loop(lambda: f(xi), iters[k], dev)))
             faults[k] += minor_faults() - f0
+
+        for j, (rep, k) in enumerate(seq):
+            time_one(rep, k)
             if progress and (j + 1 == len(seq) or seq[j + 1][0] != rep):
                 progress(rep + 1, cfg.repeats)
         if baseline is not None:
@@ -425,11 +429,8 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
                 # the sequence so far ends with a baseline timing, so row, baseline, row, baseline...
                 # brackets every extra row timing as in the scheduled rounds
                 for k in (again if rep % 2 == 0 else again[::-1]):
-                    for kk in (k, baseline):
-                        f, xi = fns[kk], inputs[kk]
-                        f0 = minor_faults()
-                        timings.append((rep, kk, timed_loop(lambda: f(xi), iters[kk], dev)))
-                        faults[kk] += minor_faults() - f0
+                    time_one(rep, k)
+                    time_one(rep, baseline)
 
     times = {k: [t for _, n, t in timings if n == k] for k in names}
     out = {
