@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None, help="comma list of specs (default: the paper configurations)")
     p.add_argument("--min-time", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--extra-repeats", type=int, default=6, help="more paired rounds for rows still noisy (as the default profile)")
+    p.add_argument("--extra-repeats", type=int, default=6,
+                   help="more paired rounds for rows still noisy (as the default profile)")
     p.add_argument("--pair-every", type=int, default=1, help="baseline timed around every this many rows (0: per round)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--target", type=float, default=0.85)
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
         ms[s] = m
         mac[s] = g0 / flops.analytic(info, red).gmacs
     cfg = speed.SpeedConfig(batch_size=a.batch_size, min_time=a.min_time, repeats=a.repeats,
-                            extra_repeats=a.extra_repeats, pair_every=a.pair_every or None, img_size=tuple(base.patch_embed.img_size))
+                            extra_repeats=a.extra_repeats, pair_every=a.pair_every or None,
+                            img_size=tuple(base.patch_embed.img_size))
     res = speed.measure(ms, cfg, baseline="none",
                         progress=lambda i, n: print(f"  repeat {i}/{n}", file=sys.stderr, flush=True))
     rows = []

@@ -75,6 +75,7 @@ def test_profile_file_toml_and_json(tmp_path):
     ('[add]\nfinetune_epochs = 3', r"\[add\] finetune_epochs: not a list setting"),
     ('[speed]\nprecision = "fp16"', "speed.precision: expected one of fp32, amp, bf16"),
     ('[speed.per_model.deit_tiny_patch16_224]\nrepeats = -1', "per_model.deit_tiny_patch16_224.repeats"),
+    ('[speed]\nextra_repeats = -2', "speed.extra_repeats"),
     ('seg_keeps = [0.7, 1.5]', r"seg_keeps: expected a non-empty list of keep rates in \(0, 1\]"),
     ('accuracy_configs = [', "cannot parse"),
 ])

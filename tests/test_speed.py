@@ -238,7 +238,7 @@ def test_paper_speed_settings_on_cpu(monkeypatch, compile_ok):
     assert sp["batch_sizes"] == [256, 64, 1] and {"fp32", "bf16"} <= set(sp["also_precisions"])
     assert "compile" in sp["timm_baselines"] and "channels_last" in sp["timm_baselines"]
     sp.update(models=[fixtures.TINY_MODEL], configs=["none", "tome:r=13", "pm:keep=0.6"],
-              batch_sizes=[2, 1], warmup=1, iters=1, repeats=2, compile_configs=["tome:r=13"],
+              batch_sizes=[2, 1], warmup=1, iters=1, repeats=2, extra_repeats=1, compile_configs=["tome:r=13"],
               compile_batch_sizes=[2])
     ctx = _Ctx(prof)
     stage.run(ctx)
@@ -251,8 +251,10 @@ def test_paper_speed_settings_on_cpu(monkeypatch, compile_ok):
     for r in eager:
         assert r["img_s"] > 0 and r["attn_kernel"] == "flash (cpu)" and r["fused_sdpa"] is True
         assert r["speedup_ci_low"] <= r["speedup"] <= r["speedup_ci_high"] and isinstance(r["noisy"], bool)
-        if r["config"] != "none":
+        if r["config"] != "none":  # the profile's extra_repeats reaches the protocol: 2 pairs, 3 if noisy
+            assert r["pairs"] in (2, 3)
             assert r["mac_speedup"] > 1 and r["efficiency"] == pytest.approx(r["speedup"] / r["mac_speedup"], abs=2e-3)
+    assert any("up to 1 more paired rounds" in n for n in ctx.tables["throughput"]["meta"]["notes"])
     cl = [r for r in rows if r["variant"] == "channels-last"]
     assert len(cl) == 6 and all(r["config"] == "none" and r["img_s"] > 0 for r in cl)
     comp = [r for r in rows if r["variant"] == "compile"]
@@ -306,7 +308,7 @@ def test_cli_speed_timm_baselines(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--timm-baselines", "compile"], ["--vs", "baseline", "--timm-baselines", "jit"],
-                                  ["--min-time", "0"]])
+                                  ["--min-time", "0"], ["--vs", "baseline", "--extra-repeats", "-1"]])
 def test_cli_speed_bad_flags(capsys, argv):
     rc = main(["speed", "--model", "deit_tiny_patch16_224", "--reducer", "tome:r=4", *argv])
     assert rc == 2

@@ -69,6 +69,8 @@ def run(args):
         raise ConfigError("--timm-baselines needs --vs baseline (they are compared with the eager unreduced model)")
     if args.min_time is not None and args.min_time <= 0:
         raise ConfigError(f"--min-time must be > 0 seconds, got {args.min_time}")
+    if args.extra_repeats < 0:
+        raise ConfigError(f"--extra-repeats must be >= 0, got {args.extra_repeats}")
     red = registry.build(args.reducer)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +87,8 @@ def run(args):
     for bs in batches:
         cfg = speed.SpeedConfig(batch_size=bs, precision=args.precision, device=device, warmup=args.warmup,
                                 iters=args.iters, min_time=args.min_time, repeats=args.repeats,
-                                extra_repeats=args.extra_repeats, channels_last=args.channels_last, compile=args.compile, img_size=img)
+                                extra_repeats=args.extra_repeats, channels_last=args.channels_last,
+                                compile=args.compile, img_size=img)
         ms, variants = {label: reduced}, {}
         if args.vs:
             ms = {"baseline": base, label: reduced}

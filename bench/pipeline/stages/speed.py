@@ -28,8 +28,8 @@ from bench.pipeline.stages.common import (FINETUNED, base_model, finetuned_key, 
 # "finetuned": a Calibrated method with the fine-tuned checkpoint's learned modules (an eager row of its own)
 VARIANT_LABEL = {"compile": "compile", "channels_last": "channels-last", "finetuned": FINETUNED}
 COLUMNS = ["model", "method", "config", "structure", "variant", "precision", "batch_size", "img_s", "img_s_min",
-           "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "pairs", "speedup_min", "speedup_max",
-           "mac_speedup", "efficiency", "attn_kernel", "note"]
+           "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "pairs", "speedup_min",
+           "speedup_max", "mac_speedup", "efficiency", "attn_kernel", "note"]
 _CFG_KEYS = ("warmup", "iters", "repeats", "min_time", "min_iters", "pair_every", "extra_repeats")
 
 
@@ -225,9 +225,9 @@ def run(ctx) -> None:
                     notes=[*(f"protocol: {p}" for p in protocols),
                            "speed-up = median over repeats of t_baseline / t_row, t_baseline the eager unreduced "
                            "model timed right before and after the row, in one process; [ci_low, ci_high]: "
-                           "bootstrap 95% interval of that median; noisy: the interval leaves +-5% of it; pairs: the number of "
-                           "paired timings it is the median of (a row still noisy after the scheduled rounds gets "
-                           "more, up to the protocol's limit)",
+                           "bootstrap 95% interval of that median; noisy: the interval leaves +-5% of it; pairs: "
+                           "the number of paired timings it is the median of (a row still noisy after the scheduled "
+                           "rounds gets more, up to the protocol's limit)",
                            "mac_speedup = GMACs(unreduced) / GMACs(config); efficiency = speedup / mac_speedup",
                            "variant: eager (the suite's rows), compile (torch.compile, default mode), channels-last "
                            "(input and patch-embedding conv in channels-last): plain timm baselines that show what a "
