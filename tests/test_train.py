@@ -1,6 +1,7 @@
 """Trainer, checkpoints, weights and the train/eval CLI on tiny models and fixture folders."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -167,6 +168,17 @@ def test_unreduced_checkpoint_accepts_any_reducer_and_names_mismatches(tmp_path)
     assert red.spec() == "evit:keep=0.5" and patch.is_patched(m)
     m, red = checkpoint.load_model(path)
     assert red.name == "none" and not patch.is_patched(m)
+    # methods with modules of their own (absent from an unreduced checkpoint) load too: the weights are the
+    # checkpoint's and the modules start from the accuracy stage's seeded init (`pmbench eval --reducer
+    # mstm:...` on the proxy backbone used to fail with "missing in checkpoint: ...gamma")
+    for spec in ("mstm:keep=0.7", "dynamicvit:rho=0.7"):
+        m, red = checkpoint.load_model(path, reducer=spec)
+        ref = copy.deepcopy(model)
+        torch.manual_seed(0)
+        patch.apply(ref, registry.build(spec))
+        got, want = m.state_dict(), ref.state_dict()
+        assert list(got) == list(want) and any(k.startswith("reducer_modules.") for k in got), spec
+        assert all(torch.equal(got[k], want[k]) for k in got), spec
     sd = checkpoint.read_checkpoint(path)
     sd["model"]["head.weight"] = torch.zeros(7, 64)
     torch.save(sd, tmp_path / "bad.pt")

@@ -174,12 +174,21 @@ def load_model(path, model_name: Optional[str] = None, *, reducer=None, device="
         raise ConfigError(f"{path} was trained with reducer '{stored.spec()}', not '{given.spec()}'; "
                           "drop --reducer to use the stored one")
     red = given if given is not None else stored
-    if red.name != "none":
-        state = ck.get("reducer_state") or {}
-        if state and stored.name != "none":
-            red.import_state(state)
+    if red.name != "none" and stored.name == "none":
+        # an unreduced checkpoint with a reducer applied off-the-shelf: the weights load into the plain
+        # model, then the reducer's own modules (MSTM's gamma, DynamicViT's predictors, PM's matrices),
+        # absent from the checkpoint, start from the seeded init the accuracy stage gives them
+        # (stages/sources.py, patched_backbone), so `pmbench eval` and a torchrun job give its numbers
+        load_state_strict(model, sd, f"checkpoint {path}")
+        torch.manual_seed(0)
         patch.apply(model, red)
-    load_state_strict(model, sd, f"checkpoint {path}")
+    else:
+        if red.name != "none":
+            state = ck.get("reducer_state") or {}
+            if state:
+                red.import_state(state)
+            patch.apply(model, red)
+        load_state_strict(model, sd, f"checkpoint {path}")
     model.to(device)
     model.eval()
     return model, red
