@@ -140,13 +140,22 @@ def _same_reducer(a: Reducer, b: Reducer) -> bool:
     return a.full_spec() == b.full_spec()
 
 
+def apply_off_the_shelf(model, red, img_size=None) -> None:
+    """Patch trained unreduced weights with ``red``: the reducer's own modules (MSTM's gamma, DynamicViT's
+    predictors, PM's matrices) start from a seeded init, whatever ran before in the process, so the
+    accuracy stage, ``pmbench eval --reducer`` and a torchrun job all build the same model."""
+    torch.manual_seed(0)
+    patch.apply(model, red, img_size=img_size)
+
+
 def load_model(path, model_name: Optional[str] = None, *, reducer=None, device="cpu"):
     """Rebuild ``(model, reducer)`` from a checkpoint.
 
     The reducer comes from the stored spec, or from ``reducer`` (an error if both are
     given and differ; a checkpoint of the unreduced model accepts any reducer, which is
-    how off-the-shelf configurations are evaluated).  ``reducer.import_state`` runs
-    before :func:`bench.core.patch.apply`, then the weights load strictly.  An unreduced
+    how off-the-shelf configurations are evaluated: the weights load strictly, then
+    :func:`apply_off_the_shelf`).  Otherwise ``reducer.import_state`` runs before
+    :func:`bench.core.patch.apply`, then the weights load strictly.  An unreduced
     result is returned unpatched, with ``Reducer()`` ("none") as its reducer.
     """
     ck = read_checkpoint(path)
@@ -174,21 +183,15 @@ def load_model(path, model_name: Optional[str] = None, *, reducer=None, device="
         raise ConfigError(f"{path} was trained with reducer '{stored.spec()}', not '{given.spec()}'; "
                           "drop --reducer to use the stored one")
     red = given if given is not None else stored
-    if red.name != "none" and stored.name == "none":
-        # an unreduced checkpoint with a reducer applied off-the-shelf: the weights load into the plain
-        # model, then the reducer's own modules (MSTM's gamma, DynamicViT's predictors, PM's matrices),
-        # absent from the checkpoint, start from the seeded init the accuracy stage gives them
-        # (stages/sources.py, patched_backbone), so `pmbench eval` and a torchrun job give its numbers
-        load_state_strict(model, sd, f"checkpoint {path}")
-        torch.manual_seed(0)
+    off_the_shelf = red.name != "none" and stored.name == "none"  # its modules are not in the checkpoint
+    if red.name != "none" and not off_the_shelf:
+        state = ck.get("reducer_state") or {}
+        if state:
+            red.import_state(state)
         patch.apply(model, red)
-    else:
-        if red.name != "none":
-            state = ck.get("reducer_state") or {}
-            if state:
-                red.import_state(state)
-            patch.apply(model, red)
-        load_state_strict(model, sd, f"checkpoint {path}")
+    load_state_strict(model, sd, f"checkpoint {path}")
+    if off_the_shelf:
+        apply_off_the_shelf(model, red)
     model.to(device)
     model.eval()
     return model, red

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core import patch, registry
+from bench.core import registry
 from bench.core.reducer import ConfigError, ModelInfo
 from bench.runtime import proxy, proxy_backbone
 from bench.runtime.calibration import calibrate_and_save
@@ -157,10 +157,11 @@ class Source:
     def patched_backbone(self, spec: str):
         """The backbone with reducer ``spec`` applied; reducer modules (predictors, fusion) start from
         a seeded init, whatever ran before in this process, so every run builds the same model."""
+        from bench.runtime.checkpoint import apply_off_the_shelf
+
         model = self.load_backbone()
         red = registry.build(spec)
-        torch.manual_seed(0)
-        patch.apply(model, red, img_size=self.img_size)
+        apply_off_the_shelf(model, red, img_size=self.img_size)
         return model, red
 
     def load_backbone(self):
