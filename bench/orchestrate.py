@@ -277,8 +277,8 @@ def parse_args(argv=None):
                    help="TOML/JSON/YAML file of profile keys to set, [add] lists to extend, [speed] settings to "
                         "merge, configs to add everywhere (see bench/pipeline/overrides.py and the README)")
     p.add_argument("--retrain-proxy", action="store_true",
-                   help="default/smoke profiles: train the proxy backbone again with the suite's trainer instead of "
-                        "loading the shipped weights (docs/proxy.md)")
+                   help="default/smoke profiles: train the proxy backbone and the proxy Segmenter again with the "
+                        "suite's trainers instead of loading the shipped weights (docs/proxy.md)")
     launch.add_arguments(p)
     return p.parse_args(argv)
 

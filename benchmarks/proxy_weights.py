@@ -1,9 +1,10 @@
-"""Ship the proxy backbone's weights, or check that retraining reproduces them (issue 13).
+"""Ship the proxy backbone's or the proxy Segmenter's weights, or check that retraining reproduces them.
 
-The default profile loads the proxy backbone from ``bench/data_files/`` (SHA-256 checked against
-``proxy_backbone.json``) instead of training it for many minutes on every fresh clone.  The weights
-are produced by the suite's own trainer with the recipe in ``bench.runtime.proxy.SIZES``; this script is
-how they were made and how anyone re-checks them::
+The default profile loads the proxy backbone and the proxy Segmenter from ``bench/data_files/``
+(SHA-256 checked against ``proxy_backbone.json`` / ``proxy_segmenter.json``) instead of training them on
+every fresh clone.  The backbone is made by the suite's own trainer with the recipe in
+``bench.runtime.proxy.SIZES``, the Segmenter by ``pmbench seg-train --config proxy`` (mmengine's Runner, the
+proxy config); this script is how they were shipped and how anyone re-checks them::
 
     python benchmarks/proxy_weights.py ship                 # train with the recipe, evaluate, write the
                                                             # .safetensors and its manifest entry
@@ -12,9 +13,11 @@ how they were made and how anyone re-checks them::
     python benchmarks/proxy_weights.py check                # retrain into a temporary folder; exit 1 if its
                                                             # val top-1 is more than --tolerance points from
                                                             # the shipped weights'
+    python benchmarks/proxy_weights.py ship --what segmenter [--checkpoint C]   # the same for the Segmenter
+    python benchmarks/proxy_weights.py check --what segmenter                   # (val mIoU; ~3 min)
 
 Not a unit test: training takes tens of minutes on 2 CPU cores.  ``./run_all.sh --retrain-proxy``
-retrains inside a run instead (and then uses the retrained backbone for every table).
+retrains both inside a run instead (and then uses the retrained weights for every table).
 """
 from __future__ import annotations
 
@@ -104,17 +107,66 @@ def check(args) -> int:
     return 0 if ok else 1
 
 
+def ship_segmenter(args) -> int:
+    """Train the default proxy Segmenter (or take --checkpoint, a clean checkpoint with its ``.json``) and
+    write its safetensors and manifest entry."""
+    from safetensors.torch import save_file
+
+    from bench.seg import train as segtrain
+    from bench.seg.checkpoint import load_weights, model_state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "segmenter.pth"
+        if not args.checkpoint:
+            segtrain.train_segmenter("proxy", ckpt, segtrain.SegTrainConfig(data="proxy"))
+        meta = json.loads(Path(str(ckpt) + ".json").read_text())
+        if meta.get("origin") == "shipped" or meta.get("config") != "proxy" or meta.get("reducer") not in (None, "none"):
+            raise SystemExit(f"{ckpt} is not an unreduced proxy Segmenter trained by this suite: {meta.get('config')}, "
+                             f"reducer {meta.get('reducer')}, origin {meta.get('origin', 'trained')}")
+        sd = {k: v.contiguous() for k, v in model_state(load_weights(ckpt)).items()}
+        name = f"proxy_segmenter-v{segtrain.PROXY_VERSION}-default.safetensors"
+        dest = segtrain.SHIPPED_MANIFEST.parent / name
+        save_file(sd, str(dest), metadata={"key": segtrain.proxy_key("default")})
+    entry = {"file": name, "sha256": file_hash(dest, n=64), "key": segtrain.proxy_key("default"),
+             "command": segtrain.RETRAIN_COMMAND, "val_miou": round(meta["val"]["mIoU"], 2),
+             "train_seconds": meta.get("train_seconds"), "meta": meta}
+    atomic_write_json(segtrain.SHIPPED_MANIFEST, {"default": entry})
+    print(json.dumps({k: v for k, v in entry.items() if k != "meta"}, indent=1))
+    return 0
+
+
+def check_segmenter(args) -> int:
+    from bench.seg import train as segtrain
+
+    e = segtrain.shipped_segmenter_entry()
+    if e is None:
+        raise SystemExit("no shipped proxy Segmenter for the current config and data version (key "
+                         f"{segtrain.proxy_key('default')}): run `python benchmarks/proxy_weights.py ship --what segmenter`")
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = segtrain.train_segmenter("proxy", Path(tmp) / "segmenter.pth", segtrain.SegTrainConfig(data="proxy"))
+    got = meta["val"]["mIoU"]
+    diff = got - e["val_miou"]
+    ok = abs(diff) <= args.tolerance
+    print(f"shipped val mIoU {e['val_miou']:.2f}  retrained {got:.2f}  difference {diff:+.2f} points "
+          f"(tolerance {args.tolerance}); training took {meta['train_seconds'] / 60:.1f} min: "
+          f"{'OK' if ok else 'NOT REPRODUCED'}")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("ship", help="train (or take --checkpoint), evaluate, write the weights and the manifest")
     s.add_argument("--checkpoint", default=None, help="a checkpoint trained with the recipe (default: train one now)")
     s.add_argument("--train-seconds", type=float, default=None, help="with --checkpoint: how long its training took")
-    c = sub.add_parser("check", help="retrain and compare val top-1 with the shipped weights")
+    c = sub.add_parser("check", help="retrain and compare val top-1 (mIoU) with the shipped weights")
     c.add_argument("--tolerance", type=float, default=1.0)
     for q in (s, c):
-        q.add_argument("--size", default="default", choices=sorted(proxy.SIZES))
+        q.add_argument("--what", default="backbone", choices=["backbone", "segmenter"])
+        q.add_argument("--size", default="default", choices=sorted(proxy.SIZES), help="backbone only")
     a = p.parse_args(argv)
+    if a.what == "segmenter":
+        return ship_segmenter(a) if a.cmd == "ship" else check_segmenter(a)
     return ship(a) if a.cmd == "ship" else check(a)
 
 

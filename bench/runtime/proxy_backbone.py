@@ -9,16 +9,14 @@ does (:func:`train_backbone`).
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 from bench.core import registry
 from bench.core.reducer import ConfigError, ModelInfo
-from bench.runtime import data as data_mod, distributed as dist, models, preprocess as pp, proxy
+from bench.runtime import data as data_mod, distributed as dist, models, preprocess as pp, proxy, shipped
 from bench.runtime.checkpoint import load_model, read_checkpoint, save_checkpoint
-from bench.runtime.results import file_hash
 from bench.runtime.train import DataJob, TrainConfig, build_loaders, compose_config, run_extra, seed_everything, train
 from bench.runtime.weights import load_file_weights
 
@@ -41,37 +39,20 @@ def train_command(size: str = "default", out: Optional[Path] = None) -> list[str
 # (docs/proxy.md, "Shipped weights"): a fresh clone loads it instead of training for minutes.  The
 # manifest names the file, its SHA-256, the recipe and data version it was trained with, the command,
 # and the validation top-1 it reached; `--retrain-proxy` re-creates it with the suite's own trainer.
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data_files"
+SHIPPED_DIR = shipped.SHIPPED_DIR
 SHIPPED_MANIFEST = SHIPPED_DIR / "proxy_backbone.json"
 
 
 def shipped_entry(size: str = "default") -> Optional[dict]:
     """The manifest entry of the shipped weights for ``size`` if they were trained with the current
     data version and recipe, else None (then the backbone is trained)."""
-    try:
-        manifest = json.loads(SHIPPED_MANIFEST.read_text())
-    except (OSError, ValueError):
-        return None
-    e = manifest.get(size)
-    if not isinstance(e, dict) or e.get("data_version") != proxy.DATA_VERSION \
-            or e.get("recipe") != proxy.SIZES[size].recipe():
-        return None
-    return e
+    return shipped.manifest_entry(SHIPPED_MANIFEST, size, data_version=proxy.DATA_VERSION,
+                                  recipe=proxy.SIZES[size].recipe())
 
 
 def load_shipped(entry: dict):
     """The shipped backbone as a model, after checking the file's SHA-256 against the manifest."""
-    f = SHIPPED_DIR / entry["file"]
-    if not f.is_file():
-        raise ConfigError(f"the shipped proxy weights {f} are missing (the manifest {SHIPPED_MANIFEST.name} names "
-                          "them): restore them with `git checkout -- bench/data_files/`, or train the backbone "
-                          "with `./run_all.sh --retrain-proxy`")
-    got = file_hash(f, n=64)
-    if got != entry["sha256"]:
-        raise ConfigError(f"the shipped proxy weights {f} fail their SHA-256 check (manifest {entry['sha256'][:16]}..., "
-                          f"file {got[:16]}...): the file is damaged or was replaced without updating "
-                          f"{SHIPPED_MANIFEST.name}; restore it with `git checkout -- bench/data_files/`, or train "
-                          "the backbone with `./run_all.sh --retrain-proxy`")
+    f = shipped.verified_file(entry, SHIPPED_MANIFEST, "proxy weights", "./run_all.sh --retrain-proxy")
     return load_file_weights(proxy.pmbench_proxy_vit(), f).eval()
 
 

@@ -196,11 +196,12 @@ def load_into(model, path, trust: bool = False, strict: bool = True) -> dict:
 
 
 def save_clean(model, path, meta: dict | None = None) -> Path:
-    """Save ``{'state_dict', 'meta'}`` only: loads with plain ``weights_only=True``."""
+    """Save ``{'state_dict', 'meta'}`` only: loads with plain ``weights_only=True``.  ``model``: a
+    module, or its state dict."""
     from bench.runtime.outputs import temp_file
 
     p = Path(path)
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu() for k, v in (model if isinstance(model, dict) else model.state_dict()).items()}
     with temp_file(p) as tmp:  # removed on every exit path
         torch.save({"state_dict": sd, "meta": meta or {}}, tmp)
     return p

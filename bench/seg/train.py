@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 
 from bench.core.reducer import ConfigError
-from bench.runtime import env
+from bench.runtime import env, shipped
 
 from bench.seg import configs as segconfigs
 from bench.seg.checkpoint import save_clean
@@ -136,20 +136,53 @@ def _plain(o):
 SMOKE_ITERS = 30  # the smoke profile's proxy Segmenter: a pipeline check, not a model
 
 
-def proxy_checkpoint_path(size: str = "default") -> Path:
+def proxy_key(size: str = "default") -> str:
+    """What the proxy Segmenter of ``size`` is trained from: the proxy config's text, the proxy set's
+    size and :data:`PROXY_VERSION` (bumped when the proxy segmentation set changes)."""
     cfg_text = segconfigs.config_path("proxy").read_text()
-    key = hashlib.sha256(f"{PROXY_VERSION}\n{size}\n{cfg_text}".encode()).hexdigest()[:10]
+    return hashlib.sha256(f"{PROXY_VERSION}\n{size}\n{cfg_text}".encode()).hexdigest()[:10]
+
+
+def proxy_checkpoint_path(size: str = "default") -> Path:
     tag = "" if size == "default" else f"-{size}"
-    return env.ROOT / ".cache" / "seg" / f"proxy_segmenter{tag}-{key}.pth"
+    return env.ROOT / ".cache" / "seg" / f"proxy_segmenter{tag}-{proxy_key(size)}.pth"
+
+
+# The default proxy Segmenter ships in the package like the proxy backbone (docs/proxy.md, "Shipped
+# weights"): training it took about 3 of the default run's minutes on 2 CPU cores.  The manifest entry
+# holds the file's SHA-256, the proxy_key it was trained for (a changed config or data version has no
+# shipped weights and trains), the training metadata and the command that re-creates it.
+SHIPPED_MANIFEST = shipped.SHIPPED_DIR / "proxy_segmenter.json"
+RETRAIN_COMMAND = "pmbench seg-train --config proxy --force"
+
+
+def shipped_segmenter_entry() -> Optional[dict]:
+    """The manifest entry of the shipped default proxy Segmenter if it fits the current config and
+    data version, else None."""
+    return shipped.manifest_entry(SHIPPED_MANIFEST, "default", key=proxy_key("default"))
+
+
+def _install_shipped(entry: dict, out: Path) -> None:
+    """The shipped weights (SHA-256 checked) as the cached clean checkpoint ``out`` and its ``.json``."""
+    from safetensors.torch import load_file
+
+    from bench.runtime.results import atomic_write_json
+
+    f = shipped.verified_file(entry, SHIPPED_MANIFEST, "proxy Segmenter weights",
+                              f"{RETRAIN_COMMAND}` or `./run_all.sh --retrain-proxy")
+    meta = {**entry["meta"], "origin": "shipped", "file": entry["file"], "sha256": entry["sha256"]}
+    save_clean(load_file(str(f)), out, meta)
+    atomic_write_json(Path(str(out) + ".json"), meta)
 
 
 def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None, size: str = "default",
                            log=print) -> Path:
-    """The proxy Segmenter's clean checkpoint, trained on first use (a few CPU minutes).
+    """The proxy Segmenter's clean checkpoint: the cached one, else (default size, full schedule) the
+    shipped weights, else trained (a few CPU minutes).
 
-    Cached under ``.cache/seg/`` keyed by the proxy config's text and the proxy set size
-    (``default``: the full schedule on the default set; ``smoke``: 30 iterations on the smoke set);
-    ``force`` retrains.  Training metadata (time, val mIoU, stamp) sits next to it in ``<file>.json``.
+    Cached under ``.cache/seg/`` keyed by :func:`proxy_key` (``default``: the full schedule on the
+    default set; ``smoke``: 30 iterations on the smoke set); ``force`` retrains.  Training metadata
+    (time, val mIoU, stamp; ``origin: shipped`` for the shipped weights) sits next to it in ``<file>.json``.
     """
     from bench.seg.proxy_data import SIZES
 
@@ -162,6 +195,13 @@ def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None,
         out = out.with_name(out.stem + f"-it{max_iters}.pth")
     if out.exists() and not force:
         return out
+    entry = shipped_segmenter_entry() if size == "default" and max_iters is None and not force else None
+    if entry is not None:
+        _install_shipped(entry, out)
+        if log:
+            log(f"[seg] proxy Segmenter: the shipped weights ({entry['file']}, sha256 {entry['sha256'][:12]}, "
+                f"val mIoU {entry['meta']['val'].get('mIoU', float('nan')):.1f})")
+        return out
     if log:
         log(f"[seg] training the proxy Segmenter -> {out} (first use; a few minutes on a CPU)")
     data = "proxy" if size == "default" else f"proxy:{size}"
@@ -169,6 +209,20 @@ def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None,
     if log:
         log(f"[seg] proxy Segmenter trained in {meta['train_seconds']:.0f} s; val {meta['val']}")
     return out
+
+
+def origin_line(checkpoint: Path) -> str:
+    """Where a proxy Segmenter checkpoint came from, for table headers (from its ``.json``)."""
+    try:
+        meta = json.loads(Path(str(checkpoint) + ".json").read_text())
+    except (OSError, ValueError):
+        return f"{Path(checkpoint).name} (no training record)"
+    miou = (meta.get("val") or {}).get("mIoU")
+    acc = "" if miou is None else f", val mIoU {miou:.1f}"
+    if meta.get("origin") == "shipped":
+        return (f"shipped weights {meta.get('file')} (sha256 {str(meta.get('sha256'))[:12]}{acc} when shipped; "
+                "`--retrain-proxy` re-creates them)")
+    return f"trained by this suite ({meta.get('max_iters')} iterations in {meta.get('train_seconds')} s{acc})"
 
 
 def proxy_training_info(size: str = "default") -> dict:

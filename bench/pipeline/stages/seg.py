@@ -17,10 +17,10 @@ def _targets(ctx):
     if prof["data_source"] == "proxy":
         from bench.seg.train import ensure_proxy_segmenter
 
-        ck = ensure_proxy_segmenter(size=prof.get("proxy_size", "default")) if prof.get("proxy_size") == "smoke" \
-            else ensure_proxy_segmenter()
-        return [("proxy", "proxy" if prof.get("proxy_size", "default") == "default" else f"proxy:{prof['proxy_size']}",
-                 Path(ck))]
+        size = prof.get("proxy_size", "default")
+        # --retrain-proxy re-creates the shipped proxy weights: the backbone (accuracy stage) and this Segmenter
+        ck = ensure_proxy_segmenter(size=size, force=bool(getattr(ctx.args, "retrain_proxy", False)))
+        return [("proxy", "proxy" if size == "default" else f"proxy:{size}", Path(ck))]
     a = ctx.args
     if getattr(a, "fixture", False):
         # the ADE20K-layout path is exercised by tests/test_seg*.py (pmbench seg-eval on a fixture)
@@ -86,9 +86,15 @@ def run(ctx) -> None:
                          "miou": r.get("miou"), "aAcc": r.get("aAcc"),
                          "gmacs_per_window": r.get("gmacs_per_window"), "gmacs_per_image": r.get("gmacs_per_image"),
                          "fps_bs32": r.get("fps_bs32"), "fps_bs1": r.get("fps_bs1"), "kind": "off-the-shelf"})
+    if prof["data_source"] == "proxy":
+        from bench.seg.train import origin_line
+
+        weights = [f"proxy Segmenter: {origin_line(ck)}" for _, _, ck in targets]
+    else:
+        weights = [f"Segmenter {config}: weights {ck}" for config, _, ck in targets if ck]
     ctx.add_table("segmentation", "Segmenter: mIoU, GMACs and FPS", rows,
                   ctx.meta(data_source=prof["data_source"], precision="fp32", batch_size="32 and 1 (FPS)",
-                           notes=["mIoU: mmseg IoUMetric with the config's sliding-window test",
+                           notes=[*weights, "mIoU: mmseg IoUMetric with the config's sliding-window test",
                                   "GMACs: encoder (analytic, per-block token counts) + decode head, per 512x512 "
                                   "window (proxy: the proxy crop) and per image",
                                   "reducers applied off-the-shelf to the trained Segmenter (methods that learn a "
