@@ -187,7 +187,15 @@ def run(ctx) -> None:
     budget = sp.get("budget_s")
     eager_jobs, compile_jobs = _plan_jobs(ctx, prof, sp)
     ran = 0
-    est_one = lambda cfg, n: n * cfg.repeats * (cfg.min_time or 1.0) * 1.3 + 2.0  # noqa: E731
+
+    def est_one(cfg, n: int) -> float:
+        """Seconds a group of ``n`` models is expected to take (the progress line's ETA): a timing lasts
+        about 1.5 x min_time (whole calls); ``pair_every`` adds a baseline timing per chunk; rows that are
+        still noisy get extra rounds (on the 2-core machine about half of them, most of the allowed rounds)."""
+        per_round = n + (n + cfg.pair_every - 1) // cfg.pair_every if cfg.pair_every else n + 1
+        rounds = cfg.repeats + cfg.extra_repeats / 2
+        return per_round * rounds * (cfg.min_time or 1.0) * 1.5 + 2.0
+
     ctx.progress.plan(len(eager_jobs) + len(compile_jobs),
                       sum(est_one(j[2], len(j[3])) for j in eager_jobs + compile_jobs))
     for kind, jobs in (("eager", eager_jobs), ("compile", compile_jobs)):
