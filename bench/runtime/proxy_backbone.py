@@ -52,7 +52,7 @@ def shipped_entry(size: str = "default") -> Optional[dict]:
 
 def load_shipped(entry: dict):
     """The shipped backbone as a model, after checking the file's SHA-256 against the manifest."""
-    f = shipped.verified_file(entry, SHIPPED_MANIFEST, "proxy weights", "./run_all.sh --retrain-proxy")
+    f = shipped.verified_file(entry, SHIPPED_MANIFEST, "proxy weights", "`./run_all.sh --retrain-proxy`")
     return load_file_weights(proxy.pmbench_proxy_vit(), f).eval()
 
 

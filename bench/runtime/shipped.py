@@ -32,10 +32,10 @@ def manifest_entry(manifest: Path, name: str, **must_match) -> Optional[dict]:
 
 def verified_file(entry: dict, manifest: Path, what: str, retrain: str) -> Path:
     """The shipped file of ``entry`` (in ``manifest``'s folder) after its SHA-256 check.  ``what`` names
-    the weights in the error; ``retrain`` is the command that trains them instead."""
+    the weights in the error; ``retrain`` says how to train them instead (markdown, e.g. a command in backticks)."""
     manifest = Path(manifest)
     f = manifest.parent / entry["file"]
-    fixes = f"restore it with `git checkout -- bench/data_files/`, or retrain with `{retrain}`"
+    fixes = f"restore it with `git checkout -- bench/data_files/`, or retrain with {retrain}"
     if not f.is_file():
         raise ConfigError(f"the shipped {what} {f} are missing (the manifest {manifest.name} names them): {fixes}")
     got = file_hash(f, n=64)

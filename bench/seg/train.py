@@ -169,7 +169,7 @@ def _install_shipped(entry: dict, out: Path) -> None:
     from bench.runtime.results import atomic_write_json
 
     f = shipped.verified_file(entry, SHIPPED_MANIFEST, "proxy Segmenter weights",
-                              f"{RETRAIN_COMMAND}` or `./run_all.sh --retrain-proxy")
+                              f"`{RETRAIN_COMMAND}` or `./run_all.sh --retrain-proxy`")
     meta = {**entry["meta"], "origin": "shipped", "file": entry["file"], "sha256": entry["sha256"]}
     save_clean(load_file(str(f)), out, meta)
     atomic_write_json(Path(str(out) + ".json"), meta)
