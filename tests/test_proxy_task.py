@@ -27,8 +27,10 @@ from bench.runtime import proxy
 out = proxy.generate(proxy.Path({out!r}), train_per_class=1, val_per_class=1, seed=0)
 meta = json.loads((out / "proxy.json").read_text())
 img = np.asarray(proxy.render(3, np.random.default_rng(np.random.SeedSequence([0, 1, 3, 0]))))
+m = proxy.pmbench_proxy_vit()
 print(json.dumps({{"task": proxy.TASK, "version": proxy.DATA_VERSION, "meta": [meta["task"], meta["version"]],
-                  "data_dir": proxy.data_dir().name, "note": proxy.task_note(), "pixel_sum": int(img.sum())}}))
+                  "data_dir": proxy.data_dir().name, "note": proxy.task_note(), "pixel_sum": int(img.sum()),
+                  "width": m.embed_dim, "heads": m.blocks[0].attn.num_heads}}))
 """
 
 
@@ -44,6 +46,20 @@ def test_small_object_task_is_separate_from_the_default(tmp_path):
     assert s["data_dir"] == "cls-v8-default" != d["data_dir"]  # its own data, backbone and shipped-weights check
     assert "small-object" in s["note"] and "experimental" in s["note"]
     assert s["pixel_sum"] != d["pixel_sum"]
+    assert (d["width"], d["heads"]) == (s["width"], s["heads"]) == (64, 2)
+
+
+def test_medium_object_task_has_its_own_data_and_a_wider_backbone(tmp_path):
+    """docs/proxy.md, "A wider backbone": larger objects, width 96 with 3 heads, named in every header."""
+    res = {}
+    for task in ("small-object", "medium-object"):
+        r = _py(PROBE.format(out=str(tmp_path / f"set-{task}")), task, tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res[task] = json.loads(r.stdout.splitlines()[-1])
+    s, m = res["small-object"], res["medium-object"]
+    assert m["version"] == 9 and m["meta"] == ["medium-object", 9] and m["data_dir"] == "cls-v9-default"
+    assert (m["width"], m["heads"]) == (96, 3) and "width 96, 3 heads" in m["note"]
+    assert m["pixel_sum"] != s["pixel_sum"]  # the same scene, a larger object
 
 
 def test_unknown_task_is_refused_with_the_choices(tmp_path):

@@ -26,6 +26,8 @@ An experimental second task, ``small-object`` (``PMBENCH_PROXY_TASK=small-object
 "A task whose ranking agrees, and what it costs"): the same hue classes decided by one small saturated
 object on a smooth natural-looking scene.  Off-the-shelf it ranks ToMe, MSTM, EViT and calibrated PM in
 the real model's order, but short fine-tuning cannot recover PM on it, so it is not the default.
+``medium-object`` has 18-30 px objects and a wider backbone (width 96, 3 heads; ``TASK_SHAPES``): its
+off-the-shelf order agrees too (docs/proxy.md, "A wider backbone").
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
 index])``), so the same seed writes the same bytes, independent of order.
@@ -68,18 +70,22 @@ from timm.models.vision_transformer import VisionTransformer
 from bench.runtime.env import ROOT
 
 PROXY_MODEL = "pmbench_proxy_vit"
-# The proxy task.  "largest-hue" is the embedded default (its backbone ships).  "small-object" is the
-# experimental alternative of docs/proxy.md ("A task whose ranking agrees, and what it costs"), chosen
-# with PMBENCH_PROXY_TASK=small-object: it has its own data version, so its data, backbone and results
-# never mix with the default's, and every table header names it.  Read once at import, so torchrun ranks
-# and any other process of the run see the same task.
+# The proxy task.  "largest-hue" is the embedded default (its backbone ships).  "small-object" and
+# "medium-object" are the experimental alternatives of docs/proxy.md ("A task whose ranking agrees, and
+# what it costs"; "A wider backbone"), chosen with PMBENCH_PROXY_TASK: each has its own data version, so
+# its data, backbone and results never mix with the default's, and every table header names it.  Read
+# once at import, so torchrun ranks and any other process of the run see the same task.
 TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "largest-hue"
-TASK_VERSIONS = {"largest-hue": 5, "small-object": 8}
+TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9}
+# The backbone's (width, heads) per task: "medium-object" is the experiment with a wider backbone, whose
+# CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
+TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
 DATA_VERSION = TASK_VERSIONS.get(TASK, TASK_VERSIONS[DEFAULT_TASK])
+EMBED_DIM, NUM_HEADS = TASK_SHAPES.get(TASK, TASK_SHAPES[DEFAULT_TASK])
 IMG_SIZE = 112  # model input
 GEN_SIZE = 128  # stored image side = int(112 / 0.875)
 # 10 hue classes 20 degrees apart on a 200-degree arc (red .. blue): neighbouring classes look
@@ -123,13 +129,14 @@ SIZES = {
 # --------------------------------------------------------------------------- model
 @register_model
 def pmbench_proxy_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DeiT structure and token geometry (196 patches), width 64: the proxy backbone."""
+    """DeiT structure and token geometry (196 patches), width 64 with 2 heads (an experimental task may
+    set another shape, :data:`TASK_SHAPES`): the proxy backbone."""
     if pretrained:
         raise RuntimeError(
             "pmbench_proxy_vit has no downloadable weights; train it with `pmbench train --model "
             "pmbench_proxy_vit --data proxy` or use bench.runtime.proxy_backbone.load_proxy_backbone()"
         )
-    args = dict(img_size=IMG_SIZE, patch_size=8, embed_dim=64, depth=12, num_heads=2, mlp_ratio=4.0,
+    args = dict(img_size=IMG_SIZE, patch_size=8, embed_dim=EMBED_DIM, depth=12, num_heads=NUM_HEADS, mlp_ratio=4.0,
                 num_classes=len(CLASSES), qkv_bias=True)
     for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only"):
         kwargs.pop(k, None)  # timm.create_model's bookkeeping arguments
@@ -313,10 +320,11 @@ def _smooth_field(rng: np.random.Generator, scales=(64, 32, 16, 8), amp0: float 
     return out
 
 
-def _render_small_object(label: int, rng: np.random.Generator) -> Image.Image:
+def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20)) -> Image.Image:
     """One image of the ``small-object`` task of class ``label``: a smooth, low-saturation scene of a
     random hue with a few large soft blobs (neighbouring tokens are redundant, as in photographs), and
-    one small saturated object (10-20 px, 2-6 tokens) of the class's hue (+-5 degrees)."""
+    one small saturated object (side ``sides`` px: 10-20, i.e. 2-6 tokens) of the class's hue (+-5
+    degrees).  ``medium-object`` is the same scene with 18-30 px objects."""
     S = GEN_SIZE
     img = _hsv(rng.uniform(0, 360), rng.uniform(0.15, 0.45), rng.uniform(0.35, 0.85)) + _smooth_field(rng)
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
@@ -327,7 +335,7 @@ def _render_small_object(label: int, rng: np.random.Generator) -> Image.Image:
         col = tuple(int(c) for c in _hsv(rng.uniform(0, 360), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.9)))
         d.ellipse([x0 - rx, y0 - ry, x0 + rx, y0 + ry], fill=col)
     img = np.asarray(pil.filter(ImageFilter.GaussianBlur(3))).astype(np.float32)
-    side = rng.uniform(10, 20)
+    side = rng.uniform(*sides)
     margin = 10 + side / 2  # inside the 112 centre crop
     cy, cx = rng.uniform(margin, S - margin, 2)
     mask = _shape_mask(rng, cy, cx, side)
@@ -337,7 +345,12 @@ def _render_small_object(label: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-_RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object}
+def _render_medium_object(label: int, rng: np.random.Generator) -> Image.Image:
+    return _render_small_object(label, rng, sides=(18, 30))
+
+
+_RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object,
+              "medium-object": _render_medium_object}
 
 
 def render(label: int, rng: np.random.Generator) -> Image.Image:
@@ -355,7 +368,11 @@ def check_task() -> None:
 
 def task_note() -> str:
     """What a table header adds for a non-default task ("" for the default)."""
-    return "" if TASK == DEFAULT_TASK else f"task {TASK} ({TASK_ENV}; experimental, docs/proxy.md)"
+    if TASK == DEFAULT_TASK:
+        return ""
+    wide = TASK_SHAPES.get(TASK, TASK_SHAPES[DEFAULT_TASK]) != TASK_SHAPES[DEFAULT_TASK]
+    shape = f", backbone width {EMBED_DIM}, {NUM_HEADS} heads" if wide else ""
+    return f"task {TASK} ({TASK_ENV}; experimental, docs/proxy.md{shape})"
 
 
 def _write_class(out: Path, split: str, c: int, per_class: int, seed: int) -> None:
