@@ -189,12 +189,12 @@ def run(ctx) -> None:
     ran = 0
 
     def est_one(cfg, n: int) -> float:
-        """Seconds a group of ``n`` models is expected to take (the progress line's ETA): a timing lasts
-        about 1.5 x min_time (whole calls); ``pair_every`` adds a baseline timing per chunk; rows that are
-        still noisy get extra rounds (on the 2-core machine about half of them, most of the allowed rounds)."""
-        per_round = n + (n + cfg.pair_every - 1) // cfg.pair_every if cfg.pair_every else n + 1
-        rounds = cfg.repeats + cfg.extra_repeats / 2
-        return per_round * rounds * (cfg.min_time or 1.0) * 1.5 + 2.0
+        """Seconds a group of ``n`` models (the baseline first) is expected to take, for the progress line's
+        ETA: the protocol's own schedule, plus extra rounds (a row and a baseline timing each) for about half
+        the rows, as on the 2-core machine; a timing lasts about 1.5 x min_time (whole calls)."""
+        names = list(range(n))
+        timings = len(speed.schedule(names, names[0], cfg.repeats, cfg.pair_every)) + (n - 1) * cfg.extra_repeats
+        return timings * (cfg.min_time or 1.0) * 1.5 + 2.0
 
     ctx.progress.plan(len(eager_jobs) + len(compile_jobs),
                       sum(est_one(j[2], len(j[3])) for j in eager_jobs + compile_jobs))
