@@ -5,7 +5,8 @@ CPU cores.  For one proxy task (``bench.runtime.proxy.TASK_VERSIONS``) it runs, 
 
 1. the task's data set (``PMBENCH_PROXY_TASK``; the default profile's sizes: 8000 train / 1000 val);
 2. the proxy backbone, trained by the suite's trainer with the default recipe but ``--epochs`` epochs
-   (2 by default: on the default task the 2- and 6-epoch backbones ranked the methods the same way);
+   (2 by default, which is quick but not converged: on the default task the 2- and 6-epoch backbones ranked
+   the methods the same way, on ``medium-object`` they did not, docs/proxy.md);
 3. the accuracy stage for the unreduced model and the four configurations the real-model check covers
    (ToMe r=13, MSTM 0.7, EViT 0.7, PM 0.6 calibrated), off-the-shelf, and with ``--finetune`` also PM 0.6
    fine-tuned for ``--finetune-steps`` steps (the default profile's 40);
@@ -16,6 +17,7 @@ agree.  The report folder (``--out``) holds the usual accuracy tables, whose hea
     python benchmarks/proxy_task_experiment.py --task small-object            # ~10 min
     python benchmarks/proxy_task_experiment.py --task small-object --finetune
     python benchmarks/proxy_task_experiment.py --task medium-object --finetune  # width 96, 3 heads, ~13 min
+    python benchmarks/proxy_task_experiment.py --task medium-object --epochs 6 --finetune  # converged, ~36 min
     python benchmarks/proxy_task_experiment.py --task largest-hue --epochs 6  # the shipped recipe, ~25 min
 """
 from __future__ import annotations
