@@ -298,3 +298,17 @@ def test_a_renamed_table_leaves_no_files_behind(tmp_path):
     assert len(list(out.glob("flops.*"))) == 3 and len(list(out.glob("ablations.*"))) == 3
     assert (tmp_path / "escape.md").exists()
     assert writer.drop_retired_tables(tmp_path / "absent") == []
+
+
+def test_json_rows_keep_integer_columns_integer(tmp_path):
+    """A count with a missing value (the baseline's pairs) stays an integer in the JSON file, where pandas
+    alone would write 7.0; float columns, NaN and text are pandas' as before."""
+    from bench.report.tables import write_table
+
+    rows = [{"config": "none", "pairs": None, "speedup": 1.0, "top1": float("nan")},
+            {"config": "tome:r=13", "pairs": 7, "speedup": 1.5, "top1": 80.0}]
+    write_table(tmp_path, "t", "T", rows, {"profile": "default"})
+    got = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert got == [{"config": "none", "pairs": None, "speedup": 1.0, "top1": None},
+                   {"config": "tome:r=13", "pairs": 7, "speedup": 1.5, "top1": 80.0}]
+    assert isinstance(got[1]["pairs"], int) and isinstance(got[1]["speedup"], float)

@@ -104,5 +104,19 @@ def write_table(out_dir: Path, name: str, title: str, rows: list[dict], meta: di
         if k not in csv_df.columns:
             csv_df[k] = v
     atomic_write_text(out_dir / f"{name}.csv", csv_df.to_csv(index=False))
-    atomic_write_json(out_dir / f"{name}.json", {"meta": meta, "title": title, "rows": json.loads(df.to_json(orient="records"))})
+    atomic_write_json(out_dir / f"{name}.json", {"meta": meta, "title": title, "rows": _json_rows(df, rows)})
     return df
+
+
+def _json_rows(df: pd.DataFrame, rows: list[dict]) -> list[dict]:
+    """The JSON file's rows: pandas' conversion (NaN -> null, numpy -> Python numbers), except that a column
+    whose measured values are all integers stays integer (pandas stores an integer column with a missing
+    value as floats: a count of 7 would read 7.0)."""
+    out = json.loads(df.to_json(orient="records"))
+    for c in df.columns:
+        vals = [r.get(c) for r in rows if r.get(c) is not None]
+        if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            for o in out:
+                if o.get(c) is not None:
+                    o[c] = int(o[c])
+    return out
