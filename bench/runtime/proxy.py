@@ -371,7 +371,7 @@ def task_note() -> str:
     """What a table header adds for a non-default task ("" for the default)."""
     if TASK == DEFAULT_TASK:
         return ""
-    wide = TASK_SHAPES.get(TASK, TASK_SHAPES[DEFAULT_TASK]) != TASK_SHAPES[DEFAULT_TASK]
+    wide = (EMBED_DIM, NUM_HEADS) != TASK_SHAPES[DEFAULT_TASK]
     shape = f", backbone width {EMBED_DIM}, {NUM_HEADS} heads" if wide else ""
     return f"task {TASK} ({TASK_ENV}; experimental, docs/proxy.md{shape})"
 
