@@ -1,4 +1,4 @@
-"""``python -m bench.entry NAME [ARGS...]``: run ``bench.NAME.main(ARGS)`` the way ``run_all.sh`` does.
+"""``python -m bench.entry NAME [ARGS...]``: run the ``main(ARGS)`` of NAME's module the way ``run_all.sh`` does.
 
 Ctrl-C anywhere, the imports included (torch takes seconds to import), ends with one line and exit
 code 130 instead of a traceback.  Each entry module also handles Ctrl-C in its own ``main``.
@@ -10,7 +10,9 @@ import sys
 
 from bench.runtime import startup
 
-NAMES = {"orchestrate": "run_all", "testrun": "run_all test", "gate": "gate"}
+# name -> (module, what an interruption message calls it)
+NAMES = {"orchestrate": ("bench.orchestrate", "run_all"), "testrun": ("bench.testrun", "run_all test"),
+         "gate": ("bench.pipeline.gate", "gate")}
 
 
 def main(argv=None) -> int:
@@ -22,10 +24,10 @@ def main(argv=None) -> int:
     name, rest = argv[0], argv[1:]
     try:
         with startup.heavy_imports(program):
-            mod = importlib.import_module(f"bench.{name}")
+            mod = importlib.import_module(NAMES[name][0])
         return int(mod.main(rest) or 0)
     except KeyboardInterrupt:
-        print(f"\n{NAMES[name]}: interrupted", file=sys.stderr)
+        print(f"\n{NAMES[name][1]}: interrupted", file=sys.stderr)
         return 130
     finally:
         startup.settle(program)
