@@ -254,3 +254,65 @@ def test_cli_train_from_scratch_is_reproducible(tmp_path, capsys):
     capsys.readouterr()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def _manual_deep_sup_loss(model, x, y, blocks, smoothing=0.0):
+    """The deep-supervised loss written out by hand: the CLS token after each block through the
+    model's own final norm and head, averaged, added to the final CE."""
+    import torch.nn.functional as F
+
+    t = model.pos_drop(model._pos_embed(model.patch_embed(x)))
+    t = model.norm_pre(model.patch_drop(t))
+    aux = []
+    for i, blk in enumerate(model.blocks):
+        t = blk(t)
+        if i in blocks:
+            aux.append(F.cross_entropy(model.head(model.norm(t[:, 0])), y, label_smoothing=smoothing))
+    final = F.cross_entropy(model.forward_head(model.norm(t)), y, label_smoothing=smoothing)
+    return final, sum(aux) / len(aux)
+
+
+def test_deep_supervision_adds_the_mean_cls_loss_of_the_tapped_blocks(tmp_path):
+    """docs/proxy.md, "Deep supervision": the logged deep_sup term is the mean CE of the CLS token after
+    each tapped block (final norm + head), x the weight, and the loss is ce + deep_sup."""
+    model = tiny(seed=3)
+    dl = tensor_loader(n=8, bs=8)
+    x, y = next(iter(dl))
+    with torch.no_grad():
+        ce, aux = _manual_deep_sup_loss(model.train(), x, y, [1, 4], smoothing=0.1)
+    log = tmp_path / "log.jsonl"
+    cfg = TrainConfig(epochs=1, lr=1e-3, progress=False, log_every=1, log_path=str(log), label_smoothing=0.1,
+                      deep_supervision=[1, 4], deep_supervision_weight=0.5)
+    train(model, dl, cfg)
+    rec = [json.loads(l) for l in log.read_text().splitlines() if '"loss"' in l][0]
+    assert rec["ce"] == pytest.approx(ce.item(), rel=1e-5)
+    assert rec["deep_sup"] == pytest.approx(0.5 * aux.item(), rel=1e-5)
+    assert rec["loss"] == pytest.approx(rec["ce"] + rec["deep_sup"], rel=1e-6)
+
+
+def test_deep_supervision_changes_training_and_leaves_the_model_unchanged_in_shape():
+    plain, sup = tiny(seed=1), tiny(seed=1)
+    train(plain, tensor_loader(), TrainConfig(epochs=1, lr=1e-3, progress=False))
+    train(sup, tensor_loader(), TrainConfig(epochs=1, lr=1e-3, progress=False, deep_supervision=[3, 6, 9]))
+    ps, ss = plain.state_dict(), sup.state_dict()
+    assert ps.keys() == ss.keys()  # no extra heads: the model's own norm and head classify the taps
+    assert not torch.equal(ps["blocks.0.attn.qkv.weight"], ss["blocks.0.attn.qkv.weight"])
+    assert not any(b._forward_hooks for b in sup.blocks)  # the taps are removed after each step
+
+
+@pytest.mark.parametrize("blocks, msg", [([12], "do not exist: the model has 12 blocks"),
+                                         ([3, 3], "distinct block indices"), ([-1], "distinct block indices >= 0")])
+def test_deep_supervision_refuses_blocks_the_model_has_not(blocks, msg):
+    with pytest.raises(ConfigError, match=msg):
+        train(tiny(), tensor_loader(), TrainConfig(epochs=1, progress=False, deep_supervision=blocks))
+
+
+def test_cli_deep_supervision_flag(tmp_path, capsys):
+    from bench import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--deep-supervision", "3,x", "--out", str(tmp_path / "o.pt")])
+    assert e.value.code == 2 and "comma-separated block indices such as 3,6,9" in capsys.readouterr().err
+    from bench.commands.train_cmd import _block_list
+
+    assert _block_list("3,6,9") == [3, 6, 9]

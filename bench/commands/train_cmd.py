@@ -6,6 +6,7 @@ student's starting weights and ``--teacher self`` is that same unreduced model.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 from dataclasses import asdict, fields
@@ -17,6 +18,15 @@ from bench.runtime import data as data_mod, distributed as dist, env, models, pr
 from bench.runtime.train import (RUN_FIELDS, DataJob, TrainConfig, build_loaders, compose_config, run_extra,
                                  seed_everything, train)
 
+
+def _block_list(v: str) -> list[int]:
+    """``3,6,9`` -> [3, 6, 9] (block indices of --deep-supervision)."""
+    try:
+        return [int(b) for b in v.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated block indices such as 3,6,9, not {v!r}") from None
+
+
 # flag -> TrainConfig field (all default None = "not given")
 _FLAGS = [
     ("--epochs", float, "epochs"), ("--batch-size", int, "batch_size"), ("--lr", float, "lr"),
@@ -26,6 +36,8 @@ _FLAGS = [
     ("--distill", str, "distill"), ("--distill-alpha", float, "distill_alpha"), ("--distill-tau", float, "distill_tau"),
     ("--distill-form", str, "distill_form"), ("--seed", int, "seed"), ("--max-steps", int, "max_steps"),
     ("--log", str, "log_path"), ("--ckpt-every-steps", int, "ckpt_every_steps"),
+    ("--deep-supervision", _block_list, "deep_supervision"),
+    ("--deep-supervision-weight", float, "deep_supervision_weight"),
 ]
 
 

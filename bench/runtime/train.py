@@ -63,6 +63,10 @@ class TrainConfig:
     distill_tau: float = 1.0
     distill_form: str = "deit"  # deit: (1-a)*CE + a*KD | add: CE + a*KD
     train_mode: bool = True  # False: keep model.eval() while training (EViT fine-tuning, PM calibration)
+    # deep supervision: the CLS token after each of these blocks (0-based) is also classified, by the
+    # model's own final norm and head, and the mean of those losses (x the weight) is added
+    deep_supervision: list = field(default_factory=list)
+    deep_supervision_weight: float = 1.0
     amp: Optional[bool] = None  # None: on for CUDA
     seed: int = 0
     device: Optional[str] = None
@@ -84,7 +88,7 @@ class TrainConfig:
         if self.distill_form not in ("deit", "add"):
             raise ConfigError(f"distill_form must be deit or add, not {self.distill_form!r}")
         for name in ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_lr", "weight_decay", "label_smoothing",
-                     "mixup", "cutmix", "distill_alpha", "distill_tau", "clip_grad"):
+                     "mixup", "cutmix", "distill_alpha", "distill_tau", "clip_grad", "deep_supervision_weight"):
             v = getattr(self, name)
             if v is None and name == "clip_grad":
                 continue
@@ -108,6 +112,10 @@ class TrainConfig:
             raise ConfigError(f"distill_tau must be > 0, got {self.distill_tau}")
         if self.label_smoothing >= 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        ds = self.deep_supervision
+        if not isinstance(ds, (list, tuple)) or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in ds) \
+                or len(set(ds)) != len(ds):
+            raise ConfigError(f"deep_supervision must be a list of distinct block indices >= 0, got {ds!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -254,6 +262,54 @@ def _split_outputs(out):
     return out, out
 
 
+def check_deep_supervision(model, blocks) -> None:
+    """A ConfigError unless ``model`` can be deep-supervised at ``blocks``: a ViT with ``blocks``,
+    ``norm`` and ``forward_head`` (timm's), and every index below its depth."""
+    if not blocks:
+        return
+    if not all(hasattr(model, a) for a in ("blocks", "norm", "forward_head")):
+        raise ConfigError(f"deep_supervision needs a timm ViT (blocks, norm, forward_head); "
+                          f"{type(model).__name__} has not")
+    bad = [b for b in blocks if b >= len(model.blocks)]
+    if bad:
+        raise ConfigError(f"deep_supervision blocks {bad} do not exist: the model has {len(model.blocks)} "
+                          f"blocks (0-based indices 0..{len(model.blocks) - 1})")
+
+
+def _cls_pooled(model) -> bool:
+    return getattr(model, "global_pool", "token") == "token"
+
+
+def _aux_logits(model, tapped):
+    """A tapped block output through the model's final norm and head.  For a CLS-pooled ViT the tap holds
+    only the CLS token (the norm is per token; the others would be wasted work), handed to
+    ``forward_head`` as a one-token sequence, which it pools to that token."""
+    if _cls_pooled(model):
+        return model.forward_head(model.norm(tapped).unsqueeze(1))
+    return model.forward_head(model.norm(tapped))
+
+
+class _BlockTaps:
+    """Forward hooks that keep the output of the given blocks during one forward pass (for a CLS-pooled
+    ViT, its CLS token, taken inside the hook so that autograd orders the gradients the same way in
+    every run)."""
+
+    def __init__(self, model, blocks):
+        self.model, self.blocks, self.out, self.hooks = model, list(blocks), [], []
+        self.cls_only = _cls_pooled(model)
+
+    def __enter__(self):
+        for i in self.blocks:
+            self.hooks.append(self.model.blocks[i].register_forward_hook(
+                lambda m, a, o: self.out.append(o[:, 0] if self.cls_only else o)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        return False
+
+
 class JsonLog:
     def __init__(self, path: Optional[str], enabled: bool):
         self.fh = None
@@ -315,6 +371,7 @@ class _Trainer:
         self.cur_epoch = -1
         self.run_loss, self.run_n = 0.0, 0
         self.model_obj = unwrap(model)
+        check_deep_supervision(self.model_obj, cfg.deep_supervision)
 
     # ----------------------------------------------------------------------- setup
     def _prepare_teacher(self, teacher):
@@ -468,10 +525,14 @@ class _Trainer:
     def _loss_terms(self, x, y) -> dict:
         """The named loss terms of one forward pass (base, distillation, the reducer's)."""
         cfg, teacher, reducer, model_obj = self.cfg, self.teacher, self.reducer, self.model_obj
-        with patch.training_step(model_obj):  # the reducer is told, not left to guess, that this is a step
-            out = self.ddp_model(x)
+        with _BlockTaps(model_obj, cfg.deep_supervision) as taps, patch.training_step(model_obj):
+            out = self.ddp_model(x)  # (the reducer is told, not left to guess, that this is a step)
         logits, logits_kd = _split_outputs(out)
         terms = {"ce": self._base_loss(logits, y)}
+        if taps.out:  # deep supervision: each tapped block's tokens through the model's own norm and head
+            aux = [self._base_loss(_split_outputs(_aux_logits(model_obj, t))[0], y)
+                   for t in taps.out]
+            terms["deep_sup"] = cfg.deep_supervision_weight * sum(aux) / len(aux)
         teacher_out = None
         if teacher is not None:
             with torch.no_grad():
