@@ -268,6 +268,19 @@ def test_proxy_ranking_note_compares_with_the_real_model():
     good = [dict(r, drop=proxy_ranking.REAL_REFERENCE[r["config"]]) for r in rows[:4]]
     assert "it agrees with the real model's order" in proxy_ranking.ranking_note(good)
     assert proxy_ranking.ranking_note(rows[:1]) is None  # one configuration ranks nothing
+    # the converged deep-supervised proxy of docs/proxy.md: MSTM and EViT tie, PM set apart
+    tied = [{"config": "tome:r=13", "kind": "off-the-shelf", "drop": 0.0, "drop_ci95": "[+0.0, +0.0]"},
+            {"config": "evit:keep=0.7", "kind": "off-the-shelf", "drop": -0.1, "drop_ci95": "[-0.3, +0.0]"},
+            {"config": "mstm:keep=0.7", "kind": "off-the-shelf", "drop": -0.2, "drop_ci95": "[-0.4, +0.0]"},
+            {"config": "pm:keep=0.6", "kind": "off-the-shelf", "drop": -8.6, "drop_ci95": "[-10.4, -6.9]"}]
+    note = proxy_ranking.ranking_note(tied)
+    assert "agrees with the real model's order within the paired intervals (mstm:keep=0.7 and evit:keep=0.7 " \
+           "overlap), and pm:keep=0.6's interval lies below all the others'" in note
+    apart = [dict(r, drop=-0.35, drop_ci95="[-0.4, -0.3]") if r["config"] == "mstm:keep=0.7" else r for r in tied]
+    apart[1] = dict(apart[1], drop_ci95="[-0.1, +0.0]")  # EViT now clearly loses less than MSTM: contradicted
+    assert "does NOT agree" in proxy_ranking.ranking_note(apart)
+    near = [dict(r, drop_ci95="[-9.0, -0.1]") if r["config"] == "pm:keep=0.6" else r for r in tied]
+    assert "lies below" not in proxy_ranking.ranking_note(near)  # PM's interval reaches into the others'
     assert "-19.8" in proxy_ranking.CHECKED and "docs/proxy.md" in proxy_ranking.CHECKED
 
 

@@ -24,10 +24,24 @@ def _order(drops: dict) -> list[str]:
     return sorted(drops, key=lambda k: -drops[k])  # smallest loss first
 
 
+def _interval(row: dict):
+    """(low, high) of a row's ``drop_ci95`` ("[-1.8, +2.2]"), or the drop itself when none was measured."""
+    ci = row.get("drop_ci95")
+    if isinstance(ci, str) and ci.startswith("["):
+        lo, hi = (float(v) for v in ci.strip("[]").split(","))
+        return lo, hi
+    return row["drop"], row["drop"]
+
+
 def ranking_note(rows: list[dict]) -> str | None:
     """One sentence on this run's off-the-shelf ranking of the reference configurations against the
     real model's, or None when the run has fewer than two of them.  ``rows``: accuracy rows with
-    ``config``, ``kind`` and ``drop`` (and ``drop_ci95`` when measured)."""
+    ``config``, ``kind`` and ``drop`` (and ``drop_ci95`` when measured).
+
+    The verdict reads the intervals: a pair that the run orders the other way round from the real model
+    but whose intervals overlap is a tie on these images, not a contradiction.  When the configuration
+    the real model ranks last has an interval below every other's, the note says it is set apart, as on
+    the real model."""
     ours = {r["config"]: r for r in rows
             if r.get("kind") == "off-the-shelf" and r["config"] in REAL_REFERENCE and r.get("drop") is not None}
     if len(ours) < 2:
@@ -36,9 +50,18 @@ def ranking_note(rows: list[dict]) -> str | None:
     mine = _order({k: ours[k]["drop"] for k in ours})
     listed = ", ".join(f"{k} {ours[k]['drop']:+.1f}" + (f" {ours[k]['drop_ci95']}" if ours[k].get("drop_ci95") else "")
                        for k in mine)
-    if mine == real:
+    iv = {k: _interval(ours[k]) for k in ours}
+    swapped = [(a, b) for i, a in enumerate(real) for b in real[i + 1:] if ours[a]["drop"] < ours[b]["drop"]]
+    contradicted = [(a, b) for a, b in swapped if iv[a][1] < iv[b][0]]  # a's whole interval below b's
+    if not swapped:
         verdict = "agrees with the real model's order"
+    elif not contradicted:
+        verdict = ("agrees with the real model's order within the paired intervals ("
+                   + "; ".join(f"{a} and {b} overlap" for a, b in swapped) + ")")
     else:
         verdict = ("does NOT agree with the real model's order (" + " > ".join(real) + "); read these accuracy "
                    "columns as a check of the code paths, not as evidence of which method is better")
+    last = real[-1]
+    if not contradicted and len(real) > 2 and all(iv[last][1] < iv[k][0] for k in real[:-1]):
+        verdict += f", and {last}'s interval lies below all the others', as the real model's loss does"
     return f"off-the-shelf ranking on this proxy, least loss first: {listed}; it {verdict} ({REAL_MODEL}, docs/proxy.md)"
