@@ -219,8 +219,8 @@ class RunContext(StageArtefacts):
             else:
                 how = "retrained in this run (--retrain-proxy)" if self.proxy_retrained else "trained by this suite"
                 self._proxy_backbone_line = f"{how}: {proxy.SIZES[size].recipe()}, file {p.name}"
-            if proxy.task_note():
-                self._proxy_backbone_line += f"; {proxy.task_note()}"
+            if proxy.task_note(size):
+                self._proxy_backbone_line += f"; {proxy.task_note(size)}"
         return self._proxy_backbone_line
 
     def command(self) -> str:

@@ -70,10 +70,10 @@ def ship(args) -> int:
         seconds = args.train_seconds if args.checkpoint else train(size, ckpt)
         ev = val_top1(ckpt, size)
         sd = {k: v.contiguous() for k, v in state_dict_of(read_checkpoint(ckpt)).items()}
-        name = f"proxy_backbone-v{proxy.DATA_VERSION}-{size}.safetensors"
+        name = f"proxy_backbone-v{proxy.data_version(size)}-{size}.safetensors"
         dest = proxy_backbone.SHIPPED_DIR / name
         save_file(sd, str(dest), metadata={"recipe": proxy.SIZES[size].recipe(),
-                                           "data_version": str(proxy.DATA_VERSION)})
+                                           "data_version": str(proxy.data_version(size))})
     try:
         manifest = json.loads(proxy_backbone.SHIPPED_MANIFEST.read_text())
     except (OSError, ValueError):
@@ -81,7 +81,7 @@ def ship(args) -> int:
     st = env.stamp("cpu")
     cmd = proxy_backbone.train_command(size, Path("OUT.pt"))
     manifest[size] = {
-        "file": name, "sha256": file_hash(dest, n=64), "data_version": proxy.DATA_VERSION,
+        "file": name, "sha256": file_hash(dest, n=64), "data_version": proxy.data_version(size),
         "recipe": proxy.SIZES[size].recipe(), "command": " ".join(["pmbench", *cmd[3:]]),
         "val_top1": round(ev["top1"], 2), "n_val": ev["n_images"], "train_seconds": seconds and round(seconds),
         "trained_on": st["device"], "torch": st["torch"], "timm": st["timm"], "commit": st["commit"], "date": st["date"],
@@ -95,7 +95,7 @@ def check(args) -> int:
     e = proxy_backbone.shipped_entry(args.size)
     if e is None:
         raise SystemExit(f"no shipped weights for '{args.size}' with the current recipe ({proxy.SIZES[args.size].recipe()}) "
-                         f"and data version {proxy.DATA_VERSION}: run `python benchmarks/proxy_weights.py ship` first")
+                         f"and data version {proxy.data_version(args.size)}: run `python benchmarks/proxy_weights.py ship` first")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "backbone.pt"
         seconds = train(args.size, ckpt)

@@ -41,7 +41,7 @@ def test_small_object_task_is_separate_from_the_default(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         res[task] = json.loads(r.stdout.splitlines()[-1])
     d, s = res[None], res["small-object"]
-    assert d["task"] == "largest-hue" and d["version"] == 5 and d["meta"] == ["largest-hue", 5] and d["note"] == ""
+    assert d["task"] == "object-hue" and d["version"] == 10 and d["meta"] == ["object-hue", 10] and d["note"] == ""
     assert s["task"] == "small-object" and s["version"] == 8 and s["meta"] == ["small-object", 8]
     assert s["data_dir"] == "cls-v8-default" != d["data_dir"]  # its own data, backbone and shipped-weights check
     assert "small-object" in s["note"] and "experimental" in s["note"]
@@ -69,3 +69,50 @@ def test_unknown_task_is_refused_with_the_choices(tmp_path):
     assert r.returncode == 2
     assert "PMBENCH_PROXY_TASK='bogus' is not a proxy task" in r.stderr and "small-object" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_former_default_task_stays_selectable(tmp_path):
+    """largest-hue, the default before object-hue (docs/proxy.md), runs as an experiment with its own data."""
+    res = {}
+    for task in (None, "largest-hue"):
+        r = _py(PROBE.format(out=str(tmp_path / f"set-{task}")), task, tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res[task] = json.loads(r.stdout.splitlines()[-1])
+    d, old = res[None], res["largest-hue"]
+    assert old["version"] == 5 and old["meta"] == ["largest-hue", 5] and old["data_dir"] == "cls-v5-default"
+    assert "largest-hue" in old["note"] and "experimental" in old["note"]
+    assert old["pixel_sum"] != d["pixel_sum"] and (old["width"], old["heads"]) == (d["width"], d["heads"]) == (64, 2)
+
+
+def test_object_hue_is_the_medium_object_scene_with_overlapping_hues():
+    """The default task draws the medium-object scene (18-30 px object) with +-12 degrees of hue jitter, so
+    neighbouring classes (20 degrees apart) overlap; the same seed gives the same scene and object."""
+    import numpy as np
+
+    from bench.runtime import proxy
+
+    rng = lambda: np.random.default_rng(np.random.SeedSequence([0, 1, 3, 0]))  # noqa: E731
+    a = np.asarray(proxy._render_object_hue(3, rng()))
+    b = np.asarray(proxy._render_small_object(3, rng(), sides=(18, 30), jitter=12.0))
+    c = np.asarray(proxy._render_medium_object(3, rng()))
+    assert (a == b).all() and a.shape == (proxy.GEN_SIZE, proxy.GEN_SIZE, 3)
+    assert (a != c).any()  # only the object's hue differs from medium-object's (+-5 degrees)
+    assert proxy.OBJECT_HUE_JITTER > proxy.HUE_STEP / 2  # classes overlap: below 100% even unreduced
+
+
+def test_the_smoke_size_draws_largest_hue_images_whatever_the_task(tmp_path):
+    """The smoke backbone (8 steps) learns nothing on the object task; its images are largest-hue's so the
+    CI gate's accuracies sit above chance.  Its data folder, manifest and header say so."""
+    code = """
+import json
+from bench.runtime import proxy
+root = proxy.ensure_proxy_data(size="smoke")
+meta = json.loads((root / "proxy.json").read_text())
+print(json.dumps({"dir": root.name, "meta": [meta["task"], meta["version"]], "note": proxy.task_note("smoke"),
+                  "default_note": proxy.task_note(), "backbone": proxy.backbone_path("smoke").name}))
+"""
+    r = _py(code, None, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout.splitlines()[-1])
+    assert d["dir"] == "cls-v5-smoke" and d["meta"] == ["largest-hue", 5] and d["backbone"].startswith("backbone-v5-smoke-")
+    assert "images of task largest-hue" in d["note"] and d["default_note"] == ""

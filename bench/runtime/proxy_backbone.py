@@ -31,7 +31,9 @@ def train_command(size: str = "default", out: Optional[Path] = None) -> list[str
             "--data", "proxy" if size == "default" else f"proxy:{size}",
             "--epochs", str(sz.epochs), "--batch-size", str(sz.batch_size), "--lr", str(sz.lr),
             "--warmup-epochs", f"{sz.warmup_epochs:g}", "--weight-decay", "0.05",
-            "--label-smoothing", f"{sz.label_smoothing:g}", "--out", str(out), "--json"]
+            "--label-smoothing", f"{sz.label_smoothing:g}",
+            *(["--deep-supervision", ",".join(str(b) for b in sz.deep_supervision)] if sz.deep_supervision else []),
+            "--out", str(out), "--json"]
 
 
 # --------------------------------------------------------------------------- shipped weights
@@ -46,7 +48,7 @@ SHIPPED_MANIFEST = SHIPPED_DIR / "proxy_backbone.json"
 def shipped_entry(size: str = "default") -> Optional[dict]:
     """The manifest entry of the shipped weights for ``size`` if they were trained with the current
     data version and recipe, else None (then the backbone is trained)."""
-    return shipped.manifest_entry(SHIPPED_MANIFEST, size, data_version=proxy.DATA_VERSION,
+    return shipped.manifest_entry(SHIPPED_MANIFEST, size, data_version=proxy.data_version(size),
                                   recipe=proxy.SIZES[size].recipe())
 
 
@@ -99,7 +101,7 @@ def train_backbone(size: str, out: Path) -> dict:
     prep = pp.resolve(proxy.PROXY_MODEL, model)
     red = registry.build("none")
     recipe = {"epochs": sz.epochs, "batch_size": sz.batch_size, "lr": sz.lr, "warmup_epochs": sz.warmup_epochs,
-              "weight_decay": 0.05, "label_smoothing": sz.label_smoothing}
+              "weight_decay": 0.05, "label_smoothing": sz.label_smoothing, "deep_supervision": list(sz.deep_supervision)}
     cfg_d = compose_config(red, ModelInfo.from_model(model), None, recipe,
                            dict(device=None, ckpt_path=str(out), resume=False, progress=True))
     cfg_d["extra"] = run_extra(data_mod.describe_data(data, labels=labels), proxy.PROXY_MODEL, red, prep)
