@@ -4,21 +4,24 @@ Not a unit test: it generates a proxy set, trains a backbone and evaluates for a
 CPU cores.  For one proxy task (``bench.runtime.proxy.TASK_VERSIONS``) it runs, in a cache of its own:
 
 1. the task's data set (``PMBENCH_PROXY_TASK``; the default profile's sizes: 8000 train / 1000 val);
-2. the proxy backbone, trained by the suite's trainer with the default recipe but ``--epochs`` epochs
-   (2 by default, which is quick but not converged: on the default task the 2- and 6-epoch backbones ranked
-   the methods the same way, on ``medium-object`` they did not, docs/proxy.md);
+2. the proxy backbone, trained by the suite's trainer with the default recipe (deep supervision at blocks
+   3/6/9 included; ``--deep-supervision ''`` trains without, as the experiments before 2026-12-01 did) but
+   ``--epochs`` epochs (2 by default, which is quick but not converged: on ``largest-hue`` the 2- and 6-epoch
+   backbones ranked the methods the same way, on ``medium-object`` they did not, docs/proxy.md);
 3. the accuracy stage for the unreduced model and the four configurations the real-model check covers
    (ToMe r=13, MSTM 0.7, EViT 0.7, PM 0.6 calibrated), off-the-shelf, and with ``--finetune`` also PM 0.6
    fine-tuned for ``--finetune-steps`` steps (the default profile's 40);
 
-and prints each drop with its paired 95% interval next to the real ViT-Ti/16's, and whether the orders
-agree.  The report folder (``--out``) holds the usual accuracy tables, whose headers name the task::
+and prints each drop with its paired 95% interval next to the real ViT-Ti/16's, and the accuracy table's
+verdict on the orders (``proxy_ranking.ranking_note``).  The report folder (``--out``) holds the usual
+accuracy tables, whose headers name the task::
 
+    python benchmarks/proxy_task_experiment.py --task object-hue --epochs 6 --finetune  # the shipped backbone's recipe, ~20 min
     python benchmarks/proxy_task_experiment.py --task small-object            # ~10 min
     python benchmarks/proxy_task_experiment.py --task small-object --finetune
     python benchmarks/proxy_task_experiment.py --task medium-object --finetune  # width 96, 3 heads, ~13 min
     python benchmarks/proxy_task_experiment.py --task medium-object --epochs 6 --finetune  # converged, ~36 min
-    python benchmarks/proxy_task_experiment.py --task largest-hue --epochs 6  # the shipped recipe, ~25 min
+    python benchmarks/proxy_task_experiment.py --task largest-hue --epochs 6 --deep-supervision ''  # the old default, ~25 min
 """
 from __future__ import annotations
 
@@ -36,10 +39,12 @@ REFERENCE = ["tome:r=13", "mstm:keep=0.7", "evit:keep=0.7", "pm:keep=0.6"]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="small-object", help="proxy task (bench.runtime.proxy.TASK_VERSIONS)")
+    p.add_argument("--task", default="object-hue", help="proxy task (bench.runtime.proxy.TASK_VERSIONS)")
     p.add_argument("--epochs", type=float, default=2.0, help="backbone training epochs (default: %(default)s)")
     p.add_argument("--finetune", action="store_true", help="also fine-tune PM keep 0.6")
     p.add_argument("--finetune-steps", type=int, default=40)
+    p.add_argument("--deep-supervision", default=None,
+                   help="blocks for deep supervision, e.g. 3,6,9 ('' for none; default: the recipe's)")
     p.add_argument("--cache", default=None, help="cache folder (default: .cache/experiments/<task>)")
     p.add_argument("--out", default=None, help="report folder (default: <cache>/report)")
     a = p.parse_args(argv)
@@ -51,11 +56,13 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from bench import orchestrate
     from bench.runtime import proxy
-    from bench.runtime.proxy_ranking import REAL_REFERENCE
+    from bench.runtime.proxy_ranking import REAL_REFERENCE, ranking_note
 
     proxy.check_task()
     # the default recipe with this run's epoch count: train_command and backbone_path follow SIZES
-    proxy.SIZES["default"] = dataclasses.replace(proxy.SIZES["default"], epochs=a.epochs)
+    ds = proxy.SIZES["default"].deep_supervision if a.deep_supervision is None else \
+        tuple(int(b) for b in a.deep_supervision.split(",") if b.strip())
+    proxy.SIZES["default"] = dataclasses.replace(proxy.SIZES["default"], epochs=a.epochs, deep_supervision=ds)
     with tempfile.TemporaryDirectory() as tmp:
         prof = Path(tmp) / "experiment.json"
         prof.write_text(json.dumps({"accuracy_configs": ["none", *REFERENCE],
@@ -75,11 +82,7 @@ def main(argv=None) -> int:
             real = REAL_REFERENCE.get(r["config"]) if r["kind"] == "off-the-shelf" else None
             print(f"| {r['config']} | {r['kind']} | {r['drop']:+.1f} {r['drop_ci95']} | "
                   f"{'n/a' if real is None else f'{real:+.1f}'} |")
-    off = {r["config"]: r["drop"] for r in rows if r["kind"] == "off-the-shelf" and r["config"] in REFERENCE}
-    ours = sorted(off, key=lambda c: -off[c])
-    real = sorted(REAL_REFERENCE, key=lambda c: -REAL_REFERENCE[c])
-    print(f"off-the-shelf order (least loss first): {', '.join(ours)}; "
-          f"{'agrees with' if ours == real else 'differs from'} the real model's ({', '.join(real)})")
+    print(ranking_note(rows))
     print(f"tables: {out}")
     return 0
 

@@ -4,31 +4,22 @@ Why a proxy: the suite must run end to end on a fresh CPU-only machine with no
 ImageNet and no downloadable weights, and token reduction must still *cost*
 something, so the task is spatially structured like natural images.
 
-Task (``ensure_proxy_data``): 10 classes, 128x128 RGB JPEGs in ImageNet's
-layout (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``).  Every image holds
-one *target* object (ellipse / rectangle / polygon, 40-60 px, i.e. ~20-45 of
-the 196 patches) whose *hue* decides the label: 10 hues 20 degrees apart on a
-200-degree arc (+-5 degrees jitter), painted as a random texture (stripes,
-checkerboard, dots, rings, grid, speckle, solid) in a light and a dark shade.
-1-3 *distractor* objects (0.3-0.85 of the target's side) carry a neighbouring
-class's hue (1 or 2 steps away), may occlude the target or be occluded, over a
-grey background with dense confetti in the classes' hues, random segments and
-pixel noise.  The label is the hue of the largest object, so only a minority
-of tokens decide it; the confetti makes background tokens non-redundant, so
-merging dissimilar tokens (ToMe at large r) or dropping object tokens (EViT at
-low keep rates) shifts the answer to a neighbouring class.  Size overlap,
-neighbouring hues and occlusion keep the task below 100% (the unreduced
-backbone reaches 88.5% top-1).  Earlier texture-defined classes were not
-learned by a from-scratch ViT within the CPU budget; purely hue-defined classes
-on a smooth background made ToMe lossless (near-duplicate tokens).
+Task (``ensure_proxy_data``): 10 classes, 128x128 RGB JPEGs in ImageNet's layout
+(``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``).  The default task, ``object-hue``, draws a smooth,
+low-saturation scene of a random hue with a few large soft blobs (neighbouring tokens are redundant, as in
+photographs) and one saturated object (ellipse / rectangle / polygon, 18-30 px, about 4-16 of the 196
+patches) whose *hue* decides the label: 10 hue centres 20 degrees apart, the object's hue drawn +-12
+degrees around its centre, so neighbouring classes overlap and even the unreduced backbone stays below
+100% (84.7%).  The backbone is trained with deep supervision at blocks 3, 6 and 9 (:data:`DEEP_SUPERVISION`),
+which makes the CLS attention of its middle blocks find the object; with it the off-the-shelf ranking of
+ToMe, MSTM, EViT and calibrated PM agrees with a real ViT-Ti's within the paired intervals (docs/proxy.md,
+"The default since 2026-12-01").
 
-An experimental second task, ``small-object`` (``PMBENCH_PROXY_TASK=small-object``; docs/proxy.md,
-"A task whose ranking agrees, and what it costs"): the same hue classes decided by one small saturated
-object on a smooth natural-looking scene.  Off-the-shelf it ranks ToMe, MSTM, EViT and calibrated PM in
-the real model's order, but short fine-tuning cannot recover PM on it, so it is not the default.
-``medium-object`` has 18-30 px objects and a wider backbone (width 96, 3 heads; ``TASK_SHAPES``): its
-off-the-shelf order agrees after 2 epochs of training, not once the backbone is converged (docs/proxy.md,
-"A wider backbone").
+Other tasks are experiments, chosen with ``PMBENCH_PROXY_TASK`` (docs/proxy.md): ``largest-hue`` (the
+default until 2026-12-01: the hue of the largest of several textured objects over dense coloured clutter;
+88.5% unreduced, but calibrated PM ranked best on it), ``small-object`` (10-20 px objects) and
+``medium-object`` (18-30 px, +-5 degrees, a 96-wide backbone; ``TASK_SHAPES``).  The smoke size always
+draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
 index])``), so the same seed writes the same bytes, independent of order.
@@ -43,7 +34,7 @@ crop_pct 0.875 (resize 128, centre crop 112).
 
 The backbone (:mod:`bench.runtime.proxy_backbone`) is trained by the suite's own trainer
 (``train_command``: 6 epochs of 8000 images, batch 32, AdamW lr 1e-3, 0.5 warm-up epochs, label
-smoothing 0.1: 1500 steps, about 25 min on 2 CPU cores, 88.5% val top-1).  Those weights ship in ``data_files/`` (SHA-256 in ``proxy_backbone.json``, made with
+smoothing 0.1, deep supervision at blocks 3/6/9: 1500 steps, about 16-20 min on 2 CPU cores, 84.7% val top-1).  Those weights ship in ``data_files/`` (SHA-256 in ``proxy_backbone.json``, made with
 ``benchmarks/proxy_weights.py ship``), so a fresh clone loads them instead of training; a changed recipe
 or data version has no shipped weights and trains.  ``./run_all.sh --retrain-proxy`` trains again.  The
 backbone is cached under ``<repo>/.cache/proxy/`` (or ``$PMBENCH_CACHE/proxy``).
@@ -71,9 +62,9 @@ from timm.models.vision_transformer import VisionTransformer
 from bench.runtime.env import ROOT
 
 PROXY_MODEL = "pmbench_proxy_vit"
-# The proxy task.  "largest-hue" is the embedded default (its backbone ships).  "small-object" and
-# "medium-object" are the experimental alternatives of docs/proxy.md ("A task whose ranking agrees, and
-# what it costs"; "A wider backbone"), chosen with PMBENCH_PROXY_TASK: each has its own data version, so
+# The proxy task.  "object-hue" is the embedded default (its backbone ships).  "largest-hue" (the earlier
+# default), "small-object" and "medium-object" are the experimental alternatives of docs/proxy.md,
+# chosen with PMBENCH_PROXY_TASK: each has its own data version, so
 # its data, backbone and results never mix with the default's, and every table header names it.  Read
 # once at import, so torchrun ranks and any other process of the run see the same task.
 TASK_ENV = "PMBENCH_PROXY_TASK"
@@ -131,7 +122,7 @@ class ProxySize:
 
 
 SIZES = {
-    # the default profile: 48k training samples seen (1500 steps, 25 min on 2 CPU cores, 88.5% top-1
+    # the default profile: 48k training samples seen (1500 steps, about 16-20 min on 2 CPU cores, 84.7% top-1
     # measured; shipped, so a run does not train it), 1000 val images
     "default": ProxySize(train_per_class=800, val_per_class=100, epochs=6.0, batch_size=32, lr=1e-3,
                          warmup_epochs=0.5, label_smoothing=0.1, deep_supervision=DEEP_SUPERVISION),
@@ -306,7 +297,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 
 
 def _render_largest_hue(label: int, rng: np.random.Generator) -> Image.Image:
-    """One image of the default task (``largest-hue``) of class ``label``."""
+    """One image of the ``largest-hue`` task (the default until 2026-12-01) of class ``label``."""
     S = GEN_SIZE
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     img = _background(rng)
