@@ -89,7 +89,7 @@ TEXTURES = ["hstripes", "vstripes", "diag45", "diag135", "checker", "dots", "rin
 
 
 # The default recipe supervises the CLS token after blocks 3, 6 and 9 (0-based; EViT's and DynamicViT's
-# pruning blocks) with the backbone's own norm and head (docs/proxy.md, "Deep supervision").  Without it
+# pruning blocks) with the backbone's own norm and head (docs/proxy.md, "The default since 2026-12-01").  Without it
 # a proxy backbone trained to convergence reads the label into the CLS token only in its last blocks, so
 # the CLS attention of the middle blocks, which EViT and MSTM prune by, does not point at the object.
 DEEP_SUPERVISION = (3, 6, 9)
@@ -167,7 +167,7 @@ def cache_dir() -> Path:
 def size_task(size: str = "default") -> str:
     """The task the images of ``size`` are drawn from (the smoke size: always largest-hue)."""
     sz = SIZES.get(size)
-    return (sz.task if sz is not None and sz.task else None) or TASK
+    return (sz.task if sz else None) or TASK
 
 
 def data_version(size: str = "default") -> int:

@@ -291,8 +291,9 @@ def _aux_logits(model, tapped):
 
 class _BlockTaps:
     """Forward hooks that keep the output of the given blocks during one forward pass (for a CLS-pooled
-    ViT, its CLS token, taken inside the hook so that autograd orders the gradients the same way in
-    every run)."""
+    ViT, its CLS token).  The CLS token is selected inside the hook, as when the shipped proxy backbone was
+    trained: selecting it after the forward changes the order in which autograd adds the gradients of a
+    block's output, and the weights then differ in their last bits (docs/proxy.md)."""
 
     def __init__(self, model, blocks):
         self.model, self.blocks, self.out, self.hooks = model, list(blocks), [], []
