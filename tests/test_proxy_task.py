@@ -34,12 +34,18 @@ print(json.dumps({{"task": proxy.TASK, "version": proxy.DATA_VERSION, "meta": [m
 """
 
 
-def test_small_object_task_is_separate_from_the_default(tmp_path):
+def _probe(tasks, tmp_path) -> dict:
+    """PROBE's answer in a fresh interpreter for each task (None: the default)."""
     res = {}
-    for task in (None, "small-object"):
+    for task in tasks:
         r = _py(PROBE.format(out=str(tmp_path / f"set-{task}")), task, tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         res[task] = json.loads(r.stdout.splitlines()[-1])
+    return res
+
+
+def test_small_object_task_is_separate_from_the_default(tmp_path):
+    res = _probe((None, "small-object"), tmp_path)
     d, s = res[None], res["small-object"]
     assert d["task"] == "object-hue" and d["version"] == 10 and d["meta"] == ["object-hue", 10] and d["note"] == ""
     assert s["task"] == "small-object" and s["version"] == 8 and s["meta"] == ["small-object", 8]
@@ -51,11 +57,7 @@ def test_small_object_task_is_separate_from_the_default(tmp_path):
 
 def test_medium_object_task_has_its_own_data_and_a_wider_backbone(tmp_path):
     """docs/proxy.md, "A wider backbone": larger objects, width 96 with 3 heads, named in every header."""
-    res = {}
-    for task in ("small-object", "medium-object"):
-        r = _py(PROBE.format(out=str(tmp_path / f"set-{task}")), task, tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
-        res[task] = json.loads(r.stdout.splitlines()[-1])
+    res = _probe(("small-object", "medium-object"), tmp_path)
     s, m = res["small-object"], res["medium-object"]
     assert m["version"] == 9 and m["meta"] == ["medium-object", 9] and m["data_dir"] == "cls-v9-default"
     assert (m["width"], m["heads"]) == (96, 3) and "width 96, 3 heads" in m["note"]
@@ -73,11 +75,7 @@ def test_unknown_task_is_refused_with_the_choices(tmp_path):
 
 def test_the_former_default_task_stays_selectable(tmp_path):
     """largest-hue, the default before object-hue (docs/proxy.md), runs as an experiment with its own data."""
-    res = {}
-    for task in (None, "largest-hue"):
-        r = _py(PROBE.format(out=str(tmp_path / f"set-{task}")), task, tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
-        res[task] = json.loads(r.stdout.splitlines()[-1])
+    res = _probe((None, "largest-hue"), tmp_path)
     d, old = res[None], res["largest-hue"]
     assert old["version"] == 5 and old["meta"] == ["largest-hue", 5] and old["data_dir"] == "cls-v5-default"
     assert "largest-hue" in old["note"] and "experimental" in old["note"]
