@@ -276,15 +276,11 @@ def check_deep_supervision(model, blocks) -> None:
                           f"blocks (0-based indices 0..{len(model.blocks) - 1})")
 
 
-def _cls_pooled(model) -> bool:
-    return getattr(model, "global_pool", "token") == "token"
-
-
 def _aux_logits(model, tapped):
-    """A tapped block output through the model's final norm and head.  For a CLS-pooled ViT the tap holds
-    only the CLS token (the norm is per token; the others would be wasted work), handed to
+    """A tapped block output through the model's final norm and head.  A (B, C) tap is the CLS token alone
+    (:class:`_BlockTaps`; the norm is per token, so the others would be wasted work); it is handed to
     ``forward_head`` as a one-token sequence, which it pools to that token."""
-    if _cls_pooled(model):
+    if tapped.ndim == 2:
         return model.forward_head(model.norm(tapped).unsqueeze(1))
     return model.forward_head(model.norm(tapped))
 
@@ -297,7 +293,7 @@ class _BlockTaps:
 
     def __init__(self, model, blocks):
         self.model, self.blocks, self.out, self.hooks = model, list(blocks), [], []
-        self.cls_only = _cls_pooled(model)
+        self.cls_only = getattr(model, "global_pool", "token") == "token"
 
     def __enter__(self):
         for i in self.blocks:
