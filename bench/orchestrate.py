@@ -336,6 +336,13 @@ def main(argv=None) -> int:
         ctx.stages = list(stages)
         t0 = time.time()
         ctx.progress.note(f"profile {args.profile} on {env.device_name(ctx.device)}; stages {', '.join(stages)}")
+        if ctx.device == "cpu":
+            # Every stage, not only the speed stage, runs the same few tensor shapes over and over: with
+            # glibc's adaptive thresholds each large block is a fresh mapping, and the evaluations and
+            # fine-tunes of the 2-core default run took about 15% longer (docs/speed.md, section 1, item 8)
+            from bench.runtime.speed import steady_allocator
+
+            steady_allocator()
         if lcfg is not None:
             ctx.launcher = launch.Launcher(lcfg, ctx.work_dir, stream=ctx.progress.stream)
             ctx.progress.note(f"launcher: {lcfg.describe()} for calibration, fine-tuning and evaluation "

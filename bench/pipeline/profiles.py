@@ -48,6 +48,10 @@ PM_ABLATIONS = [
     ("2-D nearest-centre assignment", "pm:keep=0.6,assign=grid2d"),
 ]
 
+# One configuration per method at the papers' headline operating point (PM at both of its keep rates).
+HEADLINE_CONFIGS = ["none", "pm:keep=0.7", "pm:keep=0.6", "tome:r=13", "evit:keep=0.7", "dynamicvit:rho=0.7",
+                    "mstm:keep=0.7"]
+
 COST_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 
 PROFILES = {
@@ -69,29 +73,32 @@ PROFILES = {
         "data_source": "proxy",
         "cost_models": COST_MODELS,
         "cost_configs": COST_CONFIGS,
-        # docs/speed.md: iterations calibrated per model to >= 0.4 s per timing (DeiT-T: 0.25 s, its rows are
-        # information; the efficiency target is benchmarks/efficiency.py at 1 s), 7 interleaved repeats,
+        # docs/speed.md: iterations calibrated per model to >= 0.4 s per timing, 7 interleaved repeats,
         # every row timed right between two baseline timings (pair_every 1: the ratio never spans other
-        # rows, so drifts of the machine cancel); plain-timm baselines on DeiT-T/S: channels-last, and
-        # torch.compile of the unreduced DeiT-S (the reference size of the accuracy table's speed-ups)
-        # a row still noisy after the 7 rounds gets up to 6 more paired rounds (docs/speed.md)
+        # rows, so drifts of the machine cancel); a row still noisy after them gets up to 3 more paired
+        # rounds.  DeiT-S times every configuration (the reference size of the accuracy table's
+        # speed-ups); DeiT-T and DeiT-B the headline ones, DeiT-T as information (0.25 s, 5 repeats: the
+        # efficiency target is benchmarks/efficiency.py, every configuration at 1 s).  Plain-timm
+        # baselines on DeiT-T/S: channels-last, and torch.compile of the unreduced DeiT-S.  These sizes
+        # keep the default run within its 20-minute budget (docs/speed.md, "Profiles")
         "speed": {"batch_size": 8, "precision": "fp32", "warmup": 1, "min_time": 0.4, "repeats": 7, "pair_every": 1,
-                  "extra_repeats": 6,
+                  "extra_repeats": 3,
                   "models": COST_MODELS, "configs": PAPER_CONFIGS,
-                  "per_model": {"deit_tiny_patch16_224": {"min_time": 0.25, "timm_baselines": ["channels_last"]},
+                  "per_model": {"deit_tiny_patch16_224": {"min_time": 0.25, "repeats": 5, "extra_repeats": 0,
+                                                          "configs": HEADLINE_CONFIGS,
+                                                          "timm_baselines": ["channels_last"]},
                                 "deit_small_patch16_224": {"timm_baselines": ["channels_last", "compile"]},
-                                # DeiT-B on 2 CPU cores: the paper configurations only, smaller batch
-                                "deit_base_patch16_224": {"batch_size": 4,
-                                                          "configs": ["none", "pm:keep=0.6", "tome:r=13",
-                                                                      "evit:keep=0.7", "dynamicvit:rho=0.7",
-                                                                      "mstm:keep=0.7"]}}},
+                                # DeiT-B on 2 CPU cores: the headline configurations, smaller batch
+                                "deit_base_patch16_224": {"batch_size": 4, "repeats": 5, "extra_repeats": 3,
+                                                          "configs": [c for c in HEADLINE_CONFIGS
+                                                                      if c != "pm:keep=0.7"]}}},
         "accuracy_configs": PAPER_CONFIGS,
         "finetune_configs": DEFAULT_FINETUNE_CONFIGS,
         "finetune_epochs": 1,
         # 2-core CPU budget: a short fine-tune per row (steps of the source's train batch, 32 on the proxy;
         # the budget is the whole schedule), shorter for ablations
         "finetune_max_steps": 40,
-        "ablation_max_steps": 20,
+        "ablation_max_steps": 10,
         "seg_keeps": SEG_KEEPS,
         "ablations": PM_ABLATIONS,
         "proxy_size": "default",
