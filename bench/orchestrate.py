@@ -338,8 +338,8 @@ def main(argv=None) -> int:
         ctx.progress.note(f"profile {args.profile} on {env.device_name(ctx.device)}; stages {', '.join(stages)}")
         if ctx.device == "cpu":
             # Every stage, not only the speed stage, runs the same few tensor shapes over and over: with
-            # glibc's adaptive thresholds each large block is a fresh mapping, and the evaluations and
-            # fine-tunes of the 2-core default run took about 15% longer (docs/speed.md, section 1, item 8)
+            # glibc's adaptive thresholds a large block can be a fresh mapping each time, and evaluating
+            # the proxy backbone took about 15% longer (docs/speed.md, section 1, item 8)
             from bench.runtime.speed import steady_allocator
 
             steady_allocator()

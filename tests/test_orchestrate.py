@@ -383,3 +383,19 @@ def test_ablations_stage_takes_any_method(tmp_path):
     assert "tome, pm" in abl["title"] and any("table 3" in n for n in abl["meta"]["notes"])
     st = json.loads((out / "learned_structure.json").read_text())
     assert [x["config"] for x in st["rows"]] == ["pm:keep=0.6"] and st["rows"][0]["sum"] > 0
+
+
+def test_a_cpu_run_fixes_the_allocator_before_its_first_stage(tmp_path, monkeypatch):
+    """Every stage on CPU runs from glibc's fixed thresholds (docs/speed.md, section 1, item 8), not only the
+    speed stage: the run sets them once, before the first stage."""
+    from bench import orchestrate
+    from bench.pipeline.stages import cost
+    from bench.runtime import speed
+
+    events = []
+    monkeypatch.setattr(speed, "steady_allocator", lambda: events.append("allocator") or "steady")
+    real_run = cost.run
+    monkeypatch.setattr(cost, "run", lambda ctx: (events.append("cost"), real_run(ctx))[1])
+    monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "cache"))
+    rc = orchestrate.main(["--profile", "smoke", "--only", "cost", "--device", "cpu", "--out", str(tmp_path / "rep")])
+    assert rc == 0 and events[:2] == ["allocator", "cost"]

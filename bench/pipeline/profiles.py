@@ -80,7 +80,7 @@ PROFILES = {
         # speed-ups); DeiT-T and DeiT-B the headline ones, DeiT-T as information (0.25 s, 5 repeats: the
         # efficiency target is benchmarks/efficiency.py, every configuration at 1 s).  Plain-timm
         # baselines on DeiT-T/S: channels-last, and torch.compile of the unreduced DeiT-S.  These sizes
-        # keep the default run within its 20-minute budget (docs/speed.md, "Profiles")
+        # are cut for the default run's 20-minute budget (docs/speed.md, section 2: its run time per CPU)
         "speed": {"batch_size": 8, "precision": "fp32", "warmup": 1, "min_time": 0.4, "repeats": 7, "pair_every": 1,
                   "extra_repeats": 3,
                   "models": COST_MODELS, "configs": PAPER_CONFIGS,
