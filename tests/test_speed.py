@@ -289,10 +289,12 @@ def test_default_profile_speed_protocol():
     for name in ("default", "smoke"):
         sp = profiles.get(name)["speed"]
         assert sp["repeats"] >= 5 and sp.get("iters") is None and sp["min_time"] > 0
+    from bench.pipeline.stages.speed import _setting
+
     d = profiles.get("default")["speed"]
 
-    def eff(model, key):
-        return d["per_model"].get(model, {}).get(key, d.get(key))
+    def eff(model, key):  # the value the speed stage uses for this model
+        return _setting(d, d["per_model"].get(model, {}), key)
 
     for model in d["models"]:  # at least 5 interleaved repeats everywhere, each row between two baseline timings
         assert eff(model, "repeats") >= 5 and eff(model, "pair_every") == 1
