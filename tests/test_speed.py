@@ -381,8 +381,52 @@ def test_measure_pins_the_allocator_and_counts_faults(make_vit):
     res = speed.measure(models, cfg, baseline="baseline")
     assert res["config"]["allocator"] == "steady"
     assert res["config"]["allocator_desc"].startswith("steady (glibc")
+    assert res["config"]["allocator_desc"].endswith(speed.huge_pages())
     assert "malloc thresholds pinned" in res["config"]["protocol"]
+    assert ("large tensors on huge pages" in res["config"]["protocol"]) == speed.huge_pages_active()
     assert all(m["page_faults_per_iter"] >= 0 for m in res["models"].values())
+
+
+_HUGE_PAGES_SCRIPT = """
+import bench
+from bench.runtime import speed
+print(speed.huge_pages())
+print(speed.steady_allocator())
+"""
+
+
+def _huge_pages_in_fresh_process(**env_changes) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env.update(env_changes)
+    p = subprocess.run([sys.executable, "-c", _HUGE_PAGES_SCRIPT], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.strip().splitlines()[-2:]
+
+
+def test_importing_bench_puts_large_tensors_on_huge_pages():
+    """Importing bench asks torch for transparent huge pages before torch's first allocation (speed-ups
+    vary less between processes, docs/speed.md item 8); the probe checks that the pages were really given
+    and the steady allocator's description (every speed output's ``allocator_desc``) says so."""
+    probe, allocator = _huge_pages_in_fresh_process()
+    mode = speed.thp_kernel_mode()
+    if mode in ("madvise", "always"):
+        assert probe.startswith("large tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=1"), probe
+    else:  # a kernel without THP: the output says why there are none
+        assert probe.startswith("no transparent huge pages ("), probe
+    assert allocator.endswith(probe), allocator
+
+
+def test_huge_pages_can_be_turned_off():
+    probe, _ = _huge_pages_in_fresh_process(THP_MEM_ALLOC_ENABLE="0")
+    if speed.thp_kernel_mode() == "madvise":
+        assert probe.startswith("no transparent huge pages (THP_MEM_ALLOC_ENABLE=0"), probe
+    else:  # "always": the kernel gives them anyway, and the probe must say which it saw
+        assert probe.startswith(("large tensors on transparent huge pages", "no transparent huge pages (")), probe
 
 
 def test_allocator_option_is_checked():

@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
+import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -103,7 +106,7 @@ class SpeedConfig:
             head += (f" (then up to {self.extra_repeats} more paired rounds for each row whose interval still "
                      f"leaves +-{self.noisy_pct:g}%)")
         if self.allocator == "steady" and torch.device(self.device).type == "cpu":
-            head += ", malloc thresholds pinned"
+            head += ", malloc thresholds pinned" + (", large tensors on huge pages" if huge_pages_active() else "")
         if not paired:
             return head + f" (direction alternating), device sync, median with a {self.bootstrap}-resample bootstrap 95% interval"
         return (f"{head} ({pairs}, direction alternating), device sync, median; speed-up = median of per-pair "
@@ -127,6 +130,64 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+_THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def thp_kernel_mode() -> Optional[str]:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None where there is none."""
+    try:
+        with open(_THP_SYSFS) as fh:
+            mode = re.search(r"\[(\w+)\]", fh.read())
+    except OSError:
+        return None
+    return mode.group(1) if mode else None
+
+
+def _huge_kib_at(addr: int) -> int:
+    """KiB on transparent huge pages in the mapping that holds ``addr`` (``/proc/self/smaps``)."""
+    inside = False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split(None, 1)[0] if line.strip() else ""
+            if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def huge_pages() -> str:
+    """Whether this process's large CPU tensors sit on transparent huge pages, as one phrase.
+
+    Checked, not assumed: an 8 MiB tensor is allocated and written, and the mapping that holds it must
+    have at least one 2 MiB page (``AnonHugePages``).  torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first
+    allocation, so a process that allocated before importing ``bench`` runs without (and says so)."""
+    setting = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    kernel = thp_kernel_mode()
+    if kernel is None:
+        return "no transparent huge pages (not available on this system)"
+    if kernel == "never":
+        return "no transparent huge pages (the kernel's THP setting is never)"
+    probe = torch.ones(8 << 20, dtype=torch.uint8)
+    try:
+        huge_kib = _huge_kib_at(probe.data_ptr())
+    except OSError:
+        return "no transparent huge pages (their use cannot be read on this system)"
+    del probe
+    if huge_kib >= 2048:
+        return f"large tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE={setting}, kernel THP {kernel})"
+    if setting == "0":
+        return f"no transparent huge pages (THP_MEM_ALLOC_ENABLE=0, kernel THP {kernel})"
+    return (f"no transparent huge pages (kernel THP {kernel}: torch allocated before THP_MEM_ALLOC_ENABLE was set, "
+            "i.e. before bench was imported, or the kernel had no huge page free)")
+
+
+def huge_pages_active() -> bool:
+    return huge_pages().startswith("large tensors")
+
+
 def steady_allocator() -> str:
     """Keep freed memory in the process so repeated forwards reuse warm pages (glibc only).
 
@@ -145,8 +206,8 @@ def steady_allocator() -> str:
     except (OSError, AttributeError):
         return "system (not glibc: left as is)"
     if not ok:
-        return f"system (glibc {glibc} refused mallopt)"
-    return f"steady (glibc {glibc}: mmap threshold 32 MiB, trim threshold 1 GiB)"
+        return f"system (glibc {glibc} refused mallopt); {huge_pages()}"
+    return f"steady (glibc {glibc}: mmap threshold 32 MiB, trim threshold 1 GiB); {huge_pages()}"
 
 
 def autocast_ctx(precision: str, device: str):
