@@ -8,7 +8,7 @@ if _sys.platform.startswith("linux"):
     # physical pages a process's activations land on otherwise varies from process to process, and with
     # it a configuration's speed-up: measured on DeiT-S at batch 8 (2-core Xeon, five configurations, 4-5
     # fresh processes each), the spread of a speed-up between processes fell from 1.5-3.9% (coefficient
-    # of variation) to 1.0-2.2% (docs/speed.md, protocol item 8).  THP_MEM_ALLOC_ENABLE=0 turns it off;
+    # of variation) to 1.0-2.2% (docs/speed.md, protocol item 9).  THP_MEM_ALLOC_ENABLE=0 turns it off;
     # every speed output records whether it was in effect (bench.runtime.speed.huge_pages).
     _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

@@ -410,7 +410,7 @@ def _huge_pages_in_fresh_process(**env_changes) -> list[str]:
 
 def test_importing_bench_puts_large_tensors_on_huge_pages():
     """Importing bench asks torch for transparent huge pages before torch's first allocation (speed-ups
-    vary less between processes, docs/speed.md item 8); the probe checks that the pages were really given
+    vary less between processes, docs/speed.md item 9); the probe checks that the pages were really given
     and the steady allocator's description (every speed output's ``allocator_desc``) says so."""
     probe, allocator = _huge_pages_in_fresh_process()
     mode = speed.thp_kernel_mode()
