@@ -348,7 +348,17 @@ print(json.dumps({"desc": desc, "faults": sorted(windows)[2]}))  # median over t
 """
 
 
-def test_steady_allocator_removes_page_fault_churn(tmp_path):
+def _fresh_python(code: str, env: dict, *args: str) -> list[str]:
+    """The stdout lines of ``code`` run in a fresh interpreter with ``env`` (process-wide settings)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.strip().splitlines()
+
+
+def test_steady_allocator_removes_page_fault_churn():
     """glibc returns a forward's freed activations to the system (unmap or trim) and faults them in
     again on the next forward; how many pages depends on the process's history, because glibc's
     mmap threshold adapts to it (CI once measured 147 per iteration, this machine 1300-5700).  Both
@@ -356,18 +366,9 @@ def test_steady_allocator_removes_page_fault_churn(tmp_path):
     fixed through its documented environment tunable, so the dynamic adjustment is off.  The steady
     allocator must remove the churn from there.  Each setting runs in its own process (process-wide)."""
     import os
-    import subprocess
-    import sys
 
-    script = tmp_path / "faults.py"
-    script.write_text(_FAULTS_SCRIPT)
     churning = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    out = {}
-    for alloc in ("system", "steady"):
-        p = subprocess.run([sys.executable, str(script), alloc], capture_output=True, text=True, timeout=120,
-                           env=churning)
-        assert p.returncode == 0, p.stderr[-2000:]
-        out[alloc] = json.loads(p.stdout.strip().splitlines()[-1])
+    out = {alloc: json.loads(_fresh_python(_FAULTS_SCRIPT, churning, alloc)[-1]) for alloc in ("system", "steady")}
     assert out["steady"]["desc"].startswith("steady (glibc")
     # every activation above 128 KiB is a fresh mapping: thousands of pages faulted in per forward
     assert out["system"]["faults"] > 1000, out
@@ -397,15 +398,9 @@ print(speed.steady_allocator())
 
 def _huge_pages_in_fresh_process(**env_changes) -> list[str]:
     import os
-    import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    env.update(env_changes)
-    p = subprocess.run([sys.executable, "-c", _HUGE_PAGES_SCRIPT], capture_output=True, text=True, timeout=120,
-                       env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return p.stdout.strip().splitlines()[-2:]
+    return _fresh_python(_HUGE_PAGES_SCRIPT, {**env, **env_changes})[-2:]
 
 
 def test_importing_bench_puts_large_tensors_on_huge_pages():

@@ -158,34 +158,39 @@ def _huge_kib_at(addr: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _huge_pages_state() -> tuple[bool, str]:
+    """(in effect, description) for :func:`huge_pages`, probed once per process."""
+    setting = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    kernel = thp_kernel_mode()
+    if kernel is None:
+        return False, "no transparent huge pages (not available on this system)"
+    if kernel == "never":
+        return False, "no transparent huge pages (the kernel's THP setting is never)"
+    probe = torch.ones(8 << 20, dtype=torch.uint8)
+    try:
+        huge_kib = _huge_kib_at(probe.data_ptr())
+    except OSError:
+        return False, "no transparent huge pages (their use cannot be read on this system)"
+    del probe
+    if huge_kib >= 2048:
+        return True, f"large tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE={setting}, kernel THP {kernel})"
+    if setting == "0":
+        return False, f"no transparent huge pages (THP_MEM_ALLOC_ENABLE=0, kernel THP {kernel})"
+    return False, (f"no transparent huge pages (kernel THP {kernel}: torch allocated before THP_MEM_ALLOC_ENABLE "
+                   "was set, i.e. before bench was imported, or the kernel had no huge page free)")
+
+
 def huge_pages() -> str:
     """Whether this process's large CPU tensors sit on transparent huge pages, as one phrase.
 
     Checked, not assumed: an 8 MiB tensor is allocated and written, and the mapping that holds it must
     have at least one 2 MiB page (``AnonHugePages``).  torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first
     allocation, so a process that allocated before importing ``bench`` runs without (and says so)."""
-    setting = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
-    kernel = thp_kernel_mode()
-    if kernel is None:
-        return "no transparent huge pages (not available on this system)"
-    if kernel == "never":
-        return "no transparent huge pages (the kernel's THP setting is never)"
-    probe = torch.ones(8 << 20, dtype=torch.uint8)
-    try:
-        huge_kib = _huge_kib_at(probe.data_ptr())
-    except OSError:
-        return "no transparent huge pages (their use cannot be read on this system)"
-    del probe
-    if huge_kib >= 2048:
-        return f"large tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE={setting}, kernel THP {kernel})"
-    if setting == "0":
-        return f"no transparent huge pages (THP_MEM_ALLOC_ENABLE=0, kernel THP {kernel})"
-    return (f"no transparent huge pages (kernel THP {kernel}: torch allocated before THP_MEM_ALLOC_ENABLE was set, "
-            "i.e. before bench was imported, or the kernel had no huge page free)")
+    return _huge_pages_state()[1]
 
 
 def huge_pages_active() -> bool:
-    return huge_pages().startswith("large tensors")
+    return _huge_pages_state()[0]
 
 
 def steady_allocator() -> str:
