@@ -41,7 +41,7 @@ bootstrap() {
     #    ftfy, regex: imported by mmseg.utils but not declared by mmsegmentation.
     "${PIP[@]}" -c "$LOCK" "setuptools<82" torchvision==0.28.0 timm mmengine mmsegmentation \
         ftfy regex numpy pillow pandas tabulate matplotlib tqdm safetensors \
-        pytest pytest-benchmark fvcore
+        pytest pytest-benchmark pytest-xdist fvcore
     # 3) full mmcv 2.1.0 with compiled ops (mmseg.models imports mmcv.ops; mmcv-lite does not work).
     if "$PY" -c "import mmcv, mmcv.ops" >/dev/null 2>&1; then
         :

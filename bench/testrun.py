@@ -5,6 +5,14 @@
   arguments only;
 * ``PMBENCH_GATE=1`` forces the smoke profile + gate after pytest, ``PMBENCH_GATE=0`` skips them.
 
+The whole suite runs on parallel pytest-xdist workers (:func:`workers`: one per core, at most 4;
+``PMBENCH_TEST_WORKERS=1`` runs it in one process).  Each test runs torch on one thread
+(tests/conftest.py), so one process keeps one core busy and leaves the other idle; with 2 workers
+the suite takes about 60% of the time on 2 cores.  Processes that create the same cached proxy
+data or weights take a file lock, so parallel workers share them.  pytest-benchmark switches its
+timing off under xdist (it warns so): the benchmarks are measured on their own
+(``pytest tests/test_bench_speed.py --benchmark-only``), never as part of the suite.
+
 The smoke profile runs with ``--force`` (fresh measurements, never the cache) into
 ``.cache/reports/smoke`` so a test run leaves the committed reports untouched.
 """
@@ -29,12 +37,31 @@ def wants_gate(argv: list, environ=os.environ) -> bool:
     return not argv
 
 
+def workers(argv: list, environ=os.environ, cpus=None) -> int:
+    """pytest-xdist workers for this run: ``PMBENCH_TEST_WORKERS`` when set, else for the whole suite
+    (no pytest arguments) one per core, at most 4 (each test holds a model or two in memory and
+    some start subprocesses); 1 (no xdist) when pytest arguments were given, so they mean what they
+    say."""
+    raw = environ.get("PMBENCH_TEST_WORKERS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise SystemExit(f"run_all test: PMBENCH_TEST_WORKERS must be a positive integer, got '{raw}'")
+        return int(raw)
+    if argv:
+        return 1
+    return max(1, min(4, cpus if cpus is not None else (os.cpu_count() or 1)))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     py = sys.executable
     try:
+        n = workers(argv)
+        # worksteal: a worker that runs out of tests takes pending ones from the other, so one long
+        # integration test does not leave a core idle at the end
+        parallel = ["-n", str(n), "--dist", "worksteal"] if n > 1 else []
         t0 = time.time()
-        rc_tests = subprocess.call([py, "-m", "pytest", "-q", *argv], cwd=ROOT)
+        rc_tests = subprocess.call([py, "-m", "pytest", "-q", *parallel, *argv], cwd=ROOT)
         if rc_tests == 5:
             print("run_all test: pytest collected no tests", file=sys.stderr)
         t1 = time.time()

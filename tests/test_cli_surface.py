@@ -133,6 +133,26 @@ def test_testrun_gate_only_for_the_whole_suite():
     assert testrun.wants_gate([], {"PMBENCH_GATE": "0"}) is False
 
 
+def test_testrun_runs_the_whole_suite_on_one_worker_per_core(monkeypatch):
+    assert testrun.workers([], {}, cpus=2) == 2
+    assert testrun.workers([], {}, cpus=1) == 1
+    assert testrun.workers([], {}, cpus=64) == 4  # capped: memory and subprocesses per worker
+    assert testrun.workers(["tests/test_cli.py"], {}, cpus=2) == 1  # arguments mean what they say
+    assert testrun.workers([], {"PMBENCH_TEST_WORKERS": "1"}, cpus=2) == 1
+    assert testrun.workers(["tests/test_cli.py"], {"PMBENCH_TEST_WORKERS": "3"}, cpus=2) == 3
+    with pytest.raises(SystemExit, match="PMBENCH_TEST_WORKERS must be a positive integer, got 'two'"):
+        testrun.workers([], {"PMBENCH_TEST_WORKERS": "two"})
+
+    cmds = []
+    monkeypatch.setattr(testrun.subprocess, "call", lambda cmd, cwd=None: cmds.append(cmd) or 0)
+    monkeypatch.setattr(testrun.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("PMBENCH_TEST_WORKERS", raising=False)
+    monkeypatch.setenv("PMBENCH_GATE", "0")
+    assert testrun.main([]) == 0
+    assert cmds[0][1:] == ["-m", "pytest", "-q", "-n", "2", "--dist", "worksteal"]
+    import xdist  # noqa: F401  (the bootstrap installs it: the flags above need it)
+
+
 def test_testrun_with_pytest_args_runs_pytest_only(monkeypatch):
     calls = []
 

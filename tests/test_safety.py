@@ -272,3 +272,27 @@ def test_pm_under_inference_mode(make_vit, tmp_path):
     model.train()  # the matrices made in inference mode still train
     model(x).sum().backward()
     assert model.reducer_modules["pm"].merge["0"].grad is not None
+
+
+def test_exclusive_lock_makes_a_second_process_wait_until_the_first_is_done(tmp_path):
+    """What lets parallel test workers, torchrun ranks and two runs share one cache: the second
+    process that would create an output waits on the lock and then finds it made."""
+    import subprocess
+    import sys
+
+    lock, made = tmp_path / ".x.lock", tmp_path / "made"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from bench.runtime.outputs import exclusive_lock\n"
+         f"with exclusive_lock({str(lock)!r}):\n"
+         "    print('held', flush=True); time.sleep(1.0)\n"
+         f"    Path({str(made)!r}).write_text('done')\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not made.exists()
+        with outputs.exclusive_lock(lock):
+            assert made.read_text() == "done"  # we got the lock only after the holder had finished
+    finally:
+        holder.wait(timeout=60)
+    assert holder.returncode == 0

@@ -130,6 +130,26 @@ def test_force_and_other_schedules_train_even_when_weights_are_shipped(fake_ship
     assert [opts.max_iters for _, _, opts in fake_shipped.trained] == [None, 5, segtrain.SMOKE_ITERS]
 
 
+def test_a_segmenter_made_by_another_process_while_this_one_waited_is_reused(fake_shipped, monkeypatch):
+    """Two processes that both miss the cached Segmenter (parallel test workers, two runs on one
+    cache): the second waits on the lock, then takes the first one's checkpoint instead of training."""
+    import contextlib
+
+    from bench.runtime import outputs
+
+    real_lock = outputs.exclusive_lock
+
+    @contextlib.contextmanager
+    def another_process_trains_first(path):
+        with real_lock(path):
+            segtrain.save_clean({"x": torch.ones(1)}, segtrain.proxy_checkpoint_path("smoke"), {"origin": "other"})
+            yield
+
+    monkeypatch.setattr(outputs, "exclusive_lock", another_process_trains_first)
+    out = segtrain.ensure_proxy_segmenter(size="smoke", log=None)  # training would fail the fixture
+    assert torch.equal(torch.load(out, weights_only=True)["state_dict"]["x"], torch.ones(1))
+
+
 @pytest.mark.parametrize("retrain", [False, True])
 def test_the_seg_stage_retrains_the_proxy_segmenter_with_retrain_proxy(monkeypatch, retrain):
     from bench.pipeline.stages import seg

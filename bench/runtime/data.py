@@ -305,14 +305,11 @@ class CachedEvalDataset(Dataset):
         self.shape = (len(self.samples), img_size, img_size, 3)
         self.norm = prep.normalizer()
         if not (self.path.with_suffix(".done")).exists():
-            import fcntl
+            from bench.runtime.outputs import exclusive_lock
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_suffix(".lock"), "w") as fh:  # one builder (torchrun ranks, users)
-                fcntl.flock(fh, fcntl.LOCK_EX)
+            with exclusive_lock(self.path.with_suffix(".lock")):  # one builder (torchrun ranks, users)
                 if not (self.path.with_suffix(".done")).exists():
                     self._build(prep.eval_transform(to_tensor=False))
-                fcntl.flock(fh, fcntl.LOCK_UN)
         self.arr = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
 
     def _build(self, tf) -> None:

@@ -148,6 +148,23 @@ def remove_stale_temps(target: Path) -> None:
 
 
 @contextlib.contextmanager
+def exclusive_lock(lock_path) -> Iterator[None]:
+    """``with exclusive_lock(path):``: an exclusive advisory file lock, so of several processes that
+    would create the same output (torchrun ranks, parallel test workers, two users of one cache) one
+    creates it while the others wait, then find it made."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def temp_file(target) -> Iterator[Path]:
     """``with temp_file(path) as tmp: write(tmp)``: ``tmp`` replaces ``path`` atomically on success
     and is removed on every other exit path (exception, Ctrl-C)."""

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -188,13 +187,10 @@ def backbone_path(size: str = "default") -> Path:
 def cache_lock(name: str):
     """An exclusive file lock in the cache dir: concurrent processes (torchrun ranks, several
     users of one cache) generate or train once and the others wait, then reuse the result."""
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / f".{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    from bench.runtime.outputs import exclusive_lock
+
+    with exclusive_lock(cache_dir() / f".{name}.lock"):
+        yield
 
 
 # --------------------------------------------------------------------------- textures

@@ -130,8 +130,6 @@ def cache_root() -> Path:
 
 def ensure_proxy_seg(size: str = "default", seed: int = 0, root=None, force: bool = False) -> Path:
     """Generate (once) and return the proxy set's root in the ADE20K layout."""
-    from PIL import Image
-
     if size not in SIZES:
         from bench.core.reducer import ConfigError
 
@@ -142,12 +140,30 @@ def ensure_proxy_seg(size: str = "default", seed: int = 0, root=None, force: boo
     spec = {"version": FORMAT_VERSION, "size": size, "seed": seed, "n_train": n_train, "n_val": n_val,
             "h": h, "w": w, "classes": list(CLASSES)}
     done = root / MANIFEST
-    if done.exists() and not force:
+
+    def made() -> bool:
         try:
-            if json.loads(done.read_text()).get("spec") == spec:
-                return root
+            return json.loads(done.read_text()).get("spec") == spec
         except (OSError, ValueError):
-            pass
+            return False
+
+    if made() and not force:
+        return root
+    if in_cache:  # one generator at a time; a process that waited finds the set made
+        from bench.runtime.outputs import exclusive_lock
+
+        with exclusive_lock(root.with_name(f".{root.name}.lock")):
+            if made() and not force:
+                return root
+            return _generate(root, spec, seed, in_cache)
+    return _generate(root, spec, seed, in_cache)
+
+
+def _generate(root: Path, spec: dict, seed: int, in_cache: bool) -> Path:
+    """Render the set described by ``spec`` into ``root`` (a fresh folder renamed into place)."""
+    from PIL import Image
+
+    n_train, n_val, h, w = spec["n_train"], spec["n_val"], spec["h"], spec["w"]
 
     def build(tmp: Path) -> None:
         digest = hashlib.sha256()

@@ -195,19 +195,26 @@ def ensure_proxy_segmenter(force: bool = False, max_iters: Optional[int] = None,
         out = out.with_name(out.stem + f"-it{max_iters}.pth")
     if out.exists() and not force:
         return out
-    entry = shipped_segmenter_entry() if size == "default" and max_iters is None and not force else None
-    if entry is not None:
-        _install_shipped(entry, out)
+    from bench.runtime.outputs import exclusive_lock
+
+    # one process installs or trains it; others that need it at the same time (parallel test
+    # workers, two runs sharing the cache) wait here and then reuse it
+    with exclusive_lock(out.with_name(f".{out.name}.lock")):
+        if out.exists() and not force:  # made by another process while we waited
+            return out
+        entry = shipped_segmenter_entry() if size == "default" and max_iters is None and not force else None
+        if entry is not None:
+            _install_shipped(entry, out)
+            if log:
+                log(f"[seg] proxy Segmenter: the shipped weights ({entry['file']}, sha256 {entry['sha256'][:12]}, "
+                    f"val mIoU {entry['meta']['val'].get('mIoU', float('nan')):.1f})")
+            return out
         if log:
-            log(f"[seg] proxy Segmenter: the shipped weights ({entry['file']}, sha256 {entry['sha256'][:12]}, "
-                f"val mIoU {entry['meta']['val'].get('mIoU', float('nan')):.1f})")
-        return out
-    if log:
-        log(f"[seg] training the proxy Segmenter -> {out} (first use; a few minutes on a CPU)")
-    data = "proxy" if size == "default" else f"proxy:{size}"
-    meta = train_segmenter("proxy", out, SegTrainConfig(data=data, max_iters=max_iters))
-    if log:
-        log(f"[seg] proxy Segmenter trained in {meta['train_seconds']:.0f} s; val {meta['val']}")
+            log(f"[seg] training the proxy Segmenter -> {out} (first use; a few minutes on a CPU)")
+        data = "proxy" if size == "default" else f"proxy:{size}"
+        meta = train_segmenter("proxy", out, SegTrainConfig(data=data, max_iters=max_iters))
+        if log:
+            log(f"[seg] proxy Segmenter trained in {meta['train_seconds']:.0f} s; val {meta['val']}")
     return out
 
 
