@@ -49,7 +49,9 @@ def workers(argv: list, environ=os.environ, cpus=None) -> int:
         return int(raw)
     if argv:
         return 1
-    return max(1, min(4, cpus if cpus is not None else (os.cpu_count() or 1)))
+    if cpus is None:  # the cores this process may run on (a container or taskset can allow fewer)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
 
 
 def main(argv=None) -> int:

@@ -145,6 +145,7 @@ def test_testrun_runs_the_whole_suite_on_one_worker_per_core(monkeypatch):
 
     cmds = []
     monkeypatch.setattr(testrun.subprocess, "call", lambda cmd, cwd=None: cmds.append(cmd) or 0)
+    monkeypatch.setattr(testrun.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(testrun.os, "cpu_count", lambda: 2)
     monkeypatch.delenv("PMBENCH_TEST_WORKERS", raising=False)
     monkeypatch.setenv("PMBENCH_GATE", "0")
