@@ -325,6 +325,30 @@ def test_proxy_data_is_deterministic(tmp_path):
     assert segdata.check_ade_layout(r1, ("training", "validation")) == r1
 
 
+def test_a_cached_proxy_set_made_by_another_process_while_this_one_waited_is_reused(tmp_path, monkeypatch):
+    """Two processes that both miss the cached proxy segmentation set (parallel test workers, two runs):
+    the second waits on the lock and then uses the first one's set instead of rendering it again."""
+    import contextlib
+
+    from bench.runtime import outputs
+
+    monkeypatch.setattr(proxy_data, "cache_root", lambda: tmp_path)
+    real_lock, real_generate = outputs.exclusive_lock, proxy_data._generate
+    rendered = []
+    monkeypatch.setattr(proxy_data, "_generate", lambda root, *a: rendered.append(root) or real_generate(root, *a))
+
+    @contextlib.contextmanager
+    def another_process_renders_first(path):
+        with real_lock(path):
+            proxy_data.ensure_proxy_seg("tiny", root=tmp_path / "tiny-seed0")
+            yield
+
+    monkeypatch.setattr(outputs, "exclusive_lock", another_process_renders_first)
+    root = proxy_data.ensure_proxy_seg("tiny")
+    assert root == tmp_path / "tiny-seed0" and rendered == [root]  # rendered once, by the other process
+    assert segdata.check_ade_layout(root, ("training", "validation")) == root
+
+
 @pytest.fixture
 def ade_fixture(tmp_path):
     """Two tiny images in the ADE20K layout (labels 0..150)."""
