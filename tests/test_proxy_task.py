@@ -98,6 +98,31 @@ def test_object_hue_is_the_medium_object_scene_with_overlapping_hues():
     assert proxy.OBJECT_HUE_JITTER > proxy.HUE_STEP / 2  # classes overlap: below 100% even unreduced
 
 
+def test_object_part_puts_the_class_hue_on_a_small_part_of_a_distractor_object(monkeypatch):
+    """The object-part experiment: the object's body has a hue 30-60 degrees from the class's, and a small
+    part on it (one or two 8 px tokens) has the class's hue (+-12 degrees)."""
+    import numpy as np
+
+    from bench.runtime import proxy
+
+    for label in (0, 4, 9):
+        for i in range(4):
+            hues, masks = [], []
+            hsv, shape = proxy._hsv, proxy._shape_mask
+            monkeypatch.setattr(proxy, "_hsv", lambda h, s, v: hues.append(h) or hsv(h, s, v))
+            monkeypatch.setattr(proxy, "_shape_mask", lambda *a: masks.append(shape(*a)) or masks[-1])
+            img = np.asarray(proxy.render(label, np.random.default_rng(np.random.SeedSequence([0, 1, i, label])),
+                                          "object-part"))
+            monkeypatch.undo()
+            assert img.shape == (proxy.GEN_SIZE, proxy.GEN_SIZE, 3)
+            centre = label * proxy.HUE_STEP
+            body_hue, part_hue = hues[-2:]  # drawn after the scene's
+            assert 30 <= abs(body_hue - centre) <= 60 and abs(part_hue - centre) <= proxy.OBJECT_HUE_JITTER
+            body, part = masks
+            assert 20 <= part.sum() <= 130 < body.sum()  # about 7-11 px across against 18-30
+            assert (part & body).sum() >= 0.5 * part.sum()  # the part sits on the body
+
+
 def test_the_smoke_size_draws_largest_hue_images_whatever_the_task(tmp_path):
     """The smoke backbone (8 steps) learns nothing on the object task; its images are largest-hue's so the
     CI gate's accuracies sit above chance.  Its data folder, manifest and header say so."""

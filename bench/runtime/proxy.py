@@ -18,7 +18,9 @@ ToMe, MSTM, EViT and calibrated PM agrees with a real ViT-Ti's within the paired
 Other tasks are experiments, chosen with ``PMBENCH_PROXY_TASK`` (docs/proxy.md): ``largest-hue`` (the
 default until 2026-12-01: the hue of the largest of several textured objects over dense coloured clutter;
 88.5% unreduced, but calibrated PM ranked best on it), ``small-object`` (10-20 px objects) and
-``medium-object`` (18-30 px, +-5 degrees, a 96-wide backbone; ``TASK_SHAPES``).  The smoke size always
+``medium-object`` (18-30 px, +-5 degrees, a 96-wide backbone; ``TASK_SHAPES``) and ``object-part`` (the
+class's hue only on a small part of an object of another hue: a detail that merging similar tokens can
+average away).  The smoke size always
 draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
@@ -62,16 +64,17 @@ from bench.runtime.env import ROOT
 
 PROXY_MODEL = "pmbench_proxy_vit"
 # The proxy task.  "object-hue" is the embedded default (its backbone ships).  "largest-hue" (the earlier
-# default), "small-object" and "medium-object" are the experimental alternatives of docs/proxy.md,
+# default), "small-object", "medium-object" and "object-part" are the experimental alternatives of docs/proxy.md,
 # chosen with PMBENCH_PROXY_TASK: each has its own data version, so
 # its data, backbone and results never mix with the default's, and every table header names it.  Read
 # once at import, so torchrun ranks and any other process of the run see the same task.
 TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "object-hue"
-TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10}
+TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11}
 # The backbone's (width, heads) per task: "medium-object" is the experiment with a wider backbone, whose
 # CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
-TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2)}
+TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2),
+               "object-part": (64, 2)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
@@ -334,11 +337,9 @@ def _smooth_field(rng: np.random.Generator, scales=(64, 32, 16, 8), amp0: float 
     return out
 
 
-def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), jitter: float = HUE_JITTER) -> Image.Image:
-    """One image of the ``small-object`` task of class ``label``: a smooth, low-saturation scene of a
-    random hue with a few large soft blobs (neighbouring tokens are redundant, as in photographs), and
-    one small saturated object (side ``sides`` px: 10-20, i.e. 2-6 tokens) of the class's hue (+-5
-    degrees).  ``medium-object`` is the same scene with 18-30 px objects."""
+def _smooth_scene(rng: np.random.Generator) -> np.ndarray:
+    """The object tasks' background: a smooth, low-saturation scene of a random hue with a few large soft
+    blobs (neighbouring tokens are redundant, as in photographs)."""
     S = GEN_SIZE
     img = _hsv(rng.uniform(0, 360), rng.uniform(0.15, 0.45), rng.uniform(0.35, 0.85)) + _smooth_field(rng)
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
@@ -348,7 +349,16 @@ def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), j
         rx, ry = rng.uniform(8, 24, 2)
         col = tuple(int(c) for c in _hsv(rng.uniform(0, 360), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.9)))
         d.ellipse([x0 - rx, y0 - ry, x0 + rx, y0 + ry], fill=col)
-    img = np.asarray(pil.filter(ImageFilter.GaussianBlur(3))).astype(np.float32)
+    return np.asarray(pil.filter(ImageFilter.GaussianBlur(3))).astype(np.float32)
+
+
+def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), jitter: float = HUE_JITTER) -> Image.Image:
+    """One image of the ``small-object`` task of class ``label``: a smooth, low-saturation scene of a
+    random hue with a few large soft blobs (neighbouring tokens are redundant, as in photographs), and
+    one small saturated object (side ``sides`` px: 10-20, i.e. 2-6 tokens) of the class's hue (+-5
+    degrees).  ``medium-object`` is the same scene with 18-30 px objects."""
+    S = GEN_SIZE
+    img = _smooth_scene(rng)
     side = rng.uniform(*sides)
     margin = 10 + side / 2  # inside the 112 centre crop
     cy, cx = rng.uniform(margin, S - margin, 2)
@@ -372,8 +382,32 @@ def _render_object_hue(label: int, rng: np.random.Generator) -> Image.Image:
     return _render_small_object(label, rng, sides=(18, 30), jitter=OBJECT_HUE_JITTER)
 
 
+def _render_object_part(label: int, rng: np.random.Generator) -> Image.Image:
+    """One image of the ``object-part`` task (an experiment, docs/proxy.md): ``object-hue``'s scene and
+    18-30 px object, but the object's body has a distractor hue 30-60 degrees from the class's, and only
+    a small part of it (7-11 px, one or two tokens) has the class's hue (+-12 degrees).  The label is a
+    detail next to similar tokens, the kind of information that averaging similar tokens (ToMe) loses."""
+    S = GEN_SIZE
+    img = _smooth_scene(rng)
+    side = rng.uniform(18, 30)
+    margin = 10 + side / 2  # inside the 112 centre crop
+    cy, cx = rng.uniform(margin, S - margin, 2)
+    body = _shape_mask(rng, cy, cx, side)
+    body_hue = label * HUE_STEP + rng.choice([-1.0, 1.0]) * rng.uniform(30, 60)
+    img[body] = _hsv(body_hue, rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0)) + rng.normal(0, 4, (int(body.sum()), 3))
+    part = rng.uniform(7, 11)
+    py, px = np.array([cy, cx]) + rng.uniform(-0.25, 0.25, 2) * (side - part)
+    mask = _shape_mask(rng, py, px, part)
+    col = _hsv(label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER), rng.uniform(0.75, 1.0),
+               rng.uniform(0.7, 1.0))
+    img[mask] = col + rng.normal(0, 4, (int(mask.sum()), 3))
+    img += rng.normal(0, 5, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
 _RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object,
-              "medium-object": _render_medium_object, "object-hue": _render_object_hue}
+              "medium-object": _render_medium_object, "object-hue": _render_object_hue,
+              "object-part": _render_object_part}
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
