@@ -352,19 +352,27 @@ def _smooth_scene(rng: np.random.Generator) -> np.ndarray:
     return np.asarray(pil.filter(ImageFilter.GaussianBlur(3))).astype(np.float32)
 
 
+def _place_object(rng: np.random.Generator, sides) -> tuple[float, float, float]:
+    """The object tasks' object: its size (``sides`` px range) and a centre inside the 112 centre crop."""
+    side = rng.uniform(*sides)
+    margin = 10 + side / 2
+    cy, cx = rng.uniform(margin, GEN_SIZE - margin, 2)
+    return side, cy, cx
+
+
+def _paint(img: np.ndarray, rng: np.random.Generator, mask: np.ndarray, hue: float) -> None:
+    """Fill ``mask`` with a saturated, bright colour of ``hue`` (degrees) and a little pixel noise."""
+    img[mask] = _hsv(hue, rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0)) + rng.normal(0, 4, (int(mask.sum()), 3))
+
+
 def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), jitter: float = HUE_JITTER) -> Image.Image:
     """One image of the ``small-object`` task of class ``label``: a smooth, low-saturation scene of a
     random hue with a few large soft blobs (neighbouring tokens are redundant, as in photographs), and
     one small saturated object (side ``sides`` px: 10-20, i.e. 2-6 tokens) of the class's hue (+-5
     degrees).  ``medium-object`` is the same scene with 18-30 px objects."""
-    S = GEN_SIZE
     img = _smooth_scene(rng)
-    side = rng.uniform(*sides)
-    margin = 10 + side / 2  # inside the 112 centre crop
-    cy, cx = rng.uniform(margin, S - margin, 2)
-    mask = _shape_mask(rng, cy, cx, side)
-    col = _hsv(label * HUE_STEP + rng.uniform(-jitter, jitter), rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0))
-    img[mask] = col + rng.normal(0, 4, (int(mask.sum()), 3))
+    side, cy, cx = _place_object(rng, sides)
+    _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-jitter, jitter))
     img += rng.normal(0, 5, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
@@ -387,20 +395,13 @@ def _render_object_part(label: int, rng: np.random.Generator) -> Image.Image:
     18-30 px object, but the object's body has a distractor hue 30-60 degrees from the class's, and only
     a small part of it (7-11 px, one or two tokens) has the class's hue (+-12 degrees).  The label is a
     detail next to similar tokens, the kind of information that averaging similar tokens (ToMe) loses."""
-    S = GEN_SIZE
     img = _smooth_scene(rng)
-    side = rng.uniform(18, 30)
-    margin = 10 + side / 2  # inside the 112 centre crop
-    cy, cx = rng.uniform(margin, S - margin, 2)
-    body = _shape_mask(rng, cy, cx, side)
-    body_hue = label * HUE_STEP + rng.choice([-1.0, 1.0]) * rng.uniform(30, 60)
-    img[body] = _hsv(body_hue, rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0)) + rng.normal(0, 4, (int(body.sum()), 3))
+    side, cy, cx = _place_object(rng, (18, 30))
+    _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.choice([-1.0, 1.0]) * rng.uniform(30, 60))
     part = rng.uniform(7, 11)
     py, px = np.array([cy, cx]) + rng.uniform(-0.25, 0.25, 2) * (side - part)
-    mask = _shape_mask(rng, py, px, part)
-    col = _hsv(label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER), rng.uniform(0.75, 1.0),
-               rng.uniform(0.7, 1.0))
-    img[mask] = col + rng.normal(0, 4, (int(mask.sum()), 3))
+    mask = _shape_mask(rng, py, px, part)  # drawn before the hue, as in every object task
+    _paint(img, rng, mask, label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER))
     img += rng.normal(0, 5, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 

@@ -16,6 +16,7 @@ deterministic for fixed settings).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -149,14 +150,13 @@ def ensure_proxy_seg(size: str = "default", seed: int = 0, root=None, force: boo
 
     if made() and not force:
         return root
-    if in_cache:  # one generator at a time; a process that waited finds the set made
-        from bench.runtime.outputs import exclusive_lock
+    from bench.runtime.outputs import exclusive_lock
 
-        with exclusive_lock(root.with_name(f".{root.name}.lock")):
-            if made() and not force:
-                return root
-            return _generate(root, spec, seed, in_cache)
-    return _generate(root, spec, seed, in_cache)
+    # in the cache, one generator at a time: a process that waited finds the set made
+    with exclusive_lock(root.with_name(f".{root.name}.lock")) if in_cache else contextlib.nullcontext():
+        if made() and not force:
+            return root
+        return _generate(root, spec, seed, in_cache)
 
 
 def _generate(root: Path, spec: dict, seed: int, in_cache: bool) -> Path:
