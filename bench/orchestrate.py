@@ -27,15 +27,16 @@ import os
 import shlex
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
 from bench.core import registry
 from bench.core.reducer import Calibrated, ConfigError
-from bench.pipeline import overrides, profiles
+from bench.pipeline import overrides, profiles, workers
 from bench.runtime import env, launch, proxy, proxy_backbone, startup
 from bench.runtime.checkpoint import load_structure
-from bench.runtime.results import ResultCache, file_hash
+from bench.runtime.results import JobTaken, ResultCache, file_hash
 
 ROOT = env.ROOT
 STAGES = ["accuracy", "cost", "speed", "seg", "ablations"]
@@ -44,9 +45,10 @@ STAGES = ["accuracy", "cost", "speed", "seg", "ablations"]
 class Progress:
     """Job counter with elapsed time and an ETA from per-job estimates corrected by measured pace."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, tag: str = ""):
         self.t0 = time.time()
         self.stream = stream or sys.stderr  # the stream of the moment (not the one at import)
+        self.tag = tag  # a job worker's line prefix ("[worker 1/2] ")
         self.total_est = 0.0
         self.done_est = 0.0
         self.done_real = 0.0
@@ -58,23 +60,28 @@ class Progress:
         self.n_total += n
         self.total_est += est_seconds
 
-    def finished(self, label: str, est: float, real: float, cached: bool) -> None:
+    def finished(self, label: str, est: float, real: float, cached: bool, quiet: bool = False,
+                 by: Optional[str] = None) -> None:
+        """``quiet``: a job another job worker measures (counted, not printed); ``by``: the job worker
+        that measured it in this run (``real`` is its time there; counted as measured, not cached)."""
         self.n_done += 1
         self.n_cached += bool(cached)
         self.done_est += est
         if not cached:
             self.done_real += real
+        if quiet:
+            return
         pace = (self.done_real / self.done_est) if self.done_est and self.done_real else 1.0
         remaining = max(0.0, (self.total_est - self.done_est) * pace)
         el = time.time() - self.t0
-        tag = "cached" if cached else f"{real:.1f}s"
+        tag = "cached" if cached else (f"{by}, {real:.1f}s" if by else f"{real:.1f}s")
         self.stream.write(
-            f"[{self.n_done}/{self.n_total}] {label} ({tag})  elapsed {_hms(el)}  ETA {_hms(remaining)}\n"
+            f"{self.tag}[{self.n_done}/{self.n_total}] {label} ({tag})  elapsed {_hms(el)}  ETA {_hms(remaining)}\n"
         )
         self.stream.flush()
 
     def note(self, msg: str) -> None:
-        self.stream.write(f"[run_all] {msg}\n")
+        self.stream.write(f"{self.tag}[run_all] {msg}\n")
         self.stream.flush()
 
 
@@ -130,10 +137,16 @@ class RunContext(StageArtefacts):
         self.profile = profile
         self.args = args
         self.out_dir = out_dir
-        self.cache = ResultCache(cache_dir, force=args.force)
+        self.run_id = os.environ.get(workers.RUN_ID_ENV) or uuid.uuid4().hex[:12]
+        self.worker = workers.parse_worker(getattr(args, "job_worker", None))  # (index, count) in a job worker
+        claims = cache_dir / "claims" / self.run_id if self.worker else None
+        self.cache = ResultCache(cache_dir, force=args.force, run_id=self.run_id, claims=claims,
+                                 worker=self.worker[0] if self.worker else None)
+        self._from_workers: set[str] = set()  # cache files measured by this run's job workers (counted once)
+        self.job_workers = 1  # processes that measured the accuracy/ablations jobs (bench.pipeline.workers)
         self.work_dir = cache_dir.parent.parent / "runs" / profile["name"]
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = Progress()
+        self.progress = Progress(tag=f"[worker {self.worker[0] + 1}/{self.worker[1]}] " if self.worker else "")
         self.tables: dict[str, dict] = {}  # name -> {"title", "rows", "meta", "columns"}
         self.device = args.device or env.default_device()
         self.versions = env.versions()
@@ -161,14 +174,29 @@ class RunContext(StageArtefacts):
                     if s not in self.stages and s not in self.skipped_stages]
         return f"run: {', '.join(ran) or 'none'}" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
 
-    def job(self, desc: dict, fn, label: str, est: float = 1.0) -> dict:
-        """Run ``fn`` unless the cache holds ``desc``; returns the result dict."""
+    def job(self, desc: dict, fn, label: str, est: float = 1.0, wait: bool = False) -> dict:
+        """Run ``fn`` unless the cache holds ``desc``; returns the result dict.  In a job worker
+        (:mod:`bench.pipeline.workers`) a job another worker claimed raises
+        :class:`bench.runtime.results.JobTaken`, unless ``wait`` (later jobs need its result: wait for it)."""
         desc = {**desc, "profile": self.profile["name"], "versions": self.versions}
         if isinstance(desc.get("spec"), str):  # the key says exactly what is measured, defaults included
             desc["spec_full"] = full_spec(desc["spec"])
         t = time.time()
-        rec, cached = self.cache.get_or_run(desc, fn)
-        self.progress.finished(label, est, time.time() - t, cached)
+        try:
+            rec, cached = self.cache.get_or_run(desc, fn, wait=wait)
+        except JobTaken:
+            self.progress.finished(label, est, 0.0, True, quiet=True)
+            raise
+        by, quiet = None, False
+        if cached and self.cache.made_by_worker(rec):
+            key = self.cache.path(desc).name
+            if self.cache.worker is not None:  # a worker: another worker of this run measured it
+                quiet = True
+            elif key not in self._from_workers:  # measured in this run by a job worker: counted once, as measured
+                self._from_workers.add(key)
+                cached, by = False, f"worker {rec['worker'] + 1}"
+        self.progress.finished(label, est, rec.get("wall_s", 0.0) if by else time.time() - t, cached, quiet=quiet,
+                               by=by)
         return rec["result"]
 
     def meta(self, **kw) -> dict:
@@ -188,6 +216,8 @@ class RunContext(StageArtefacts):
         if ov:  # --configs / --profile-file: said in every table header, and in full in the JSON
             m["profile_overrides"] = overrides.describe(ov)
             m["profile_overrides_detail"] = ov
+        if self.job_workers > 1:
+            m["job_workers"] = workers.describe(self.job_workers)
         if self.launcher is not None:
             m["launcher"] = {"kind": "torchrun", "nproc_per_node": self.launcher.cfg.nproc_per_node,
                              "nnodes": self.launcher.cfg.nnodes, "world_size": self.launcher.world_size}
@@ -279,6 +309,11 @@ def parse_args(argv=None):
     p.add_argument("--retrain-proxy", action="store_true",
                    help="default/smoke profiles: train the proxy backbone and the proxy Segmenter again with the "
                         "suite's trainers instead of loading the shipped weights (docs/proxy.md)")
+    p.add_argument("--job-workers", type=int, default=None, metavar="N",
+                   help="CPU runs: measure the accuracy and ablations jobs on N one-thread worker processes "
+                        "(default: one per core, at most 4, or PMBENCH_JOB_WORKERS; 1: all in this process); "
+                        "speed and segmentation always run in this process")
+    p.add_argument("--job-worker", default=None, help=argparse.SUPPRESS)  # I/N: this process is a job worker
     launch.add_arguments(p)
     return p.parse_args(argv)
 
@@ -347,6 +382,19 @@ def main(argv=None) -> int:
             ctx.launcher = launch.Launcher(lcfg, ctx.work_dir, stream=ctx.progress.stream)
             ctx.progress.note(f"launcher: {lcfg.describe()} for calibration, fine-tuning and evaluation "
                               f"({', '.join(s for s in stages if s in LAUNCHED_STAGES)}); the rest in this process")
+        if ctx.worker is not None:  # a job worker: one thread, its share of the jobs, no report
+            import torch
+
+            torch.set_num_threads(1)
+            ctx.out_dir = ctx.work_dir / f"worker-{ctx.worker[0] + 1}"
+        else:
+            n_workers = workers.count(args.job_workers)
+            why_not = workers.applies(ctx, stages)
+            if n_workers > 1 and why_not is None:
+                ctx.progress.note(f"{' and '.join(s for s in stages if s in workers.STAGES)} jobs: {n_workers} "
+                                  "worker processes of one thread each (--job-workers 1: all in this process)")
+                workers.run(ctx, args, stages, n_workers)
+                ctx.job_workers = n_workers
         try:
             for name in stages:
                 mod = importlib.import_module(f"bench.pipeline.stages.{name}")
@@ -355,6 +403,9 @@ def main(argv=None) -> int:
         finally:
             if ctx.launcher is not None:  # followers (other nodes) stop waiting for jobs
                 ctx.launcher.close(wait_s=60.0 if sys.exc_info()[0] is None else 5.0)
+        if ctx.worker is not None:
+            ctx.progress.note(f"worker done in {_hms(time.time() - t0)}")
+            return 0
         from bench.report import writer
 
         writer.write_all(ctx, wall_s=time.time() - t0)

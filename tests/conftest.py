@@ -5,10 +5,15 @@ shared 2-core CPU, so torch uses one thread.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# The orchestrator runs in the tests' own processes: its accuracy/ablations jobs stay there too (a test
+# that wants job workers asks with --job-workers; bench/pipeline/workers.py)
+os.environ["PMBENCH_JOB_WORKERS"] = "1"
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3, num_classes=10)
 

@@ -399,3 +399,126 @@ def test_a_cpu_run_fixes_the_allocator_before_its_first_stage(tmp_path, monkeypa
     monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "cache"))
     rc = orchestrate.main(["--profile", "smoke", "--only", "cost", "--device", "cpu", "--out", str(tmp_path / "rep")])
     assert rc == 0 and events[:2] == ["allocator", "cost"]
+
+
+# --------------------------------------------------------------------------- job workers
+def test_job_claims_skip_wait_and_fail_over(tmp_path):
+    """Two job workers of one run share the cache: the first to reach a job claims it, the other skips
+    it (JobTaken) or, asked to wait, gets the first one's record; a failed claimer stops the waiting."""
+    import threading
+
+    from bench.runtime.results import JobTaken
+
+    claims = tmp_path / "claims" / "run1"
+    a = ResultCache(tmp_path, run_id="run1", claims=claims, worker=0, poll_s=0.01)
+    b = ResultCache(tmp_path, run_id="run1", claims=claims, worker=1, poll_s=0.01)
+    desc = {"kind": "eval", "spec": "tome:r=13"}
+    started, release = threading.Event(), threading.Event()
+
+    def slow():
+        started.set()
+        release.wait(10)
+        return {"top1": 50.0}
+
+    t = threading.Thread(target=lambda: a.get_or_run(desc, slow))
+    t.start()
+    assert started.wait(10)
+    with pytest.raises(JobTaken):  # a leaf job: skipped, the other worker measures it
+        b.get_or_run(desc, lambda: pytest.fail("measured twice"))
+    threading.Timer(0.1, release.set).start()
+    rec, cached = b.get_or_run(desc, lambda: pytest.fail("measured twice"), wait=True)  # needed: waits
+    t.join(10)
+    assert cached and rec["result"] == {"top1": 50.0} and rec["worker"] == 0 and rec["run_id"] == "run1"
+    assert b.made_by_worker(rec) and not ResultCache(tmp_path, run_id="run2").made_by_worker(rec)
+
+    def boom():
+        raise RuntimeError("out of memory")
+
+    bad = {"kind": "calibrate", "spec": "pm:keep=0.6"}
+    with pytest.raises(RuntimeError):
+        a.get_or_run(bad, boom)
+    with pytest.raises(JobTaken, match="failed"):  # not a wait forever
+        b.get_or_run(bad, lambda: pytest.fail("not this worker's job"), wait=True)
+    # the run's own pass (no claims) measures what the workers left
+    own = ResultCache(tmp_path, run_id="run1")
+    assert own.get_or_run(bad, lambda: {"ok": 1})[0]["result"] == {"ok": 1}
+
+
+def test_force_keeps_what_this_run_measured_and_remeasure_redoes_it(tmp_path):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"v": len(calls)}
+
+    desc = {"kind": "x", "a": 1}
+    ResultCache(tmp_path, run_id="old").get_or_run(desc, fn)
+    run = ResultCache(tmp_path, force=True, run_id="new")
+    assert run.get_or_run(desc, fn) == (run.get(desc), False) and len(calls) == 2  # an earlier run's: redone
+    assert run.get_or_run(desc, fn)[1] and len(calls) == 2  # this run's (or its workers'): kept
+    with run.remeasure():  # e.g. the checkpoint a record names has gone
+        assert not run.get_or_run(desc, fn)[1] and len(calls) == 3
+    assert run.get_or_run(desc, fn)[1] and len(calls) == 3
+
+
+def test_job_worker_count_and_command_line(tmp_path, monkeypatch):
+    import argparse
+
+    from bench.core.errors import ConfigError
+    from bench.pipeline import workers
+
+    assert workers.count(None, environ={}, cpus=2) == 2 and workers.count(None, environ={}, cpus=16) == 4
+    assert workers.count(None, environ={}, cpus=1) == 1 and workers.count(3, environ={}, cpus=2) == 3
+    assert workers.count(None, environ={"PMBENCH_JOB_WORKERS": "1"}, cpus=8) == 1
+    for bad in (lambda: workers.count(0, environ={}), lambda: workers.count(None, environ={"PMBENCH_JOB_WORKERS": "x"}),
+                lambda: workers.parse_worker("3/2"), lambda: workers.parse_worker("a")):
+        with pytest.raises(ConfigError):
+            bad()
+    assert workers.parse_worker("2/2") == (1, 2) and workers.parse_worker(None) is None
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(profile="paper", force=True, device="cpu", fixture=True, imagenet="data/in",
+                              ade20k=None, weights=None, profile_file="p.toml", configs=["tome:r=4"],
+                              retrain_proxy=True)
+    argv = workers.worker_argv(args, ["accuracy", "cost", "speed", "ablations"], 0, 2)
+    assert argv[:6] == ["--profile", "paper", "--only", "accuracy,ablations", "--job-worker", "1/2"]
+    assert "--retrain-proxy" not in argv and "--force" in argv and "--fixture" in argv
+    assert argv[argv.index("--imagenet") + 1] == str(tmp_path / "data" / "in")  # absolute: any working folder
+    assert argv[argv.index("--profile-file") + 1] == str(tmp_path / "p.toml") and argv[-2:] == ["--configs", "tome:r=4"]
+
+
+@pytest.mark.slow
+def test_job_workers_share_the_jobs_and_give_the_one_process_tables(tmp_path):
+    """`--job-workers 2`: two one-thread workers measure the accuracy and ablations jobs, each job once
+    (claims), the run's own pass counts them as measured and writes the tables; they equal a one-process
+    run's, image by image (one thread everywhere, so bit for bit)."""
+    env = {"PMBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    pf = tmp_path / "small.toml"
+    pf.write_text('accuracy_configs = ["none", "tome:r=13", "pm:keep=0.6"]\nfinetune_configs = ["pm:keep=0.6"]\n'
+                  'ablations = [["PM keep 0.6", "pm:keep=0.6"], ["ToMe r=4", "tome:r=4"]]\nablation_max_steps = 1\n')
+    base = ["--profile", "paper", "--fixture", "--only", "accuracy,ablations", "--profile-file", str(pf)]
+    r = _run([*base, "--job-workers", "2", "--out", str(tmp_path / "w")], env, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    err = r.stderr
+    assert "jobs: 2 worker processes" in err and err.count("worker done") == 2
+    # each job measured by exactly one worker (a label with a time, not skipped or waited for)
+    measured = re.findall(r"^\[worker (\d)/2\] \[\d+/\d+\] (.+?) \(\d+\.\ds\)", err, flags=re.M)
+    labels = [lab for _, lab in measured]
+    assert labels and len(labels) == len(set(labels)), measured
+    main_lines = re.findall(r"^\[\d+/\d+\] (.+?) \(worker (\d), \d+\.\ds\)", err, flags=re.M)
+    assert sorted(lab for lab, _ in main_lines) == sorted(labels)  # the run's pass took all of them from the workers
+    assert not re.search(r"^\[\d+/\d+\] .+ \(\d+\.\ds\)", err, flags=re.M)  # and measured nothing itself
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert manifest["jobs"]["measured"] == len(labels)
+    acc_w = json.loads((tmp_path / "w" / "accuracy.json").read_text())
+    assert "2 worker processes" in acc_w["meta"]["job_workers"] and "job workers" in (tmp_path / "w" / "accuracy.md").read_text()
+    assert not (tmp_path / "cache" / "results" / "paper-fixture" / "claims").exists() or not any(
+        (tmp_path / "cache" / "results" / "paper-fixture" / "claims").iterdir())  # claims cleaned up
+
+    r1 = _run([*base, "--job-workers", "1", "--force", "--out", str(tmp_path / "one")], env, timeout=900)
+    assert r1.returncode == 0, r1.stderr[-4000:]
+    assert "[worker" not in r1.stderr and "job_workers" not in json.loads((tmp_path / "one" / "accuracy.json").read_text())["meta"]
+    for name, keys in (("accuracy", ("config", "kind", "top1")), ("ablations", ("config", "top1_off_the_shelf", "top1_finetuned"))):
+        w = json.loads((tmp_path / "w" / f"{name}.json").read_text())["rows"]
+        one = json.loads((tmp_path / "one" / f"{name}.json").read_text())["rows"]
+        assert [[x[k] for k in keys] for x in w] == [[x[k] for k in keys] for x in one], name
+    assert (tmp_path / "w" / "accuracy_per_image.csv").read_text() == (tmp_path / "one" / "accuracy_per_image.csv").read_text()

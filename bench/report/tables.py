@@ -44,6 +44,7 @@ def header_lines(title: str, meta: dict) -> list[str]:
         ("commit", "commit"),
         ("date", "date"),
         ("command", "command"),
+        ("job workers", "job_workers"),
         ("profile overrides", "profile_overrides"),
         ("proxy backbone", "proxy_backbone"),
     ]

@@ -31,7 +31,7 @@ from bench.core.reducer import ModelInfo
 from bench.pipeline.stages.common import calibrated_specs, method_notes, method_of, short_model
 from bench.pipeline.stages.sources import Source
 from bench.runtime import proxy_ranking, stats
-from bench.runtime.results import atomic_write_text, file_hash
+from bench.runtime.results import JobTaken, atomic_write_text, file_hash
 
 COLUMNS = ["model", "method", "config", "kind", "structure", "top1", "drop", "drop_ci95", "mcnemar_p", "top5", "gmacs", "speedup",
            "n_images", "steps", "finetune_s", "note"]
@@ -156,7 +156,20 @@ def _calibrate_all(ctx, src, specs: list) -> dict:
     """Calibrate every Calibrated spec among ``specs`` on ``src``: {spec: structure file}; a failure is
     recorded in ``ctx.failures`` and leaves the spec out."""
     calibrated = {}
-    for spec in sorted(set(calibrated_specs(specs))):
+    todo = sorted(set(calibrated_specs(specs)))
+    if getattr(ctx, "worker", None) is not None:
+        # a job worker first calibrates what no other worker has taken, so the calibrations run side by
+        # side, then waits for the others' (bench/pipeline/workers.py)
+        for spec in todo:
+            try:
+                calibrated[spec] = src.calibrate(spec, ctx, wait=False)
+            except JobTaken:
+                pass
+            except Exception as e:
+                ctx.failures.append(f"{method_of(spec)}-calibrate {spec}: {e}")
+    for spec in todo:
+        if spec in calibrated:
+            continue
         try:
             calibrated[spec] = src.calibrate(spec, ctx)
         except Exception as e:
@@ -231,11 +244,8 @@ def run_source(ctx, src) -> list:
             row = ctx.job(desc, measure, f"fine-tune + eval {spec}", 40.0)
             if is_cal and not _checkpoint_ok(row):
                 # the cost and speed stages cost the fine-tuned learned modules: its checkpoint must exist
-                ctx.cache.force, f = True, ctx.cache.force
-                try:
+                with ctx.cache.remeasure():
                     row = ctx.job(desc, measure, f"fine-tune + eval {spec} (re-run: checkpoint missing)", 40.0)
-                finally:
-                    ctx.cache.force = f
             if is_cal:
                 ctx.finetuned[(src.model_name, registry.build(spec).spec())] = Path(row["checkpoint"])
             rows.append(row)

@@ -180,9 +180,10 @@ class Source:
         d.mkdir(parents=True, exist_ok=True)
         return d / name
 
-    def calibrate(self, spec: str, ctx) -> Path:
+    def calibrate(self, spec: str, ctx, wait: bool = True) -> Path:
         """Calibrate a :class:`bench.core.reducer.Calibrated` method's structure on the training split; returns
-        the checkpoint (cached by content)."""
+        the checkpoint (cached by content).  In a job worker, a calibration another worker has claimed is
+        waited for (``wait``) or skipped (:class:`bench.runtime.results.JobTaken`)."""
         name = registry.build(spec).name
         bb = self.ensure_backbone()
         desc = {"kind": f"{name}-calibrate", "spec": spec, "backbone": file_hash(bb), "data": self.input_key(),
@@ -200,13 +201,10 @@ class Source:
             return {"path": str(out), "hash": file_hash(out), "per_layer": summ.get("per_layer"),
                     "sum_tokens": summ.get("sum_tokens")}
 
-        rec = ctx.job(desc, run, f"{name}-calibrate {spec}", 15.0)
+        rec = ctx.job(desc, run, f"{name}-calibrate {spec}", 15.0, wait=wait)
         if not Path(rec["path"]).exists() or file_hash(rec["path"]) != rec["hash"]:
-            ctx.cache.force, f = True, ctx.cache.force
-            try:
-                rec = ctx.job(desc, run, f"{name}-calibrate {spec} (re-run: checkpoint missing)", 15.0)
-            finally:
-                ctx.cache.force = f
+            with ctx.cache.remeasure():
+                rec = ctx.job(desc, run, f"{name}-calibrate {spec} (re-run: checkpoint missing)", 15.0, wait=True)
         ctx.structure_summaries[spec] = rec.get("per_layer")
         return Path(rec["path"])
 
