@@ -144,6 +144,7 @@ class RunContext(StageArtefacts):
                                  worker=self.worker[0] if self.worker else None)
         self._from_workers: set[str] = set()  # cache files measured by this run's job workers (counted once)
         self.job_workers = 1  # processes that measured the accuracy/ablations jobs (bench.pipeline.workers)
+        self.current_stage: Optional[str] = None  # the stage running now (its tables' headers)
         self.work_dir = cache_dir.parent.parent / "runs" / profile["name"]
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.progress = Progress(tag=f"[worker {self.worker[0] + 1}/{self.worker[1]}] " if self.worker else "")
@@ -216,7 +217,7 @@ class RunContext(StageArtefacts):
         if ov:  # --configs / --profile-file: said in every table header, and in full in the JSON
             m["profile_overrides"] = overrides.describe(ov)
             m["profile_overrides_detail"] = ov
-        if self.job_workers > 1:
+        if self.job_workers > 1 and self.current_stage in workers.STAGES:  # the tables of the stages they ran
             m["job_workers"] = workers.describe(self.job_workers)
         if self.launcher is not None:
             m["launcher"] = {"kind": "torchrun", "nproc_per_node": self.launcher.cfg.nproc_per_node,
@@ -397,10 +398,12 @@ def main(argv=None) -> int:
                 ctx.job_workers = n_workers
         try:
             for name in stages:
+                ctx.current_stage = name
                 mod = importlib.import_module(f"bench.pipeline.stages.{name}")
                 ctx.progress.note(f"stage {name}")
                 mod.run(ctx)
         finally:
+            ctx.current_stage = None
             if ctx.launcher is not None:  # followers (other nodes) stop waiting for jobs
                 ctx.launcher.close(wait_s=60.0 if sys.exc_info()[0] is None else 5.0)
         if ctx.worker is not None:

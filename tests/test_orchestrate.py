@@ -496,7 +496,8 @@ def test_job_workers_share_the_jobs_and_give_the_one_process_tables(tmp_path):
     pf.write_text('accuracy_configs = ["none", "tome:r=13", "pm:keep=0.6"]\nfinetune_configs = ["pm:keep=0.6"]\n'
                   'ablations = [["PM keep 0.6", "pm:keep=0.6"], ["ToMe r=4", "tome:r=4"]]\nablation_max_steps = 1\n')
     base = ["--profile", "paper", "--fixture", "--only", "accuracy,ablations", "--profile-file", str(pf)]
-    r = _run([*base, "--job-workers", "2", "--out", str(tmp_path / "w")], env, timeout=900)
+    r = _run([*base[:4], "accuracy,cost,ablations", *base[5:], "--job-workers", "2", "--out", str(tmp_path / "w")], env,
+             timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     err = r.stderr
     assert "jobs: 2 worker processes" in err and err.count("worker done") == 2
@@ -506,11 +507,14 @@ def test_job_workers_share_the_jobs_and_give_the_one_process_tables(tmp_path):
     assert labels and len(labels) == len(set(labels)), measured
     main_lines = re.findall(r"^\[\d+/\d+\] (.+?) \(worker (\d), \d+\.\ds\)", err, flags=re.M)
     assert sorted(lab for lab, _ in main_lines) == sorted(labels)  # the run's pass took all of them from the workers
-    assert not re.search(r"^\[\d+/\d+\] .+ \(\d+\.\ds\)", err, flags=re.M)  # and measured nothing itself
+    own = re.findall(r"^\[\d+/\d+\] (.+) \(\d+\.\ds\)", err, flags=re.M)
+    assert own and all(lab.startswith("cost ") for lab in own), own  # and measured only the cost stage itself
     manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
-    assert manifest["jobs"]["measured"] == len(labels)
+    assert manifest["jobs"]["measured"] == len(labels) + len(own) and manifest["job_workers"] == 2
     acc_w = json.loads((tmp_path / "w" / "accuracy.json").read_text())
     assert "2 worker processes" in acc_w["meta"]["job_workers"] and "job workers" in (tmp_path / "w" / "accuracy.md").read_text()
+    assert "job_workers" in json.loads((tmp_path / "w" / "ablations.json").read_text())["meta"]
+    assert "job_workers" not in json.loads((tmp_path / "w" / "flops.json").read_text())["meta"]  # not the workers' stage
     assert not (tmp_path / "cache" / "results" / "paper-fixture" / "claims").exists() or not any(
         (tmp_path / "cache" / "results" / "paper-fixture" / "claims").iterdir())  # claims cleaned up
 

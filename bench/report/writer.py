@@ -190,6 +190,7 @@ def write_all(ctx, wall_s: float) -> None:
                 "plots": figs, "meta": ctx.meta(), "failures": ctx.failures}
     if getattr(ctx, "launcher", None) is not None:  # --nproc: every torchrun job of this run (cached ones ran none)
         manifest["torchrun_jobs"] = list(ctx.launcher.jobs)
+    manifest["job_workers"] = getattr(ctx, "job_workers", 1)  # processes that measured accuracy/ablations jobs
     atomic_write_json(out / "manifest.json", manifest)
     fixture = bool(getattr(ctx, "fixture", False))
     lines = [f"# PM-Bench results: profile `{ctx.profile['name']}`" + (" (fixture run)" if fixture else ""), ""]
