@@ -396,6 +396,8 @@ def main(argv=None) -> int:
                                   "worker processes of one thread each (--job-workers 1: all in this process)")
                 workers.run(ctx, args, stages, n_workers)
                 ctx.job_workers = n_workers
+            elif args.job_workers and args.job_workers > 1:  # asked for explicitly: say why it does not apply
+                ctx.progress.note(f"--job-workers {args.job_workers}: not used, {why_not}")
         try:
             for name in stages:
                 ctx.current_stage = name

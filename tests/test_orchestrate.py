@@ -526,3 +526,52 @@ def test_job_workers_share_the_jobs_and_give_the_one_process_tables(tmp_path):
         one = json.loads((tmp_path / "one" / f"{name}.json").read_text())["rows"]
         assert [[x[k] for k in keys] for x in w] == [[x[k] for k in keys] for x in one], name
     assert (tmp_path / "w" / "accuracy_per_image.csv").read_text() == (tmp_path / "one" / "accuracy_per_image.csv").read_text()
+
+
+def test_ctrl_c_while_job_workers_run_stops_them_and_clears_the_claims(tmp_path, monkeypatch):
+    """Ctrl-C in the run: its workers are stopped (not left running), the claim folder goes, and the
+    interrupt reaches main (exit 130, every finished measurement cached)."""
+    import argparse
+    import types
+
+    from bench.pipeline import workers
+    from bench.pipeline.stages import sources
+
+    started = []
+
+    class FakeWorker:
+        def __init__(self, cmd, env):
+            self.cmd, self.env, self.stopped = cmd, env, False
+            started.append(self)
+
+        def wait(self):
+            if self.stopped:
+                return -15
+            raise KeyboardInterrupt
+
+        def terminate(self):
+            self.stopped = True
+
+    monkeypatch.setattr(workers.subprocess, "Popen", FakeWorker)
+    monkeypatch.setattr(sources.Source, "for_profile", staticmethod(lambda ctx: []))
+    cache = ResultCache(tmp_path, run_id="r1")
+    (tmp_path / "claims" / "r1").mkdir(parents=True)
+    ctx = types.SimpleNamespace(cache=cache, run_id="r1", progress=None)
+    args = argparse.Namespace(profile="smoke", force=False, device="cpu", fixture=False, configs=None)
+    with pytest.raises(KeyboardInterrupt):
+        workers.run(ctx, args, ["accuracy", "ablations"], 2)
+    assert len(started) == 2 and all(w.stopped for w in started)
+    assert all(w.env["OMP_NUM_THREADS"] == "1" and w.env[workers.RUN_ID_ENV] == "r1" for w in started)
+    assert [w.cmd[w.cmd.index("--job-worker") + 1] for w in started] == ["1/2", "2/2"]
+    assert not (tmp_path / "claims" / "r1").exists()
+
+
+def test_job_workers_asked_for_where_they_do_not_apply_says_why(tmp_path, monkeypatch, capsys):
+    from bench import orchestrate
+
+    monkeypatch.setenv("PMBENCH_CACHE", str(tmp_path / "cache"))
+    rc = orchestrate.main(["--profile", "smoke", "--only", "cost", "--job-workers", "2", "--out", str(tmp_path / "rep")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "--job-workers 2: not used, no accuracy or ablations stage" in err and "[worker" not in err
+    assert json.loads((tmp_path / "rep" / "manifest.json").read_text())["job_workers"] == 1

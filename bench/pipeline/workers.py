@@ -79,7 +79,7 @@ def count(requested: Optional[int], environ=os.environ, cpus: Optional[int] = No
 
 
 def applies(ctx, stages: list) -> Optional[str]:
-    """None when this run's jobs go to workers, else why not (said in the run's log)."""
+    """None when this run's jobs go to workers, else why not (the log says it when --job-workers was given)."""
     if ctx.worker is not None:
         return "this is a worker"
     if not any(s in STAGES for s in stages):
