@@ -1,7 +1,7 @@
 """Job workers: the accuracy and ablations stages' jobs measured by several one-thread processes.
 
 Why: on a small CPU, torch's intra-op threads do little for the proxy's small matrices.  Measured on
-a 2-core AMD EPYC (docs/proxy.md, "Run time"): one process with 2 threads evaluated a batch of 128
+a 2-core AMD EPYC (docs/proxy.md, "Run time: job workers"): one process with 2 threads evaluated a batch of 128
 proxy images in 1.08 s and ran a fine-tuning step (batch 32, with the teacher) in 1.07 s; two
 processes with one thread each took 1.67-1.71 s and 1.40-1.55 s each, i.e. 21% and 31% more work done
 per second.  Calibration, evaluation and fine-tuning jobs are independent measurements, so they can
