@@ -139,7 +139,7 @@ class RunContext(StageArtefacts):
         self.out_dir = out_dir
         self.run_id = os.environ.get(workers.RUN_ID_ENV) or uuid.uuid4().hex[:12]
         self.worker = workers.parse_worker(getattr(args, "job_worker", None))  # (index, count) in a job worker
-        claims = cache_dir / "claims" / self.run_id if self.worker else None
+        claims = workers.claims_dir(cache_dir, self.run_id) if self.worker else None
         self.cache = ResultCache(cache_dir, force=args.force, run_id=self.run_id, claims=claims,
                                  worker=self.worker[0] if self.worker else None)
         self._from_workers: set[str] = set()  # cache files measured by this run's job workers (counted once)

@@ -50,7 +50,9 @@ def workers(argv: list, environ=os.environ, cpus=None) -> int:
     if argv:
         return 1
     if cpus is None:  # the cores this process may run on (a container or taskset can allow fewer)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from bench.runtime.startup import usable_cpus
+
+        cpus = usable_cpus()
     return max(1, min(4, cpus))
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.core.errors import ConfigError
+from bench.runtime.startup import usable_cpus
 
 RUN_ID_ENV = "PMBENCH_RUN_ID"  # a worker's run (its records count as this run's, --force included)
 WORKERS_ENV = "PMBENCH_JOB_WORKERS"  # the default of --job-workers
@@ -55,11 +56,9 @@ def parse_worker(text: Optional[str]) -> Optional[tuple[int, int]]:
     return i - 1, n
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on (a container or ``taskset`` can allow fewer than the machine has)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def claims_dir(cache_root: Path, run_id: str) -> Path:
+    """The folder where the job workers of run ``run_id`` claim their jobs."""
+    return Path(cache_root) / "claims" / run_id
 
 
 def count(requested: Optional[int], environ=os.environ, cpus: Optional[int] = None) -> int:
@@ -80,8 +79,6 @@ def count(requested: Optional[int], environ=os.environ, cpus: Optional[int] = No
 
 def applies(ctx, stages: list) -> Optional[str]:
     """None when this run's jobs go to workers, else why not (the log says it when --job-workers was given)."""
-    if ctx.worker is not None:
-        return "this is a worker"
     if not any(s in STAGES for s in stages):
         return "no accuracy or ablations stage"
     if ctx.launcher is not None:
@@ -111,8 +108,8 @@ def worker_argv(args, stages: list, index: int, n: int) -> list[str]:
     return argv
 
 
-def run(ctx, args, stages: list, n: int) -> int:
-    """Prepare the shared inputs, run ``n`` workers to the end, return how many finished cleanly."""
+def run(ctx, args, stages: list, n: int) -> None:
+    """Prepare the shared inputs and run ``n`` workers to the end."""
     from bench.pipeline.stages.sources import Source
 
     for src in Source.for_profile(ctx):  # data and backbone once, before any worker reads them
@@ -129,12 +126,11 @@ def run(ctx, args, stages: list, n: int) -> int:
             p.wait()
         raise
     finally:
-        shutil.rmtree(ctx.cache.root / "claims" / ctx.run_id, ignore_errors=True)
-    ok = sum(c == 0 for c in codes)
-    if ok < n:
-        ctx.progress.note(f"{n - ok} of {n} job workers stopped early (exit codes {codes}); this process "
+        shutil.rmtree(claims_dir(ctx.cache.root, ctx.run_id), ignore_errors=True)
+    failed = sum(c != 0 for c in codes)
+    if failed:
+        ctx.progress.note(f"{failed} of {n} job workers stopped early (exit codes {codes}); this process "
                           "measures what they left")
-    return ok
 
 
 def describe(n: int) -> str:

@@ -456,7 +456,9 @@ def _write_splits(out: Path, per_class: dict, seed: int, workers: Optional[int] 
     Images are seeded one by one, so the bytes do not depend on the number of workers or the order."""
     jobs = [(out, split, c, n, seed, task) for split, n in per_class.items() for c in range(len(CLASSES))]
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from bench.runtime.startup import usable_cpus
+
+        workers = usable_cpus()
     if workers <= 1 or sum(per_class.values()) * len(CLASSES) < PARALLEL_MIN_IMAGES:
         for job in jobs:
             _write_class(*job)

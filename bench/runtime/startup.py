@@ -1,5 +1,6 @@
-"""Start-up and exit of the command lines: what importing torch, torchvision and timm costs besides the
-import itself.  (Standard library only, so every command line, the gate included, can use it.)
+"""Start-up and exit of the command lines: the cores a process may use (:func:`usable_cpus`), and what
+importing torch, torchvision and timm costs besides the import itself.  (Standard library only, so every
+command line, the gate included, can use it.)
 
 Those imports create a few million Python objects.  Python's cyclic garbage collector walks the
 tracked ones again at each full collection that the import triggers, and once more when the
@@ -15,6 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (a container or ``taskset`` can allow fewer than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

@@ -155,25 +155,21 @@ def _checkpoint_ok(row: dict) -> bool:
 def _calibrate_all(ctx, src, specs: list) -> dict:
     """Calibrate every Calibrated spec among ``specs`` on ``src``: {spec: structure file}; a failure is
     recorded in ``ctx.failures`` and leaves the spec out."""
-    calibrated = {}
-    todo = sorted(set(calibrated_specs(specs)))
-    if getattr(ctx, "worker", None) is not None:
-        # a job worker first calibrates what no other worker has taken, so the calibrations run side by
-        # side, then waits for the others' (bench/pipeline/workers.py)
-        for spec in todo:
+    calibrated, failed = {}, set()
+    # a job worker first calibrates what no other worker has taken, so the calibrations run side by side,
+    # then waits for the others' (bench/pipeline/workers.py)
+    passes = (False, True) if getattr(ctx, "worker", None) is not None else (True,)
+    for wait in passes:
+        for spec in sorted(set(calibrated_specs(specs))):
+            if spec in calibrated or spec in failed:
+                continue
             try:
-                calibrated[spec] = src.calibrate(spec, ctx, wait=False)
-            except JobTaken:
-                pass
+                calibrated[spec] = src.calibrate(spec, ctx, wait=wait)
             except Exception as e:
+                if isinstance(e, JobTaken) and not wait:
+                    continue  # another worker calibrates it: waited for in the second pass
+                failed.add(spec)
                 ctx.failures.append(f"{method_of(spec)}-calibrate {spec}: {e}")
-    for spec in todo:
-        if spec in calibrated:
-            continue
-        try:
-            calibrated[spec] = src.calibrate(spec, ctx)
-        except Exception as e:
-            ctx.failures.append(f"{method_of(spec)}-calibrate {spec}: {e}")
     return calibrated
 
 
