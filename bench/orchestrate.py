@@ -99,7 +99,6 @@ class StageArtefacts:
         self.finetuned: dict[tuple[str, str], Path] = {}  # accuracy: (model, canonical spec) -> fine-tuned
         #   checkpoint of a Calibrated method (cost and speed cost its own learned modules)
         self.block_tokens: list[dict] = []  # cost: per-block token counts (the plots)
-        self.speed_protocol: str = ""  # speed: how the throughput was timed (the README)
         self.speedup_ref = None  # reports: the speed stage's reference size of the accuracy table's speed-ups
 
     # -- learned structures (Calibrated methods) shared between stages ------------------------------

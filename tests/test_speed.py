@@ -283,6 +283,31 @@ def test_budget_skips_later_groups(monkeypatch):
     assert any("time budget" in n for n in ctx.tables["throughput"]["meta"]["notes"])
 
 
+def test_protocol_lines_name_their_models():
+    """Models timed with different per-model settings each get their protocol line, labelled with the
+    models it applies to; one shared protocol is one unlabelled line."""
+    from bench.runtime import fixtures
+    from bench.pipeline import profiles
+    from bench.pipeline.stages import speed as stage
+
+    def notes(per_model):
+        prof = profiles.get("paper")
+        prof["speed"].update(models=[fixtures.TINY_MODEL, "pmbench_proxy_vit"], configs=["none"], batch_sizes=[1],
+                             also_precisions=[], precision="fp32", warmup=1, iters=1, repeats=2, extra_repeats=0,
+                             timm_baselines=[], compile_configs=[], per_model=per_model)
+        ctx = _Ctx(prof)
+        stage.run(ctx)
+        assert not ctx.failures
+        return [n for n in ctx.tables["throughput"]["meta"]["notes"] if n.startswith("protocol")]
+
+    lines = notes({"pmbench_proxy_vit": {"repeats": 3}})
+    assert len(lines) == 2
+    assert lines[0].startswith(f"protocol ({fixtures.TINY_MODEL}): ") and "2 interleaved repeats" in lines[0]
+    assert lines[1].startswith("protocol (proxy ViT): ") and "3 interleaved repeats" in lines[1]
+    shared = notes({})
+    assert len(shared) == 1 and shared[0].startswith("protocol: ")
+
+
 def test_default_profile_speed_protocol():
     from bench.pipeline import profiles
 

@@ -182,7 +182,8 @@ def _plan_jobs(ctx, prof: dict, sp: dict) -> tuple[list, list]:
 def run(ctx) -> None:
     prof = ctx.profile
     sp = prof["speed"]
-    rows, protocols, skipped = [], [], []
+    rows, skipped = [], []
+    protocols: dict = {}  # protocol line -> the models timed with it (per_model settings differ)
     t0 = time.time()
     budget = sp.get("budget_s")
     eager_jobs, compile_jobs = _plan_jobs(ctx, prof, sp)
@@ -224,13 +225,15 @@ def run(ctx) -> None:
             ran += 1
             rows += _rows(model_name, prec, r, with_baseline=kind == "eager",
                           structures={s: structure_label(ctx, s) for s, _ in entries})
-            if r["config"]["protocol"] not in protocols:
-                protocols.append(r["config"]["protocol"])
+            models = protocols.setdefault(r["config"]["protocol"], [])
+            if short_model(model_name) not in models:
+                models.append(short_model(model_name))
     meta = ctx.meta(data_source="synthetic input (random weights; cost and speed need no trained weights)",
                     precision=", ".join(sorted({r["precision"] for r in rows})) or sp["precision"],
                     batch_size=", ".join(sorted({str(r["batch_size"]) for r in rows}, key=int)) or "",
                     threads=torch.get_num_threads(),
-                    notes=[*(f"protocol: {p}" for p in protocols),
+                    notes=[*(f"protocol: {p}" if len(protocols) == 1 else f"protocol ({', '.join(m)}): {p}"
+                             for p, m in protocols.items()),
                            "speed-up = median over repeats of t_baseline / t_row, t_baseline the eager unreduced "
                            "model timed right before and after the row, in one process; [ci_low, ci_high]: "
                            "bootstrap 95% interval of that median; noisy: the interval leaves +-5% of it; pairs: "
@@ -247,5 +250,4 @@ def run(ctx) -> None:
                            *finetuned_note(ctx, sorted({r["config"] for r in rows}),
                                               sorted({r["model"] for r in rows})), *skipped])
     release()
-    ctx.speed_protocol = protocols[0] if protocols else ""
     ctx.add_table("throughput", "Throughput (images/s) and speed-up vs the unreduced model", rows, meta, COLUMNS)
