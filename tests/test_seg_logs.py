@@ -46,3 +46,30 @@ def test_seg_eval_proxy_smoke_uses_the_smoke_segmenter(monkeypatch):
     with pytest.raises(Stop):
         evaluate.seg_eval("proxy", "none", "proxy:smoke", speed=False)
     assert asked == ["smoke"]
+
+
+def test_seg_stage_drops_openmmlab_deprecation_warnings():
+    """The pipeline's seg stage is quiet like `pmbench seg-eval` without --verbose: the deprecation
+    warnings OpenMMLab's packages raise on every Segmenter build do not reach the run's log."""
+    import argparse
+    import warnings
+
+    from bench.pipeline.stages import seg as stage
+
+    class Ctx:
+        profile = {"data_source": "real"}
+        args = argparse.Namespace(ade20k=None, fixture=False, weights=None)
+        skipped = None
+
+        def skip_stage(self, name, why):
+            self.skipped = (name, why)
+
+    ctx = Ctx()
+    with warnings.catch_warnings(record=True) as seen:
+        stage.run(ctx)  # no --ade20k: the stage is skipped, after setting the log level
+        warnings.warn("pkg_resources is deprecated as an API", UserWarning)
+        warnings.warn_explicit("``build_loss`` would be deprecated soon", UserWarning, "builder.py", 36,
+                               module="mmseg.models.builder")
+        warnings.warn("a warning of the suite's own", UserWarning)
+    assert ctx.skipped and ctx.skipped[0] == "seg"
+    assert [str(w.message) for w in seen] == ["a warning of the suite's own"]

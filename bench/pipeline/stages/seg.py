@@ -37,10 +37,14 @@ def _targets(ctx):
 def run(ctx) -> None:
     import logging
 
+    from bench.seg import logs
     from bench.seg.evaluate import seg_eval
 
-    # mmengine logs every parameter's init and per-class IoU tables at INFO; the table has the numbers
+    # mmengine logs every parameter's init and per-class IoU tables at INFO, and OpenMMLab's packages raise
+    # the same deprecation warnings for every row: the table has the numbers (as `pmbench seg-*` without
+    # --verbose)
     logging.getLogger("mmengine").setLevel(logging.WARNING)
+    logs.set_verbose(False)
 
     prof = ctx.profile
     rows = []
