@@ -51,7 +51,10 @@ class Progress:
         self.tag = tag  # a job worker's line prefix ("[worker 1/2] ")
         self.total_est = 0.0
         self.done_est = 0.0
-        self.done_real = 0.0
+        # the pace: measured / estimated seconds of the jobs this process ran itself (a job worker's
+        # times are one thread's, spent in parallel, and say nothing of what is left here)
+        self.pace_est = 0.0
+        self.pace_real = 0.0
         self.n_total = 0
         self.n_done = 0
         self.n_cached = 0  # jobs answered by the result cache (their time was spent in an earlier run)
@@ -63,21 +66,23 @@ class Progress:
     def finished(self, label: str, est: float, real: float, cached: bool, quiet: bool = False,
                  by: Optional[str] = None) -> None:
         """``quiet``: a job another job worker measures (counted, not printed); ``by``: the job worker
-        that measured it in this run (``real`` is its time there; counted as measured, not cached)."""
+        that measured it in this run (``real`` is its time there; counted as measured, not cached).  A
+        line read back from a job worker has no ETA: the worker printed one while it ran, and the jobs
+        after it here are most likely read back too."""
         self.n_done += 1
         self.n_cached += bool(cached)
         self.done_est += est
-        if not cached:
-            self.done_real += real
+        if not cached and not by:
+            self.pace_est += est
+            self.pace_real += real
         if quiet:
             return
-        pace = (self.done_real / self.done_est) if self.done_est and self.done_real else 1.0
+        pace = (self.pace_real / self.pace_est) if self.pace_est and self.pace_real else 1.0
         remaining = max(0.0, (self.total_est - self.done_est) * pace)
         el = time.time() - self.t0
         tag = "cached" if cached else (f"{by}, {real:.1f}s" if by else f"{real:.1f}s")
-        self.stream.write(
-            f"{self.tag}[{self.n_done}/{self.n_total}] {label} ({tag})  elapsed {_hms(el)}  ETA {_hms(remaining)}\n"
-        )
+        eta = "" if by else f"  ETA {_hms(remaining)}"
+        self.stream.write(f"{self.tag}[{self.n_done}/{self.n_total}] {label} ({tag})  elapsed {_hms(el)}{eta}\n")
         self.stream.flush()
 
     def note(self, msg: str) -> None:

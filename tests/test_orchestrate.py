@@ -575,3 +575,21 @@ def test_job_workers_asked_for_where_they_do_not_apply_says_why(tmp_path, monkey
     err = capsys.readouterr().err
     assert "--job-workers 2: not used, no accuracy or ablations stage" in err and "[worker" not in err
     assert json.loads((tmp_path / "rep" / "manifest.json").read_text())["job_workers"] == 1
+
+
+def test_progress_eta_ignores_job_workers_times():
+    """Lines read back from job workers carry no ETA, and their one-thread times do not set the pace of
+    what this process still runs: only its own measured jobs do."""
+    import io
+
+    from bench.orchestrate import Progress
+
+    out = io.StringIO()
+    p = Progress(out)
+    p.plan(4, 40.0)  # four jobs of 10 s each, by estimate
+    p.finished("a", 10.0, 300.0, False, by="worker 1")  # slow on one thread, in parallel with others
+    p.finished("b", 10.0, 300.0, False, by="worker 2")
+    p.finished("c", 10.0, 20.0, False)  # this process: twice the estimate
+    lines = out.getvalue().splitlines()
+    assert "(worker 1, 300.0s)" in lines[0] and "ETA" not in lines[0] and "ETA" not in lines[1]
+    assert lines[2].endswith("ETA 0m20s")  # one 10 s job left at this process's pace (2x), not 30x
