@@ -66,3 +66,15 @@ def test_the_command_line_freezes_before_exit():
         print(rc, gc.get_freeze_count() > 100000, gc.isenabled())
     """)
     assert out.split() == ["0", "True", "True"]
+
+
+def test_cpu_device_stamp_names_the_instruction_set():
+    """Kernels for different vector instruction sets round differently (docs/statistics.md), so the CPU
+    device line every report carries names the one torch dispatches to, next to the thread count."""
+    import torch
+
+    from bench.runtime import env
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert isa and env.cpu_capability() == isa
+    assert env.device_name("cpu") == f"{env.cpu_name()} ({isa}, {torch.get_num_threads()} threads)"

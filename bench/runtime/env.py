@@ -33,11 +33,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels dispatch to (``AVX512``, ``AVX2``, ...).  Part of the
+    device stamp: one model name (e.g. "AMD EPYC") covers CPU generations with and without AVX-512, whose
+    kernels round differently, so their numbers differ in the last bits (and a fine-tuned row by a few tenths
+    of a point, docs/statistics.md) and their speeds by tens of percent."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - an older torch: the stamp just lacks it
+        return ""
+
+
 def device_name(device: str | torch.device = "cpu") -> str:
     d = torch.device(device)
     if d.type == "cuda":
         return torch.cuda.get_device_name(d)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    isa = cpu_capability()
+    return f"{cpu_name()} ({isa + ', ' if isa else ''}{torch.get_num_threads()} threads)"
 
 
 @lru_cache(maxsize=None)
