@@ -77,4 +77,11 @@ def test_cpu_device_stamp_names_the_instruction_set():
 
     isa = torch.backends.cpu.get_cpu_capability()
     assert isa and env.cpu_capability() == isa
-    assert env.device_name("cpu") == f"{env.cpu_name()} ({isa}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert env.device_name("cpu") == f"{env.cpu_name()} ({isa}, 2 threads)"
+        torch.set_num_threads(1)
+        assert env.device_name("cpu") == f"{env.cpu_name()} ({isa}, 1 thread)"
+    finally:
+        torch.set_num_threads(n)

@@ -48,8 +48,8 @@ def device_name(device: str | torch.device = "cpu") -> str:
     d = torch.device(device)
     if d.type == "cuda":
         return torch.cuda.get_device_name(d)
-    isa = cpu_capability()
-    return f"{cpu_name()} ({isa + ', ' if isa else ''}{torch.get_num_threads()} threads)"
+    isa, n = cpu_capability(), torch.get_num_threads()
+    return f"{cpu_name()} ({isa + ', ' if isa else ''}{n} thread{'' if n == 1 else 's'})"
 
 
 @lru_cache(maxsize=None)
