@@ -7,6 +7,7 @@ two baseline timings (``--pair-every 1``), bootstrap interval) and compared with
 
     python benchmarks/efficiency.py                        # DeiT-T, batch 8, target 0.85
     python benchmarks/efficiency.py --model deit_small_patch16_224 --json out.json
+    python benchmarks/efficiency.py --configs tome:r=16 --with-tracking   # with vs without the bookkeeping
 
 Prints one table; exits 1 if a configuration's efficiency (speed-up / MAC ratio) is below
 ``--target``.  To measure another checkout of the reducers with the same protocol, put it first on
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--target", type=float, default=0.85)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--with-tracking", action="store_true",
+                   help="also time every configuration with grid tracking on (the bookkeeping that dense "
+                        "prediction asks for, which inference skips: docs/speed.md, section 6), interleaved "
+                        "in the same process: a before/after of skipping it")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -57,13 +62,18 @@ def main(argv=None) -> int:
         patch.apply(m, red)
         ms[s] = m
         mac[s] = g0 / flops.analytic(info, red).gmacs
+    if a.with_tracking:
+        for s in configs:
+            m = copy.deepcopy(ms[s])
+            patch.set_tracking(m, True)
+            ms[f"{s} [tracking]"], mac[f"{s} [tracking]"] = m, mac[s]
     cfg = speed.SpeedConfig(batch_size=a.batch_size, min_time=a.min_time, repeats=a.repeats,
                             extra_repeats=a.extra_repeats, pair_every=a.pair_every or None,
                             img_size=tuple(base.patch_embed.img_size))
     res = speed.measure(ms, cfg, baseline="none",
                         progress=lambda i, n: print(f"  repeat {i}/{n}", file=sys.stderr, flush=True))
     rows = []
-    for s in configs:
+    for s in [k for k in ms if k != "none"]:
         m = res["models"][s]
         rows.append({"config": s, "speedup": m["speedup"], "ci_low": m["speedup_ci_low"], "ci_high": m["speedup_ci_high"],
                      "noisy": m["noisy"], "mac_ratio": mac[s], "efficiency": m["speedup"] / mac[s],
@@ -72,12 +82,12 @@ def main(argv=None) -> int:
     print(f"{a.model} batch {a.batch_size} on {st['device']} (torch {st['torch']}, commit {st['commit']}); "
           f"baseline {res['models']['none']['img_s']:.2f} img/s")
     print(f"protocol: {res['config']['protocol']}")
-    print(f"| {'config':20s} | speed-up | 95% CI        | MAC ratio | speed-up / MAC | noisy |")
-    print(f"|{'-' * 22}|---------:|:--------------|----------:|---------------:|:------|")
+    print(f"| {'config':31s} | speed-up | 95% CI        | MAC ratio | speed-up / MAC | noisy |")
+    print(f"|{'-' * 33}|---------:|:--------------|----------:|---------------:|:------|")
     for r in rows:
-        print(f"| {r['config']:20s} | {r['speedup']:8.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
+        print(f"| {r['config']:31s} | {r['speedup']:8.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
               f"{r['mac_ratio']:9.3f} | {r['efficiency']:14.3f} | {'yes' if r['noisy'] else 'no':5s} |")
-    bad = [r["config"] for r in rows if r["efficiency"] < a.target]
+    bad = [r["config"] for r in rows if r["efficiency"] < a.target and not r["config"].endswith("[tracking]")]
     if a.json:
         Path(a.json).write_text(json.dumps({"stamp": st, "config": res["config"], "rows": rows,
                                             "baseline_img_s": res["models"]["none"]["img_s"]}, indent=2))
