@@ -29,3 +29,26 @@ def test_forward_throughput(benchmark, make_vit, spec):
 
     out = benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     assert out.shape == (8, 10)
+
+
+def test_tome_overhead_benchmark_times_the_schedules_merges(capsys):
+    """benchmarks/tome_overhead.py (docs/speed.md, section 7) times ToMe's own work at the token counts of
+    the configuration's schedule: one row per r, one merging block per block that merges."""
+    import importlib.util
+    from pathlib import Path
+
+    from bench.core.reducer import ModelInfo
+    from bench.runtime import models
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tome_overhead.py"
+    spec = importlib.util.spec_from_file_location("tome_overhead", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    info = ModelInfo.from_model(models.create("deit_tiny_patch16_224"))
+    blocks = mod.inputs(info, "tome:r=16", 2, 192, 3)
+    sched = registry.build("tome:r=16").token_schedule(info)
+    assert [(k.shape[2], r) for k, _, r in blocks] == [(b.attn, b.attn - b.mlp) for b in sched if b.attn > b.mlp]
+    assert blocks[0][0].shape == (2, 3, 197, 64) and blocks[0][1].shape == (2, 197, 192)
+    assert mod.main(["--r", "8", "--batch-size", "1", "--min-run-time", "0.01"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tome:r=8 |")]
+    assert len(row) == 1 and row[0].split("|")[2].strip() == "12"
