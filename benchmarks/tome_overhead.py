@@ -40,15 +40,15 @@ def inputs(info: ModelInfo, spec: str, batch: int, width: int, heads: int) -> li
     return out
 
 
-def matching_and_merging(blocks: list[tuple], cls: bool, prop_attn: bool = True) -> None:
+def matching_and_merging(blocks: list[tuple], cls: bool, dist: bool, prop_attn: bool = True) -> None:
     """ToMe's own work in one forward: per merging block the metric (keys averaged over heads), the
-    proportional-attention bias (from the second merge on), the matching and the size-weighted merge.  Sizes are fresh ones per block (their values do
-    not change the work)."""
+    proportional-attention bias (from the second merge on), the matching and the size-weighted merge.
+    Sizes are fresh ones per block (their values do not change the work)."""
     for keys, x, r in blocks:
         size = None if x is blocks[0][1] else x.new_full((x.shape[0], x.shape[1], 1), 2.0)
         if prop_attn and size is not None:
             size.log()[:, None, None, :, 0]
-        merge, _ = tome.bipartite_soft_matching(keys.mean(1), r, cls, False, with_map=False)
+        merge, _ = tome.bipartite_soft_matching(keys.mean(1), r, cls, dist, with_map=False)
         tome.merge_wavg(merge, x, size)
 
 
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
         for r in a.r.split(","):
             spec = f"tome:r={r}"
             blocks = inputs(info, spec, a.batch_size, width, heads)
-            t = benchmark.Timer("f(blocks, cls)", globals={"f": matching_and_merging, "blocks": blocks,
-                                                          "cls": info.has_cls},
+            t = benchmark.Timer("f(blocks, cls, dist)", globals={"f": matching_and_merging, "blocks": blocks,
+                                                                "cls": info.has_cls, "dist": info.has_dist},
                                 num_threads=torch.get_num_threads())
             m = t.blocked_autorange(min_run_time=a.min_run_time).median * 1e3
             print(f"| {spec} | {len(blocks)} | {m:.2f} | {m / max(len(blocks), 1):.2f} |")
