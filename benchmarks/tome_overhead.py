@@ -22,34 +22,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baselines import tome  # noqa: E402
 from bench.core import registry  # noqa: E402
-from bench.core.reducer import ModelInfo  # noqa: E402
+from bench.core.reducer import ModelInfo, TokenState  # noqa: E402
 from bench.runtime import models  # noqa: E402
 
 
 def inputs(info: ModelInfo, spec: str, batch: int, width: int, heads: int) -> list[tuple]:
-    """(keys, features, r) for every block that merges, at the schedule's token counts; the keys are
-    the (B, heads, N, head_dim) view of a qkv projection's output, as the attention hands them over."""
+    """(block index, keys, features) for every block that merges, at the schedule's token counts; the
+    keys are the (B, heads, N, head_dim) view of a qkv projection's output, as the attention has them."""
     g = torch.Generator().manual_seed(0)
     out = []
-    for bt in registry.build(spec).token_schedule(info):
-        r = bt.attn - bt.mlp
-        if r > 0:
+    for i, bt in enumerate(registry.build(spec).token_schedule(info)):
+        if bt.attn > bt.mlp:
             qkv = torch.randn(batch, bt.attn, 3 * width, generator=g)
             keys = qkv.reshape(batch, bt.attn, 3, heads, width // heads).permute(2, 0, 3, 1, 4)[1]
-            out.append((keys, torch.randn(batch, bt.attn, width, generator=g), r))
+            out.append((i, keys, torch.randn(batch, bt.attn, width, generator=g)))
     return out
 
 
-def matching_and_merging(blocks: list[tuple], cls: bool, dist: bool, prop_attn: bool = True) -> None:
-    """ToMe's own work in one forward: per merging block the metric (keys averaged over heads), the
-    proportional-attention bias (from the second merge on), the matching and the size-weighted merge.
-    Sizes are fresh ones per block (their values do not change the work)."""
-    for keys, x, r in blocks:
-        size = None if x is blocks[0][1] else x.new_full((x.shape[0], x.shape[1], 1), 2.0)
-        if prop_attn and size is not None:
-            size.log()[:, None, None, :, 0]
-        merge, _ = tome.bipartite_soft_matching(keys.mean(1), r, cls, dist, with_map=False)
-        tome.merge_wavg(merge, x, size)
+def matching_and_merging(reducer: tome.ToMe, model, info: ModelInfo, blocks: list[tuple]) -> None:
+    """ToMe's own work in one forward, through its own hooks as the patched block calls them: per merging
+    block the attention request (the log-size bias of proportional attention), the metric (keys averaged
+    over heads, as ``bench.core.patch.attention`` computes it) and ``post_attn`` (matching and the
+    size-weighted merge, inference bookkeeping only)."""
+    x0 = blocks[0][2]
+    st = TokenState(batch=x0.shape[0], n_prefix=info.n_prefix, grid=info.grid, n0=x0.shape[1], track=False)
+    reducer.begin(model, x0, st)
+    for i, keys, x in blocks:
+        reducer.attn_request(i, None, x, st)
+        reducer.post_attn(i, None, x, {"keys": keys.mean(1)}, st)
 
 
 def main(argv=None) -> int:
@@ -72,9 +72,9 @@ def main(argv=None) -> int:
         for r in a.r.split(","):
             spec = f"tome:r={r}"
             blocks = inputs(info, spec, a.batch_size, width, heads)
-            t = benchmark.Timer("f(blocks, cls, dist)", globals={"f": matching_and_merging, "blocks": blocks,
-                                                                "cls": info.has_cls, "dist": info.has_dist},
-                                num_threads=torch.get_num_threads())
+            t = benchmark.Timer("f(reducer, model, info, blocks)", num_threads=torch.get_num_threads(),
+                                globals={"f": matching_and_merging, "reducer": registry.build(spec),
+                                         "model": model, "info": info, "blocks": blocks})
             m = t.blocked_autorange(min_run_time=a.min_run_time).median * 1e3
             print(f"| {spec} | {len(blocks)} | {m:.2f} | {m / max(len(blocks), 1):.2f} |")
     return 0

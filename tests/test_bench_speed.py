@@ -47,8 +47,8 @@ def test_tome_overhead_benchmark_times_the_schedules_merges(capsys):
     info = ModelInfo.from_model(models.create("deit_tiny_patch16_224"))
     blocks = mod.inputs(info, "tome:r=16", 2, 192, 3)
     sched = registry.build("tome:r=16").token_schedule(info)
-    assert [(k.shape[2], r) for k, _, r in blocks] == [(b.attn, b.attn - b.mlp) for b in sched if b.attn > b.mlp]
-    assert blocks[0][0].shape == (2, 3, 197, 64) and blocks[0][1].shape == (2, 197, 192)
+    assert [(i, k.shape[2]) for i, k, _ in blocks] == [(i, b.attn) for i, b in enumerate(sched) if b.attn > b.mlp]
+    assert blocks[0][1].shape == (2, 3, 197, 64) and blocks[0][2].shape == (2, 197, 192)
     assert mod.main(["--r", "8", "--batch-size", "1", "--min-run-time", "0.01"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tome:r=8 |")]
     assert len(row) == 1 and row[0].split("|")[2].strip() == "12"
