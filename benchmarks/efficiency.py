@@ -77,19 +77,24 @@ def main(argv=None) -> int:
         m = res["models"][s]
         rows.append({"config": s, "speedup": m["speedup"], "ci_low": m["speedup_ci_low"], "ci_high": m["speedup_ci_high"],
                      "noisy": m["noisy"], "mac_ratio": mac[s], "efficiency": m["speedup"] / mac[s],
-                     "iters": m["iters"]})
+                     "iters": m["iters"], "contended": m.get("contended_pairs", 0)})
     st = res["stamp"]
     print(f"{a.model} batch {a.batch_size} on {st['device']} (torch {st['torch']}, commit {st['commit']}); "
           f"baseline {res['models']['none']['img_s']:.2f} img/s")
     print(f"protocol: {res['config']['protocol']}")
-    print(f"| {'config':31s} | speed-up | 95% CI        | MAC ratio | speed-up / MAC | noisy |")
-    print(f"|{'-' * 33}|---------:|:--------------|----------:|---------------:|:------|")
+    h = res["host_load"]
+    if h["measured"]:
+        print(f"host load (other processes + steal): median {h['median_pct']:.1f}%, max {h['max_pct']:.1f}% per timing; "
+              f"{h['contended']} of {h['timings']} timings contended")
+    print(f"| {'config':31s} | speed-up | 95% CI        | MAC ratio | speed-up / MAC | noisy | contended pairs |")
+    print(f"|{'-' * 33}|---------:|:--------------|----------:|---------------:|:------|----------------:|")
     for r in rows:
         print(f"| {r['config']:31s} | {r['speedup']:8.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
-              f"{r['mac_ratio']:9.3f} | {r['efficiency']:14.3f} | {'yes' if r['noisy'] else 'no':5s} |")
+              f"{r['mac_ratio']:9.3f} | {r['efficiency']:14.3f} | {'yes' if r['noisy'] else 'no':5s} | "
+              f"{r['contended']:15d} |")
     bad = [r["config"] for r in rows if r["config"] in configs and r["efficiency"] < a.target]  # inference rows
     if a.json:
-        Path(a.json).write_text(json.dumps({"stamp": st, "config": res["config"], "rows": rows,
+        Path(a.json).write_text(json.dumps({"stamp": st, "config": res["config"], "rows": rows, "host_load": h,
                                             "baseline_img_s": res["models"]["none"]["img_s"]}, indent=2))
     print(f"efficiency >= {a.target}: " + ("all configurations" if not bad else f"NOT MET by {', '.join(bad)}"))
     return 1 if bad else 0

@@ -30,7 +30,9 @@ def _pair(make_vit, spec="tome:r=8"):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_measure_interleaved(make_vit, precision):
-    cfg = speed.SpeedConfig(batch_size=2, precision=precision, warmup=1, iters=1, repeats=3, img_size=(64, 64))
+    # contention_pct 100: no timing is left out, so every timing of the pairing below is in the output
+    cfg = speed.SpeedConfig(batch_size=2, precision=precision, warmup=1, iters=1, repeats=3, img_size=(64, 64),
+                            contention_pct=100.0)
     order = []
     models = _pair(make_vit)
     for name, m in models.items():  # record the call order to check the interleaving
@@ -112,6 +114,7 @@ def test_noisy_rows_get_extra_paired_rounds(monkeypatch):
         return next(clock[name])
 
     monkeypatch.setattr(speed, "timed_loop", fake_loop)
+    monkeypatch.setattr(speed.HostLoad, "share", lambda self, wall: 0.0)  # an idle host: noise alone decides
     cfg = speed.SpeedConfig(batch_size=1, warmup=1, iters=1, repeats=7, extra_repeats=6, pair_every=1, img_size=(8, 8),
                             check_kernels=False, allocator="system")
     res = speed.measure(models, cfg, baseline="none")
@@ -125,6 +128,89 @@ def test_noisy_rows_get_extra_paired_rounds(monkeypatch):
     assert "more paired rounds" in res["config"]["protocol"]
     without = speed.SpeedConfig(**{**cfg.__dict__, "extra_repeats": 0})
     assert "more paired rounds" not in without.describe()
+
+
+def test_contended_timings_leave_their_pairs_out(monkeypatch):
+    """A timing during which other processes or the hypervisor took more than ``contention_pct`` of the
+    machine is contended: the pairs it belongs to (the row's timing or a bracketing baseline timing) are
+    left out of the speed-up, the row gets extra rounds until it has ``repeats`` clean pairs again, and
+    the output says how many were left out.  A row with fewer than ``min_clean_pairs`` clean pairs keeps
+    them all and says so."""
+    # row "hit": its 2nd scheduled timing is slow (ratio 1.0 instead of 2.0) and contended; "calm" never is
+    # (each clock's first value is the calibration call's)
+    clock = {"none": iter([1.0] * 400), "calm": iter([0.5] * 100), "hit": iter([0.5, 0.5, 1.0] + [0.5] * 100),
+             "always": iter([0.5, 0.25] * 100)}
+    busy = {"always"}  # every timing of this row is contended
+    calls, loads = [], []
+
+    class Tag(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.tag = name
+
+    models = {k: Tag(k) for k in ("none", "calm", "hit", "always")}
+    monkeypatch.setattr(speed, "prepare", lambda m, cfg, compile=None, channels_last=None: (lambda x: m.tag))
+
+    def fake_loop(fn, iters, device):
+        name = fn()
+        calls.append(name)
+        n_hit = calls.count("hit")
+        # calls: calibration, then the scheduled timings; the 3rd call of "hit" is its 2nd (slow) timing
+        loads.append(0.4 if name in busy or (name == "hit" and n_hit == 3) else 0.01)
+        return next(clock[name])
+
+    monkeypatch.setattr(speed, "timed_loop", fake_loop)
+    monkeypatch.setattr(speed.HostLoad, "share", lambda self, wall: loads[-1])
+    cfg = speed.SpeedConfig(batch_size=1, warmup=1, iters=1, repeats=5, extra_repeats=3, pair_every=1, img_size=(8, 8),
+                            check_kernels=False, allocator="system", noisy_pct=50.0)
+    res = speed.measure(models, cfg, baseline="none")
+    m = res["models"]
+    assert m["calm"]["speedup"] == pytest.approx(2.0) and m["calm"]["contended_pairs"] == 0 and m["calm"]["pairs"] == 5
+    # the slow timing is left out (else the median of 5 ratios with one 1.0 would still be 2.0, but its
+    # pairs count says so), and one extra round restores 5 clean pairs
+    assert m["hit"]["contended_pairs"] == 1 and m["hit"]["pairs"] == 5 and 1.0 not in m["hit"]["ratios"]
+    assert m["hit"]["contended_kept"] is False and m["hit"]["contended_timings"] == 1
+    # every pair contended: fewer than min_clean_pairs clean ones, so all are kept and flagged
+    assert m["always"]["contended_kept"] is True and m["always"]["contended_pairs"] == m["always"]["pairs"]
+    assert calls.count("calm") == 1 + 5  # calibration, scheduled rounds: no extra round
+    assert calls.count("hit") == 1 + 5 + 1  # one extra round for the pair it lost
+    h = res["host_load"]
+    assert h["measured"] and h["contended"] == m["always"]["contended_timings"] + 1 and h["max_pct"] == 40.0
+    assert "host load" in res["config"]["protocol"]
+
+
+@pytest.mark.skipif(speed.host_busy_s() is None, reason="no /proc/stat on this system (not Linux)")
+def test_host_load_sees_another_process():
+    """While another process spins, the share of the machine's CPU time it takes shows as host load."""
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time() - t < 20: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        host = speed.HostLoad()
+        host.start()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.6:  # this process spins too (its own CPU time is not foreign)
+            pass
+        share = host.share(time.perf_counter() - t0)
+    finally:
+        child.kill()
+        child.wait()
+    # the child alone takes about one CPU of the machine's: at least a fifth of a machine of up to 4 CPUs
+    assert share is not None and share > min(0.2, 0.8 / speed.host_cpus())
+
+
+def test_host_load_note():
+    from bench.pipeline.stages.speed import host_load_note
+
+    assert "not measured" in host_load_note([{"measured": False}])[0]
+    line = host_load_note([{"measured": True, "timings": 40, "contended": 2, "median_pct": 0.5, "max_pct": 31.0,
+                            "threshold_pct": 10.0},
+                           {"measured": True, "timings": 20, "contended": 0, "median_pct": 1.5, "max_pct": 4.0,
+                            "threshold_pct": 10.0}])[0]
+    assert "median 1.5%" in line and "max 31.0%" in line and "2 of 60 timings above 10%" in line
 
 
 def test_kernel_labels():

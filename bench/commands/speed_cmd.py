@@ -108,12 +108,19 @@ def run(args):
              f"({runs[0]['config']['precision_desc']})",
              f"protocol: {runs[0]['config']['protocol']}"]
     for r in runs:
+        h = r.get("host_load") or {}
+        if h.get("measured"):
+            lines.append(f"host load (other processes + steal) at bs {r['batch_size']}: median {h['median_pct']:.1f}%, "
+                         f"max {h['max_pct']:.1f}%; {h['contended']} of {h['timings']} timings contended")
+    for r in runs:
         for k, m in r["models"].items():
             s = (f"  bs {r['batch_size']:4d}  {k:28s} {m['img_s']:9.2f} img/s  (min {m['img_s_min']:.2f}, "
                  f"max {m['img_s_max']:.2f}; {m['iters']} it/timing; attention {m.get('attn_kernel', '?')})")
             if "speedup" in m:
                 s += (f"  speed-up {m['speedup']:.3f}x [95% CI {m['speedup_ci_low']:.3f}-{m['speedup_ci_high']:.3f}]"
-                      + ("  NOISY" if m["noisy"] else ""))
+                      + ("  NOISY" if m["noisy"] else "")
+                      + (f"  ({m['contended_pairs']} pair(s) {'kept although' if m.get('contended_kept') else 'left out:'}"
+                         f" contended)" if m.get("contended_pairs") else ""))
             lines.append(s)
         for k, why in r.get("failed", {}).items():
             lines.append(f"  bs {r['batch_size']:4d}  {k:28s} not measured: {why}")

@@ -19,9 +19,16 @@ devices that need one).  The protocol (``docs/speed.md``):
    baseline timings that bracket the model's timing; the reported speed-up is the median of these
    per-pair ratios, with their min/max/IQR and a seeded bootstrap interval of the median
    (``bootstrap`` resamples, 95%); a row whose interval leaves ±``noisy_pct``% of the median is
-   flagged ``noisy``.
+   flagged ``noisy``;
+5. **host load**: around every timing the host's busy CPU time (``/proc/stat``: every CPU, steal
+   included) is read together with this process's own CPU time; what the host spent on other
+   processes or lost to the hypervisor (steal), as a share of the machine's CPU time over the timing,
+   is that timing's ``host_load``.  A timing above ``contention_pct`` is *contended*: the pairs it
+   belongs to are left out of the speed-up (as long as at least ``min_clean_pairs`` pairs remain; else
+   every pair is kept and the row says so), and a row that lost pairs gets the extra rounds of a noisy
+   row.  Where ``/proc/stat`` does not exist nothing is left out.
 
-Images/s per model: median (min, max, IQR, bootstrap interval) over its timings.  Data loading is
+Images/s per model: median (min, max, IQR, bootstrap interval) over its uncontended timings.  Data loading is
 never timed (ToMe#11, DynamicViT#31).
 
 Allocator (CPU): glibc's malloc returns large blocks to the system and maps them again on the
@@ -76,6 +83,8 @@ class SpeedConfig:
     # after the scheduled rounds, up to this many more paired rounds (row, then baseline) for the rows
     # still flagged noisy, one round at a time, until their interval is inside +-noisy_pct (0: none)
     extra_repeats: int = 0
+    contention_pct: float = 10.0  # a timing whose host load (other processes + steal) exceeds this % is contended
+    min_clean_pairs: int = 3  # keep every pair of a row unless at least this many uncontended ones remain
     check_kernels: bool = True  # record the attention kernel (profiler on the last warm-up iteration)
     allocator: str = "steady"  # CPU: "steady" pins glibc malloc's thresholds (no page-fault churn); "system"
 
@@ -105,6 +114,9 @@ class SpeedConfig:
         if paired and self.extra_repeats:
             head += (f" (then up to {self.extra_repeats} more paired rounds for each row whose interval still "
                      f"leaves +-{self.noisy_pct:g}%)")
+        if paired and host_busy_s() is not None:
+            head += (f", pairs with a timing contended beyond {self.contention_pct:g}% host load (other processes, "
+                     f"steal) left out")
         if self.allocator == "steady" and torch.device(self.device).type == "cpu":
             head += ", malloc thresholds pinned" + (", large tensors on huge pages" if huge_pages_active() else "")
         if not paired:
@@ -128,6 +140,53 @@ def minor_faults() -> int:
     except ImportError:  # pragma: no cover - Windows
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+_PROC_STAT = "/proc/stat"
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (guest time is inside user)
+
+
+def host_busy_s() -> Optional[float]:
+    """CPU seconds every CPU of the host has spent busy so far, steal included (``/proc/stat``'s first
+    line; idle and iowait are not busy), or None where it cannot be read (not Linux)."""
+    try:
+        with open(_PROC_STAT) as fh:
+            fields = fh.readline().split()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    vals = [int(v) for v in fields[1:]]
+    return sum(vals[i] for i in _BUSY_FIELDS if i < len(vals)) / ticks
+
+
+def host_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    except OSError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+class HostLoad:
+    """What the host did besides this process while a timing ran: ``start()`` before, ``share(wall)``
+    after, giving the share of the machine's CPU time (all its CPUs over ``wall`` seconds) that went to
+    other processes or was stolen by the hypervisor, in [0, 1]; None where ``/proc/stat`` cannot be read.
+    Its resolution is one clock tick (10 ms) per CPU, about 2-3% of a 0.4 s timing on 2 CPUs."""
+
+    def __init__(self):
+        self.cpus = host_cpus()
+        self._h = self._c = None
+
+    def start(self) -> None:
+        self._h, self._c = host_busy_s(), time.process_time()
+
+    def share(self, wall: float) -> Optional[float]:
+        h = host_busy_s()
+        if h is None or self._h is None or wall <= 0:
+            return None
+        foreign = (h - self._h) - (time.process_time() - self._c)
+        return min(1.0, max(0.0, foreign / (wall * self.cpus)))
 
 
 _THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -475,12 +534,17 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
         names = list(fns)
         seq = schedule(names, baseline, cfg.repeats, cfg.pair_every)
         timings = []  # (repeat, name, seconds per iteration), in time order
+        loads = []  # host load of each timing (share of the machine's CPU time taken by others), same order
         faults = {k: 0 for k in names}  # minor page faults during the model's timings (allocator churn)
+        host = HostLoad()
 
         def time_one(rep: int, k: str) -> None:
             f, xi = fns[k], inputs[k]
             f0 = minor_faults()
+            host.start()
+            w0 = time.perf_counter()
             timings.append((rep, k, timed_loop(lambda: f(xi), iters[k], dev)))
+            loads.append(host.share(time.perf_counter() - w0))
             faults[k] += minor_faults() - f0
 
         for j, (rep, k) in enumerate(seq):
@@ -489,7 +553,7 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
                 progress(rep + 1, cfg.repeats)
         if baseline is not None:
             for rep in range(cfg.repeats, cfg.repeats + max(0, cfg.extra_repeats)):
-                again = noisy_rows(timings, baseline, names, cfg)
+                again = noisy_rows(timings, baseline, names, cfg, loads)
                 if not again:
                     break
                 # the sequence so far ends with a baseline timing, so row, baseline, row, baseline...
@@ -499,24 +563,56 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
                     time_one(rep, baseline)
 
     times = {k: [t for _, n, t in timings if n == k] for k in names}
+    contended = contended_timings(loads, cfg)
     out = {
         "config": {**asdict(cfg), "precision_desc": prec_desc, "protocol": cfg.describe(baseline is not None),
                    "allocator_desc": allocator},
         "stamp": env.stamp(dev),
         "models": {},
         "failed": failed,
+        "host_load": host_load_summary(loads, contended, cfg),
     }
     for k in names:
-        s = _summary(times[k], cfg.batch_size, cfg)
+        mine = [i for i, (_, n, _) in enumerate(timings) if n == k]
+        clean = [timings[i][2] for i in mine if i not in contended]
+        # images/s from the uncontended timings too (all of them when too few are)
+        s = _summary(clean if len(clean) >= min(cfg.min_clean_pairs, len(mine)) else times[k], cfg.batch_size, cfg)
+        known = [loads[i] for i in mine if loads[i] is not None]
         s.update(iters=iters[k], first_call_s=first_call[k], compile=bool(opts[k]["compile"]),
                  page_faults_per_iter=faults[k] / (iters[k] * len(times[k])),
+                 host_load_max=max(known) if known else None,
+                 contended_timings=sum(i in contended for i in mine),
                  channels_last=bool(opts[k]["channels_last"]), **kernels.get(k, {}))
         out["models"][k] = s
     if baseline is not None:
         for k in names:
             if k == baseline:
                 continue
-            out["models"][k].update(speedup_stats(_pair_ratios(timings, baseline, k), cfg))
+            out["models"][k].update(row_speedup(timings, baseline, k, cfg, contended))
+    return out
+
+
+def contended_timings(loads: list, cfg: SpeedConfig) -> set[int]:
+    """Indices of the timings whose host load exceeds ``cfg.contention_pct`` (unknown loads never do)."""
+    return {i for i, v in enumerate(loads) if v is not None and v * 100 > cfg.contention_pct}
+
+
+def host_load_summary(loads: list, contended: set, cfg: SpeedConfig) -> dict:
+    known = [v for v in loads if v is not None]
+    return {"measured": bool(known), "timings": len(loads), "contended": len(contended),
+            "median_pct": round(100 * statistics.median(known), 2) if known else None,
+            "max_pct": round(100 * max(known), 2) if known else None, "threshold_pct": cfg.contention_pct}
+
+
+def row_speedup(timings: list, baseline: str, name: str, cfg: SpeedConfig, contended: set) -> dict:
+    """``speedup_stats`` of the row's uncontended pairs (all its pairs when fewer than
+    ``cfg.min_clean_pairs`` are uncontended), with ``contended_pairs`` (left out, or that would have been)
+    and ``contended_kept`` (True when they had to be kept)."""
+    pairs = _pairs(timings, baseline, name)
+    clean = [r for r, idx in pairs if not (idx & contended)]
+    kept = len(clean) < min(cfg.min_clean_pairs, len(pairs))
+    out = speedup_stats([r for r, _ in pairs] if kept else clean, cfg)
+    out.update(contended_pairs=len(pairs) - len(clean), contended_kept=kept)
     return out
 
 
@@ -538,21 +634,30 @@ def _warm_up(k: str, f, xi, cfg: SpeedConfig, compiled: bool, first_call: dict, 
     return calibrate_iters(timed_loop(lambda: f(xi), 1, dev), cfg)
 
 
-def noisy_rows(timings: list, baseline: str, names: list, cfg: SpeedConfig) -> list[str]:
-    """The models (not the baseline) whose speed-up interval, from the timings so far, is flagged noisy."""
-    return [k for k in names if k != baseline
-            and speedup_stats(_pair_ratios(timings, baseline, k), cfg)["noisy"]]
+def noisy_rows(timings: list, baseline: str, names: list, cfg: SpeedConfig, loads: Optional[list] = None) -> list[str]:
+    """The models (not the baseline) that need more pairs, from the timings so far: the speed-up interval
+    is flagged noisy, or contention left fewer uncontended pairs than the scheduled rounds give."""
+    contended = contended_timings(loads or [], cfg)
+    again = []
+    for k in names:
+        if k == baseline:
+            continue
+        r = row_speedup(timings, baseline, k, cfg, contended)
+        clean = len(_pairs(timings, baseline, k)) - r["contended_pairs"]
+        if r["noisy"] or clean < cfg.repeats:
+            again.append(k)
+    return again
 
 
-def _pair_ratios(timings: list, baseline: str, name: str) -> list[float]:
-    """Per round: mean of the baseline timings right before and right after ``name``'s timing,
-    divided by that timing."""
-    ratios = []
+def _pairs(timings: list, baseline: str, name: str) -> list[tuple[float, set]]:
+    """Per timing of ``name``: (ratio, the indices of the timings it used).  The ratio is the mean of the
+    baseline timings right before and right after it, divided by it."""
+    out = []
     for i, (rep, k, t) in enumerate(timings):
         if k != name:
             continue
-        before = next((tt for _, kk, tt in reversed(timings[:i]) if kk == baseline), None)
-        after = next((tt for _, kk, tt in timings[i + 1:] if kk == baseline), None)
-        ref = [v for v in (before, after) if v is not None]
-        ratios.append(sum(ref) / len(ref) / t)
-    return ratios
+        before = next((j for j in range(i - 1, -1, -1) if timings[j][1] == baseline), None)
+        after = next((j for j in range(i + 1, len(timings)) if timings[j][1] == baseline), None)
+        ref = [j for j in (before, after) if j is not None]
+        out.append((sum(timings[j][2] for j in ref) / len(ref) / t, {i, *ref}))
+    return out

@@ -28,7 +28,7 @@ from bench.pipeline.stages.common import (FINETUNED, base_model, finetuned_key, 
 # "finetuned": a Calibrated method with the fine-tuned checkpoint's learned modules (an eager row of its own)
 VARIANT_LABEL = {"compile": "compile", "channels_last": "channels-last", "finetuned": FINETUNED}
 COLUMNS = ["model", "method", "config", "structure", "variant", "precision", "batch_size", "img_s", "img_s_min",
-           "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "pairs", "speedup_min",
+           "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "pairs", "contended", "speedup_min",
            "speedup_max", "mac_speedup", "efficiency", "attn_kernel", "note"]
 _CFG_KEYS = ("warmup", "iters", "repeats", "min_time", "min_iters", "pair_every", "extra_repeats")
 
@@ -140,12 +140,30 @@ def _rows(model_name: str, prec: str, r: dict, with_baseline: bool = True, struc
             "speedup_ci_low": round(m.get("speedup_ci_low", 1.0), 3),
             "speedup_ci_high": round(m.get("speedup_ci_high", 1.0), 3),
             "noisy": bool(m.get("noisy", False)), "pairs": m.get("pairs"),
+            "contended": m.get("contended_pairs"), "contended_kept": m.get("contended_kept"),
+            "host_load_max_pct": None if m.get("host_load_max") is None else round(100 * m["host_load_max"], 1),
             "mac_speedup": round(mac, 3) if mac else None,
             "efficiency": round(sp / mac, 3) if mac else None,
             "iters": m.get("iters"), "attn_kernel": m.get("attn_kernel"), "fused_sdpa": m.get("fused_sdpa"),
             "first_call_s": round(m.get("first_call_s", 0.0), 2),
         })
     return rows
+
+
+def host_load_note(loads: list[dict]) -> list[str]:
+    """One line on how busy the host was while the groups were timed (``speed.measure``'s ``host_load``)."""
+    measured = [h for h in loads if h.get("measured")]
+    if not measured:
+        return ["host load: not measured (no /proc/stat on this system); no pair was left out for contention"]
+    n = sum(h["timings"] for h in measured)
+    c = sum(h["contended"] for h in measured)
+    worst = max(h["max_pct"] for h in measured)
+    med = max(h["median_pct"] for h in measured)
+    return [f"host load (CPU time of other processes and hypervisor steal, share of the machine's, per timing): "
+            f"median {med:.1f}% (the busiest group's), max {worst:.1f}%; {c} of {n} timings above "
+            f"{measured[0]['threshold_pct']:g}% were contended, and the pairs they belong to are left out of the "
+            f"speed-ups (contended: pairs left out per row; a row with fewer than the protocol's minimum of clean "
+            f"pairs keeps them all, contended_kept in the CSV/JSON)"]
 
 
 def _plan_jobs(ctx, prof: dict, sp: dict) -> tuple[list, list]:
@@ -182,7 +200,7 @@ def _plan_jobs(ctx, prof: dict, sp: dict) -> tuple[list, list]:
 def run(ctx) -> None:
     prof = ctx.profile
     sp = prof["speed"]
-    rows, skipped = [], []
+    rows, skipped, loads = [], [], []
     protocols: dict = {}  # protocol line -> the models timed with it (per_model settings differ)
     t0 = time.time()
     budget = sp.get("budget_s")
@@ -211,7 +229,7 @@ def run(ctx) -> None:
                 skipped.append(f"{label}: skipped, {why}")
                 ctx.progress.finished(label + " (skipped)", est, 0.0, True)
                 continue
-            desc = {"kind": "speed", "rev": 2, "model": model_name, "entries": entries, "cfg": cfg.__dict__,
+            desc = {"kind": "speed", "rev": 3, "model": model_name, "entries": entries, "cfg": cfg.__dict__,
                     "device": env.device_name(ctx.device),
                     "structure": [ctx.structure_key(s) for s, _ in entries]}
             if any(v == "finetuned" for _, v in entries):
@@ -223,6 +241,8 @@ def run(ctx) -> None:
                 ctx.failures.append(f"{label}: {type(e).__name__}: {e}")
                 continue
             ran += 1
+            if r.get("host_load"):
+                loads.append(r["host_load"])
             rows += _rows(model_name, prec, r, with_baseline=kind == "eager",
                           structures={s: structure_label(ctx, s) for s, _ in entries})
             models = protocols.setdefault(r["config"]["protocol"], [])
@@ -246,6 +266,7 @@ def run(ctx) -> None:
                            "attn_kernel: the kernel scaled_dot_product_attention used in the last warm-up call (eager: the "
                            "backend SDPA selected for the real inputs; compiled: the profiler's op names); "
                            "fused_sdpa in the CSV/JSON",
+                           *host_load_note(loads),
                            *structure_note(ctx, sorted({r["config"] for r in rows})),
                            *finetuned_note(ctx, sorted({r["config"] for r in rows}),
                                               sorted({r["model"] for r in rows})), *skipped])
