@@ -92,6 +92,19 @@ def test_bootstrap_interval_is_seeded_and_flags_noise():
     assert wide["speedup_ci_low"] < 1.5 * 0.95 or wide["speedup_ci_high"] > 1.5 * 1.05
 
 
+def _tagged_models(monkeypatch, names) -> dict:
+    """Stand-in models whose "forward" returns their name (``speed.prepare`` patched), so a fake
+    ``timed_loop`` can tell which model it is timing."""
+
+    class Tag(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.tag = name
+
+    monkeypatch.setattr(speed, "prepare", lambda m, cfg, compile=None, channels_last=None: (lambda x: m.tag))
+    return {k: Tag(k) for k in names}
+
+
 def test_noisy_rows_get_extra_paired_rounds(monkeypatch):
     """``extra_repeats``: after the scheduled rounds, only the rows whose interval is still wider than
     +-5% are timed again, each right before a baseline timing, one round at a time, until the interval
@@ -99,14 +112,7 @@ def test_noisy_rows_get_extra_paired_rounds(monkeypatch):
     clock = {"steady": iter([0.5] * 100), "noisy": iter([0.5, 0.5, 0.42, 0.6, 0.5, 0.5, 0.45] + [0.5] * 100),
              "wild": iter([0.3, 0.9] * 100), "none": iter([1.0] * 400)}
     calls = []
-
-    class Tag(torch.nn.Module):
-        def __init__(self, name):
-            super().__init__()
-            self.tag = name
-
-    models = {k: Tag(k) for k in ("none", "steady", "noisy", "wild")}
-    monkeypatch.setattr(speed, "prepare", lambda m, cfg, compile=None, channels_last=None: (lambda x: m.tag))
+    models = _tagged_models(monkeypatch, ("none", "steady", "noisy", "wild"))
 
     def fake_loop(fn, iters, device):
         name = fn()
@@ -142,14 +148,7 @@ def test_contended_timings_leave_their_pairs_out(monkeypatch):
              "always": iter([0.5, 0.25] * 100)}
     busy = {"always"}  # every timing of this row is contended
     calls, loads = [], []
-
-    class Tag(torch.nn.Module):
-        def __init__(self, name):
-            super().__init__()
-            self.tag = name
-
-    models = {k: Tag(k) for k in ("none", "calm", "hit", "always")}
-    monkeypatch.setattr(speed, "prepare", lambda m, cfg, compile=None, channels_last=None: (lambda x: m.tag))
+    models = _tagged_models(monkeypatch, ("none", "calm", "hit", "always"))
 
     def fake_loop(fn, iters, device):
         name = fn()
