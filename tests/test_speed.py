@@ -204,6 +204,7 @@ def test_host_load_sees_another_process():
 def test_host_load_note():
     from bench.pipeline.stages.speed import host_load_note
 
+    assert host_load_note([]) == []  # no group timed: no line
     assert "not measured" in host_load_note([{"measured": False}])[0]
     line = host_load_note([{"measured": True, "timings": 40, "contended": 2, "median_pct": 0.5, "max_pct": 31.0,
                             "threshold_pct": 10.0},

@@ -9,7 +9,8 @@ compile that fails is recorded with its reason and the run goes on.
 
 Settings (``profile["speed"]``, each overridable per model under ``per_model``): ``batch_size`` or
 ``batch_sizes``, ``precision`` + ``also_precisions``, ``warmup``, ``iters`` (fixed count) or
-``min_time``/``min_iters`` (calibrated count), ``repeats``, ``pair_every``, ``configs``,
+``min_time``/``min_iters`` (calibrated count), ``repeats``, ``pair_every``, ``extra_repeats``,
+``contention_pct``/``min_clean_pairs`` (host-load rule), ``configs``,
 ``timm_baselines``, ``compile_configs``, ``compile_batch_sizes``, ``budget_s``.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ VARIANT_LABEL = {"compile": "compile", "channels_last": "channels-last", "finetu
 COLUMNS = ["model", "method", "config", "structure", "variant", "precision", "batch_size", "img_s", "img_s_min",
            "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "pairs", "contended", "speedup_min",
            "speedup_max", "mac_speedup", "efficiency", "attn_kernel", "note"]
-_CFG_KEYS = ("warmup", "iters", "repeats", "min_time", "min_iters", "pair_every", "extra_repeats")
+_CFG_KEYS = ("warmup", "iters", "repeats", "min_time", "min_iters", "pair_every", "extra_repeats", "contention_pct",
+             "min_clean_pairs")
 
 
 def _name(spec: str, variant: str) -> str:
@@ -152,6 +154,8 @@ def _rows(model_name: str, prec: str, r: dict, with_baseline: bool = True, struc
 
 def host_load_note(loads: list[dict]) -> list[str]:
     """One line on how busy the host was while the groups were timed (``speed.measure``'s ``host_load``)."""
+    if not loads:  # no group was timed
+        return []
     measured = [h for h in loads if h.get("measured")]
     if not measured:
         return ["host load: not measured (no /proc/stat on this system); no pair was left out for contention"]
