@@ -198,7 +198,28 @@ def test_host_load_sees_another_process():
         child.kill()
         child.wait()
     # the child alone takes about one CPU of the machine's: at least a fifth of a machine of up to 4 CPUs
-    assert share is not None and share > min(0.2, 0.8 / speed.host_cpus())
+    assert share is not None and share > min(0.2, 0.8 / len(speed.host_cpus()))
+
+
+def test_host_busy_counts_only_this_process_cpus(monkeypatch, tmp_path):
+    """The busy time is read from the ``cpuN`` lines of the CPUs asked for (the process's affinity), so
+    other jobs on other cores of a large node are not counted; ``None`` asks for the whole machine.
+    Busy = user + nice + system + irq + softirq + steal; idle and iowait are not."""
+    import os
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 1 10 900 5 2 3 7 0 0\n"
+                    "cpu0 60 1 5 400 5 1 2 4 0 0\n"
+                    "cpu1 40 0 5 500 0 1 1 3 0 0\n"
+                    "intr 12345\n")
+    monkeypatch.setattr(speed, "_PROC_STAT", str(stat))
+    tick = os.sysconf("SC_CLK_TCK")
+    assert speed.host_busy_s() == pytest.approx((100 + 1 + 10 + 2 + 3 + 7) / tick)
+    assert speed.host_busy_s({1}) == pytest.approx((40 + 0 + 5 + 1 + 1 + 3) / tick)
+    assert speed.host_busy_s({0, 1}) == pytest.approx((73 + 50) / tick)
+    assert speed.host_busy_s({5}) is None  # no such CPU line: unknown, not zero
+    monkeypatch.setattr(speed, "_PROC_STAT", str(tmp_path / "missing"))
+    assert speed.host_busy_s() is None and speed.HostLoad().share(1.0) is None
 
 
 def test_host_load_note():

@@ -20,8 +20,8 @@ devices that need one).  The protocol (``docs/speed.md``):
    per-pair ratios, with their min/max/IQR and a seeded bootstrap interval of the median
    (``bootstrap`` resamples, 95%); a row whose interval leaves ±``noisy_pct``% of the median is
    flagged ``noisy``;
-5. **host load**: around every timing the host's busy CPU time (``/proc/stat``: every CPU, steal
-   included) is read together with this process's own CPU time; what the host spent on other
+5. **host load**: around every timing the busy CPU time of the CPUs this process may run on
+   (``/proc/stat``, steal included) is read together with this process's own CPU time; what the host spent on other
    processes or lost to the hypervisor (steal), as a share of the machine's CPU time over the timing,
    is that timing's ``host_load``.  A timing above ``contention_pct`` is *contended*: the pairs it
    belongs to are left out of the speed-up (as long as at least ``min_clean_pairs`` pairs remain; else
@@ -146,47 +146,63 @@ _PROC_STAT = "/proc/stat"
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (guest time is inside user)
 
 
-def host_busy_s() -> Optional[float]:
-    """CPU seconds every CPU of the host has spent busy so far, steal included (``/proc/stat``'s first
-    line; idle and iowait are not busy), or None where it cannot be read (not Linux)."""
+def _busy(fields: list[str]) -> int:
+    vals = [int(v) for v in fields[1:]]
+    return sum(vals[i] for i in _BUSY_FIELDS if i < len(vals))
+
+
+def host_busy_s(cpus: Optional[set] = None) -> Optional[float]:
+    """CPU seconds the host's CPUs have spent busy so far, steal included (``/proc/stat``; idle and
+    iowait are not busy): the CPUs numbered in ``cpus`` (their ``cpuN`` lines), or every CPU (the
+    aggregate first line) when ``cpus`` is None.  None where it cannot be read (not Linux)."""
     try:
         with open(_PROC_STAT) as fh:
-            fields = fh.readline().split()
+            lines = [ln.split() for ln in fh if ln.startswith("cpu")]
         ticks = os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, AttributeError):
         return None
-    if not fields or fields[0] != "cpu":
+    if not lines or lines[0][0] != "cpu":
         return None
-    vals = [int(v) for v in fields[1:]]
-    return sum(vals[i] for i in _BUSY_FIELDS if i < len(vals)) / ticks
+    if cpus is None:
+        return _busy(lines[0]) / ticks
+    mine = [ln for ln in lines[1:] if ln[0][3:].isdigit() and int(ln[0][3:]) in cpus]
+    return sum(_busy(ln) for ln in mine) / ticks if mine else None
 
 
-def host_cpus() -> int:
+def host_cpus() -> set:
+    """The CPUs this process may run on (its affinity; every CPU where that cannot be read)."""
     try:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if hasattr(os, "sched_getaffinity"):
+            return set(os.sched_getaffinity(0))
     except OSError:  # pragma: no cover
-        return os.cpu_count() or 1
+        pass
+    return set(range(os.cpu_count() or 1))
 
 
 class HostLoad:
     """What the host did besides this process while a timing ran: ``start()`` before, ``share(wall)``
-    after, giving the share of the machine's CPU time (all its CPUs over ``wall`` seconds) that went to
-    other processes or was stolen by the hypervisor, in [0, 1]; None where ``/proc/stat`` cannot be read.
-    Its resolution is one clock tick (10 ms) per CPU, about 2-3% of a 0.4 s timing on 2 CPUs."""
+    after, giving the share of the CPU time of this process's CPUs (its affinity set, over ``wall``
+    seconds) that went to other processes or was stolen by the hypervisor, in [0, 1]; None where
+    ``/proc/stat`` cannot be read.  Only this process's CPUs count: on a large shared node, other jobs
+    pinned to other cores do not slow it down and are not its host load (where the per-CPU lines cannot
+    be matched, every CPU counts).  Its resolution is one clock tick (10 ms) per CPU, about 2-3% of a
+    0.4 s timing on 2 CPUs."""
 
     def __init__(self):
-        self.cpus = host_cpus()
+        cpus = host_cpus()
+        self.cpus = cpus if host_busy_s(cpus) is not None else None
+        self.n = len(cpus) if self.cpus is not None else (os.cpu_count() or 1)
         self._h = self._c = None
 
     def start(self) -> None:
-        self._h, self._c = host_busy_s(), time.process_time()
+        self._h, self._c = host_busy_s(self.cpus), time.process_time()
 
     def share(self, wall: float) -> Optional[float]:
-        h = host_busy_s()
+        h = host_busy_s(self.cpus)
         if h is None or self._h is None or wall <= 0:
             return None
         foreign = (h - self._h) - (time.process_time() - self._c)
-        return min(1.0, max(0.0, foreign / (wall * self.cpus)))
+        return min(1.0, max(0.0, foreign / (wall * self.n)))
 
 
 _THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
