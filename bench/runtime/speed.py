@@ -550,7 +550,7 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
         names = list(fns)
         seq = schedule(names, baseline, cfg.repeats, cfg.pair_every)
         timings = []  # (repeat, name, seconds per iteration), in time order
-        loads = []  # host load of each timing (share of the machine's CPU time taken by others), same order
+        loads = []  # host load of each timing (share of this process's CPUs' time taken by others), same order
         faults = {k: 0 for k in names}  # minor page faults during the model's timings (allocator churn)
         host = HostLoad()
 
