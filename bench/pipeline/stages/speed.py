@@ -163,7 +163,7 @@ def host_load_note(loads: list[dict]) -> list[str]:
     c = sum(h["contended"] for h in measured)
     worst = max(h["max_pct"] for h in measured)
     med = max(h["median_pct"] for h in measured)
-    return [f"host load (CPU time of other processes and hypervisor steal, share of the machine's, per timing): "
+    return [f"host load (CPU time of other processes and hypervisor steal, share of the time of the CPUs this process runs on, per timing): "
             f"median {med:.1f}% (the busiest group's), max {worst:.1f}%; {c} of {n} timings above "
             f"{measured[0]['threshold_pct']:g}% were contended, and the pairs they belong to are left out of the "
             f"speed-ups (contended: pairs left out per row; a row with fewer than the protocol's minimum of clean "
