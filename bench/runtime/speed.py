@@ -22,7 +22,7 @@ devices that need one).  The protocol (``docs/speed.md``):
    flagged ``noisy``;
 5. **host load**: around every timing the busy CPU time of the CPUs this process may run on
    (``/proc/stat``, steal included) is read together with this process's own CPU time; what the host spent on other
-   processes or lost to the hypervisor (steal), as a share of the machine's CPU time over the timing,
+   processes or lost to the hypervisor (steal), as a share of those CPUs' time over the timing,
    is that timing's ``host_load``.  A timing above ``contention_pct`` is *contended*: the pairs it
    belongs to are left out of the speed-up (as long as at least ``min_clean_pairs`` pairs remain; else
    every pair is kept and the row says so), and a row that lost pairs gets the extra rounds of a noisy
