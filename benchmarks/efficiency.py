@@ -83,9 +83,8 @@ def main(argv=None) -> int:
           f"baseline {res['models']['none']['img_s']:.2f} img/s")
     print(f"protocol: {res['config']['protocol']}")
     h = res["host_load"]
-    if h["measured"]:
-        print(f"host load (other processes + steal): median {h['median_pct']:.1f}%, max {h['max_pct']:.1f}% per timing; "
-              f"{h['contended']} of {h['timings']} timings contended")
+    if speed.host_load_line(h):
+        print(speed.host_load_line(h))
     print(f"| {'config':31s} | speed-up | 95% CI        | MAC ratio | speed-up / MAC | noisy | contended pairs |")
     print(f"|{'-' * 33}|---------:|:--------------|----------:|---------------:|:------|----------------:|")
     for r in rows:

@@ -108,10 +108,9 @@ def run(args):
              f"({runs[0]['config']['precision_desc']})",
              f"protocol: {runs[0]['config']['protocol']}"]
     for r in runs:
-        h = r.get("host_load") or {}
-        if h.get("measured"):
-            lines.append(f"host load (other processes + steal) at bs {r['batch_size']}: median {h['median_pct']:.1f}%, "
-                         f"max {h['max_pct']:.1f}%; {h['contended']} of {h['timings']} timings contended")
+        line = speed.host_load_line(r.get("host_load") or {})
+        if line:
+            lines.append(f"bs {r['batch_size']}: {line}")
     for r in runs:
         for k, m in r["models"].items():
             s = (f"  bs {r['batch_size']:4d}  {k:28s} {m['img_s']:9.2f} img/s  (min {m['img_s_min']:.2f}, "

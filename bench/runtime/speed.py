@@ -620,6 +620,14 @@ def host_load_summary(loads: list, contended: set, cfg: SpeedConfig) -> dict:
             "max_pct": round(100 * max(known), 2) if known else None, "threshold_pct": cfg.contention_pct}
 
 
+def host_load_line(h: dict) -> Optional[str]:
+    """``measure``'s ``host_load`` as one line for a printout, None where it was not measured."""
+    if not h.get("measured"):
+        return None
+    return (f"host load (other processes + steal): median {h['median_pct']:.1f}%, max {h['max_pct']:.1f}% per "
+            f"timing; {h['contended']} of {h['timings']} timings contended")
+
+
 def row_speedup(timings: list, baseline: str, name: str, cfg: SpeedConfig, contended: set) -> dict:
     """``speedup_stats`` of the row's uncontended pairs (all its pairs when fewer than
     ``cfg.min_clean_pairs`` are uncontended), with ``contended_pairs`` (left out, or that would have been)
@@ -628,7 +636,7 @@ def row_speedup(timings: list, baseline: str, name: str, cfg: SpeedConfig, conte
     clean = [r for r, idx in pairs if not (idx & contended)]
     kept = len(clean) < min(cfg.min_clean_pairs, len(pairs))
     out = speedup_stats([r for r, _ in pairs] if kept else clean, cfg)
-    out.update(contended_pairs=len(pairs) - len(clean), contended_kept=kept)
+    out.update(contended_pairs=len(pairs) - len(clean), contended_kept=kept, clean_pairs=len(clean))
     return out
 
 
@@ -659,8 +667,7 @@ def noisy_rows(timings: list, baseline: str, names: list, cfg: SpeedConfig, load
         if k == baseline:
             continue
         r = row_speedup(timings, baseline, k, cfg, contended)
-        clean = len(_pairs(timings, baseline, k)) - r["contended_pairs"]
-        if r["noisy"] or clean < cfg.repeats:
+        if r["noisy"] or r["clean_pairs"] < cfg.repeats:
             again.append(k)
     return again
 
