@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         m = res["models"][s]
         rows.append({"config": s, "speedup": m["speedup"], "ci_low": m["speedup_ci_low"], "ci_high": m["speedup_ci_high"],
                      "noisy": m["noisy"], "mac_ratio": mac[s], "efficiency": m["speedup"] / mac[s],
-                     "iters": m["iters"], "contended": m.get("contended_pairs", 0)})
+                     "iters": m["iters"], "contended": m.get("contended_pairs", 0),
+                     "unsteady": m.get("unsteady_pairs", 0)})
     st = res["stamp"]
     print(f"{a.model} batch {a.batch_size} on {st['device']} (torch {st['torch']}, commit {st['commit']}); "
           f"baseline {res['models']['none']['img_s']:.2f} img/s")
@@ -85,12 +86,12 @@ def main(argv=None) -> int:
     h = res["host_load"]
     if speed.host_load_line(h):
         print(speed.host_load_line(h))
-    print(f"| {'config':31s} | speed-up | 95% CI        | MAC ratio | speed-up / MAC | noisy | contended pairs |")
-    print(f"|{'-' * 33}|---------:|:--------------|----------:|---------------:|:------|----------------:|")
+    print(f"| {'config':31s} | speed-up | 95% CI        | MAC ratio | speed-up / MAC | noisy | contended pairs | unsteady pairs |")
+    print(f"|{'-' * 33}|---------:|:--------------|----------:|---------------:|:------|----------------:|---------------:|")
     for r in rows:
         print(f"| {r['config']:31s} | {r['speedup']:8.3f} | {r['ci_low']:.3f}-{r['ci_high']:.3f} | "
               f"{r['mac_ratio']:9.3f} | {r['efficiency']:14.3f} | {'yes' if r['noisy'] else 'no':5s} | "
-              f"{r['contended']:15d} |")
+              f"{r['contended']:15d} | {r['unsteady']:14d} |")
     bad = [r["config"] for r in rows if r["config"] in configs and r["efficiency"] < a.target]  # inference rows
     if a.json:
         Path(a.json).write_text(json.dumps({"stamp": st, "config": res["config"], "rows": rows, "host_load": h,

@@ -56,6 +56,7 @@ def compare(a: dict, b: dict, models: list[str], tol: float) -> tuple[list[dict]
         diff = abs(s1 - s2) / ((s1 + s2) / 2)
         row = {"row": name, "run1": s1, "run2": s2, "diff_pct": 100 * diff, "noisy": bool(ra.get("noisy") or rb.get("noisy")),
                "contended": [ra.get("contended"), rb.get("contended")],
+               "unsteady": [ra.get("unsteady"), rb.get("unsteady")],
                "host_load_max_pct": [ra.get("host_load_max_pct"), rb.get("host_load_max_pct")], "ok": diff <= tol}
         out.append(row)
         if not row["ok"]:
@@ -90,12 +91,12 @@ def main(argv=None) -> int:
     if walls:
         print(f"speed stage wall time: run 1 {walls[0]:.0f} s, run 2 {walls[1]:.0f} s")
     print(f"| {'row (model|config|structure|variant|precision|batch)':58s} | run 1 | run 2 | diff % | noisy "
-          f"| pairs left out (contended) | agree |")
-    print(f"|{'-' * 60}|------:|------:|-------:|:------|:---------|:------|")
+          f"| left out: contended | unsteady | agree |")
+    print(f"|{'-' * 60}|------:|------:|-------:|:------|:---------|:---------|:------|")
     for r in rows:
-        left = "/".join("-" if c is None else str(c) for c in r["contended"])
+        left, shaky = ("/".join("-" if c is None else str(c) for c in r[k]) for k in ("contended", "unsteady"))
         print(f"| {r['row']:58s} | {r['run1']:.3f} | {r['run2']:.3f} | {r['diff_pct']:6.1f} | "
-              f"{'yes' if r['noisy'] else 'no':5s} | {left:9s} | {'yes' if r['ok'] else 'NO':5s} |")
+              f"{'yes' if r['noisy'] else 'no':5s} | {left:9s} | {shaky:9s} | {'yes' if r['ok'] else 'NO':5s} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "disagree": bad, "wall_s": walls, "dirs": [str(d) for d in dirs]},
                                            indent=2))

@@ -77,25 +77,26 @@ def test_efficiency_benchmark_reports_host_load_and_contended_pairs(capsys, tmp_
     mod.main(["--model", fixtures.TINY_MODEL, "--configs", "tome:r=2", "--batch-size", "1", "--min-time", "0.01",
               "--repeats", "3", "--extra-repeats", "0", "--target", "0", "--json", str(out)])
     text = capsys.readouterr().out
-    assert "| contended pairs |" in text and "| tome:r=2 " in text
+    assert "| contended pairs | unsteady pairs |" in text and "| tome:r=2 " in text
     data = json.loads(out.read_text())
-    assert data["rows"][0]["contended"] >= 0 and data["host_load"]["timings"] == 1 + 2 * 3  # B r B r B r B
+    assert data["rows"][0]["contended"] >= 0 and data["rows"][0]["unsteady"] >= 0 and data["host_load"]["timings"] == 1 + 2 * 3  # B r B r B r B
     if data["host_load"]["measured"]:
         assert "host load (other processes + steal)" in text
 
 
 def test_agreement_benchmark_shows_contended_pairs(capsys, tmp_path):
     """benchmarks/speed_agreement.py --reuse compares two report folders row by row and shows, per row, the
-    pairs each run left out for contention next to the difference."""
+    pairs each run left out (contended, unsteady) next to the difference."""
     import json
 
     mod = _load_benchmark("speed_agreement")
     base = {"model": "DeiT-S", "method": "tome", "config": "tome:r=13", "structure": None, "variant": "eager",
             "precision": "fp32", "batch_size": 8, "noisy": False}
-    for name, sp, left in (("a", 1.80, 0), ("b", 1.95, 2)):
+    for name, sp, left, shaky in (("a", 1.80, 0, 3), ("b", 1.95, 2, 1)):
         d = tmp_path / name
         d.mkdir()
-        (d / "throughput.json").write_text(json.dumps({"rows": [{**base, "speedup": sp, "contended": left}]}))
+        (d / "throughput.json").write_text(json.dumps({"rows": [{**base, "speedup": sp, "contended": left,
+                                                                 "unsteady": shaky}]}))
     assert mod.main(["--reuse", str(tmp_path / "a"), str(tmp_path / "b"), "--models", "DeiT-S"]) == 1
     row = [line for line in capsys.readouterr().out.splitlines() if "tome:r=13" in line and line.startswith("|")]
-    assert len(row) == 1 and "0/2" in row[0] and "NO" in row[0]
+    assert len(row) == 1 and "| 0/2 " in row[0] and "| 3/1 " in row[0] and "NO" in row[0]

@@ -168,14 +168,48 @@ def test_contended_timings_leave_their_pairs_out(monkeypatch):
     # the slow timing is left out (else the median of 5 ratios with one 1.0 would still be 2.0, but its
     # pairs count says so), and one extra round restores 5 clean pairs
     assert m["hit"]["contended_pairs"] == 1 and m["hit"]["pairs"] == 5 and 1.0 not in m["hit"]["ratios"]
-    assert m["hit"]["contended_kept"] is False and m["hit"]["contended_timings"] == 1
+    assert m["hit"]["kept_unclean"] is False and m["hit"]["contended_timings"] == 1
     # every pair contended: fewer than min_clean_pairs clean ones, so all are kept and flagged
-    assert m["always"]["contended_kept"] is True and m["always"]["contended_pairs"] == m["always"]["pairs"]
+    assert m["always"]["kept_unclean"] is True and m["always"]["contended_pairs"] == m["always"]["pairs"]
     assert calls.count("calm") == 1 + 5  # calibration, scheduled rounds: no extra round
     assert calls.count("hit") == 1 + 5 + 1  # one extra round for the pair it lost
     h = res["host_load"]
     assert h["measured"] and h["contended"] == m["always"]["contended_timings"] + 1 and h["max_pct"] == 40.0
     assert "host load" in res["config"]["protocol"]
+
+
+def test_unsteady_pairs_leave_out_a_host_speed_change(monkeypatch):
+    """A pair whose two baseline timings differ by more than ``bracket_pct`` of their mean is unsteady:
+    the host's speed changed while it was timed, and its ratio (against the mean of the two) is off.  It
+    is left out like a contended pair and the row gets extra rounds; ``bracket_pct=0`` keeps it."""
+    # the 3rd scheduled baseline timing is 30% slow (the first clock value is the calibration call's), so
+    # the row's 2nd and 3rd timings have brackets 1.0/1.3 and 1.3/1.0: ratio 2.3 instead of 2.0
+    def run(bracket_pct):
+        clock = {"none": iter([1.0, 1.0, 1.0, 1.3] + [1.0] * 100), "row": iter([0.5] * 100)}
+        calls = []
+        models = _tagged_models(monkeypatch, ("none", "row"))
+
+        def fake_loop(fn, iters, device):
+            calls.append(fn())
+            return next(clock[calls[-1]])
+
+        monkeypatch.setattr(speed, "timed_loop", fake_loop)
+        monkeypatch.setattr(speed.HostLoad, "share", lambda self, wall: 0.0)  # /proc/stat sees nothing
+        cfg = speed.SpeedConfig(batch_size=1, warmup=1, iters=1, repeats=5, extra_repeats=3, pair_every=1,
+                                img_size=(8, 8), check_kernels=False, allocator="system", noisy_pct=50.0,
+                                bracket_pct=bracket_pct)
+        return speed.measure(models, cfg, baseline="none"), calls
+
+    res, calls = run(10.0)
+    m = res["models"]["row"]
+    assert m["unsteady_pairs"] == 2 and m["contended_pairs"] == 0 and m["kept_unclean"] is False
+    assert m["pairs"] == 5 and m["ratios"] == [pytest.approx(2.0)] * 5  # the two 2.3 ratios left out
+    assert calls.count("row") == 1 + 5 + 2  # calibration, scheduled rounds, two extra rounds to refill
+    assert "unsteady" in res["config"]["protocol"]
+    res, calls = run(0.0)  # rule off: the pairs stay, no extra round
+    m = res["models"]["row"]
+    assert m["unsteady_pairs"] == 0 and m["pairs"] == 5 and sorted(m["ratios"])[-2:] == [pytest.approx(2.3)] * 2
+    assert calls.count("row") == 1 + 5 and "unsteady" not in res["config"]["protocol"]
 
 
 @pytest.mark.skipif(speed.host_busy_s() is None, reason="no /proc/stat on this system (not Linux)")

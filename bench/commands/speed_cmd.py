@@ -118,10 +118,18 @@ def run(args):
             if "speedup" in m:
                 s += (f"  speed-up {m['speedup']:.3f}x [95% CI {m['speedup_ci_low']:.3f}-{m['speedup_ci_high']:.3f}]"
                       + ("  NOISY" if m["noisy"] else "")
-                      + (f"  ({m['contended_pairs']} pair(s) {'kept although' if m.get('contended_kept') else 'left out:'}"
-                         f" contended)" if m.get("contended_pairs") else ""))
+                      + _left_out(m))
             lines.append(s)
         for k, why in r.get("failed", {}).items():
             lines.append(f"  bs {r['batch_size']:4d}  {k:28s} not measured: {why}")
     emit(out, args.json, "\n".join(lines))
     return 0
+
+
+def _left_out(m: dict) -> str:
+    """The pairs the protocol left out of a row (contended, unsteady), or kept for want of clean ones."""
+    why = [f"{m[k]} {label}" for k, label in (("contended_pairs", "contended"), ("unsteady_pairs", "unsteady"))
+           if m.get(k)]
+    if not why:
+        return ""
+    return f"  (pairs {'kept although' if m.get('kept_unclean') else 'left out:'} {', '.join(why)})"

@@ -84,7 +84,11 @@ class SpeedConfig:
     # still flagged noisy, one round at a time, until their interval is inside +-noisy_pct (0: none)
     extra_repeats: int = 0
     contention_pct: float = 10.0  # a timing whose host load (other processes + steal) exceeds this % is contended
-    min_clean_pairs: int = 3  # keep every pair of a row unless at least this many uncontended ones remain
+    # a pair whose two bracketing baseline timings differ by more than this % of their mean is unsteady: the
+    # host's speed changed during the pair (a regime /proc/stat cannot see), so its ratio is left out like a
+    # contended one (0: off)
+    bracket_pct: float = 10.0
+    min_clean_pairs: int = 3  # keep every pair of a row unless at least this many clean ones remain
     check_kernels: bool = True  # record the attention kernel (profiler on the last warm-up iteration)
     allocator: str = "steady"  # CPU: "steady" pins glibc malloc's thresholds (no page-fault churn); "system"
 
@@ -117,6 +121,8 @@ class SpeedConfig:
         if paired and host_busy_s() is not None:
             head += (f", pairs with a timing contended beyond {self.contention_pct:g}% host load (other processes, "
                      f"steal) left out")
+        if paired and self.bracket_pct:
+            head += f", pairs whose two baseline timings differ by more than {self.bracket_pct:g}% (unsteady) left out"
         if self.allocator == "steady" and torch.device(self.device).type == "cpu":
             head += ", malloc thresholds pinned" + (", large tensors on huge pages" if huge_pages_active() else "")
         if not paired:
@@ -629,15 +635,24 @@ def host_load_line(h: dict) -> Optional[str]:
 
 
 def row_speedup(timings: list, baseline: str, name: str, cfg: SpeedConfig, contended: set) -> dict:
-    """``speedup_stats`` of the row's uncontended pairs (all its pairs when fewer than
-    ``cfg.min_clean_pairs`` are uncontended), with ``contended_pairs`` (left out, or that would have been)
-    and ``contended_kept`` (True when they had to be kept)."""
+    """``speedup_stats`` of the row's clean pairs: neither contended (a timing above the host-load
+    threshold) nor unsteady (its baseline timings apart by more than ``cfg.bracket_pct``).  When fewer than
+    ``cfg.min_clean_pairs`` are clean, every pair is used and ``kept_unclean`` says so.  Also returns
+    ``contended_pairs`` and ``unsteady_pairs`` (left out, or that would have been; a pair that is both
+    counts as contended) and ``clean_pairs``."""
     pairs = _pairs(timings, baseline, name)
-    clean = [r for r, idx in pairs if not (idx & contended)]
+    hit = [bool(idx & contended) for _, idx, _ in pairs]
+    shaky = [not h and unsteady(gap, cfg) for h, (_, _, gap) in zip(hit, pairs)]
+    clean = [r for (r, _, _), h, u in zip(pairs, hit, shaky) if not (h or u)]
     kept = len(clean) < min(cfg.min_clean_pairs, len(pairs))
-    out = speedup_stats([r for r, _ in pairs] if kept else clean, cfg)
-    out.update(contended_pairs=len(pairs) - len(clean), contended_kept=kept, clean_pairs=len(clean))
+    out = speedup_stats([r for r, _, _ in pairs] if kept else clean, cfg)
+    out.update(contended_pairs=sum(hit), unsteady_pairs=sum(shaky), kept_unclean=kept, clean_pairs=len(clean))
     return out
+
+
+def unsteady(gap: float, cfg: SpeedConfig) -> bool:
+    """A pair's two baseline timings ``gap`` apart (relative to their mean) exceed ``cfg.bracket_pct``."""
+    return bool(cfg.bracket_pct) and gap * 100 > cfg.bracket_pct
 
 
 def _warm_up(k: str, f, xi, cfg: SpeedConfig, compiled: bool, first_call: dict, kernels: dict) -> int:
@@ -672,15 +687,18 @@ def noisy_rows(timings: list, baseline: str, names: list, cfg: SpeedConfig, load
     return again
 
 
-def _pairs(timings: list, baseline: str, name: str) -> list[tuple[float, set]]:
-    """Per timing of ``name``: (ratio, the indices of the timings it used).  The ratio is the mean of the
-    baseline timings right before and right after it, divided by it."""
+def _pairs(timings: list, baseline: str, name: str) -> list[tuple[float, set, float]]:
+    """Per timing of ``name``: (ratio, the indices of the timings it used, bracket gap).  The ratio is the
+    mean of the baseline timings right before and right after it, divided by it; the gap is how far those
+    two baseline timings are apart, relative to their mean (0 with only one)."""
     out = []
     for i, (rep, k, t) in enumerate(timings):
         if k != name:
             continue
         before = next((j for j in range(i - 1, -1, -1) if timings[j][1] == baseline), None)
         after = next((j for j in range(i + 1, len(timings)) if timings[j][1] == baseline), None)
-        ref = [j for j in (before, after) if j is not None]
-        out.append((sum(timings[j][2] for j in ref) / len(ref) / t, {i, *ref}))
+        ref = [timings[j][2] for j in (before, after) if j is not None]
+        mean = sum(ref) / len(ref)
+        gap = abs(ref[0] - ref[-1]) / mean
+        out.append((mean / t, {i, *(j for j in (before, after) if j is not None)}, gap))
     return out

@@ -10,7 +10,7 @@ compile that fails is recorded with its reason and the run goes on.
 Settings (``profile["speed"]``, each overridable per model under ``per_model``): ``batch_size`` or
 ``batch_sizes``, ``precision`` + ``also_precisions``, ``warmup``, ``iters`` (fixed count) or
 ``min_time``/``min_iters`` (calibrated count), ``repeats``, ``pair_every``, ``extra_repeats``,
-``contention_pct``/``min_clean_pairs`` (host-load rule), ``configs``,
+``contention_pct``/``bracket_pct``/``min_clean_pairs`` (pairs left out), ``configs``,
 ``timm_baselines``, ``compile_configs``, ``compile_batch_sizes``, ``budget_s``.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from bench.pipeline.stages.common import (FINETUNED, base_model, finetuned_key, 
 # "finetuned": a Calibrated method with the fine-tuned checkpoint's learned modules (an eager row of its own)
 VARIANT_LABEL = {"compile": "compile", "channels_last": "channels-last", "finetuned": FINETUNED}
 COLUMNS = ["model", "method", "config", "structure", "variant", "precision", "batch_size", "img_s", "img_s_min",
-           "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "pairs", "contended", "speedup_min",
+           "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "pairs", "contended", "unsteady", "speedup_min",
            "speedup_max", "mac_speedup", "efficiency", "attn_kernel", "note"]
 _CFG_KEYS = ("warmup", "iters", "repeats", "min_time", "min_iters", "pair_every", "extra_repeats", "contention_pct",
-             "min_clean_pairs")
+             "bracket_pct", "min_clean_pairs")
 
 
 def _name(spec: str, variant: str) -> str:
@@ -142,7 +142,8 @@ def _rows(model_name: str, prec: str, r: dict, with_baseline: bool = True, struc
             "speedup_ci_low": round(m.get("speedup_ci_low", 1.0), 3),
             "speedup_ci_high": round(m.get("speedup_ci_high", 1.0), 3),
             "noisy": bool(m.get("noisy", False)), "pairs": m.get("pairs"),
-            "contended": m.get("contended_pairs"), "contended_kept": m.get("contended_kept"),
+            "contended": m.get("contended_pairs"), "unsteady": m.get("unsteady_pairs"),
+            "kept_unclean": m.get("kept_unclean"),
             "host_load_max_pct": None if m.get("host_load_max") is None else round(100 * m["host_load_max"], 1),
             "mac_speedup": round(mac, 3) if mac else None,
             "efficiency": round(sp / mac, 3) if mac else None,
@@ -166,8 +167,9 @@ def host_load_note(loads: list[dict]) -> list[str]:
     return [f"host load (CPU time of other processes and hypervisor steal, share of the time of the CPUs this process runs on, per timing): "
             f"median {med:.1f}% (the busiest group's), max {worst:.1f}%; {c} of {n} timings above "
             f"{measured[0]['threshold_pct']:g}% were contended, and the pairs they belong to are left out of the "
-            f"speed-ups (contended: pairs left out per row; a row with fewer than the protocol's minimum of clean "
-            f"pairs keeps them all, contended_kept in the CSV/JSON)"]
+            f"speed-ups (contended: pairs left out per row; unsteady: pairs left out because their two baseline "
+            f"timings disagree; a row with fewer than the protocol's minimum of clean pairs keeps them all, "
+            f"kept_unclean in the CSV/JSON)"]
 
 
 def _plan_jobs(ctx, prof: dict, sp: dict) -> tuple[list, list]:
@@ -233,7 +235,7 @@ def run(ctx) -> None:
                 skipped.append(f"{label}: skipped, {why}")
                 ctx.progress.finished(label + " (skipped)", est, 0.0, True)
                 continue
-            desc = {"kind": "speed", "rev": 3, "model": model_name, "entries": entries, "cfg": cfg.__dict__,
+            desc = {"kind": "speed", "rev": 4, "model": model_name, "entries": entries, "cfg": cfg.__dict__,
                     "device": env.device_name(ctx.device),
                     "structure": [ctx.structure_key(s) for s, _ in entries]}
             if any(v == "finetuned" for _, v in entries):
