@@ -697,8 +697,8 @@ def _pairs(timings: list, baseline: str, name: str) -> list[tuple[float, set, fl
             continue
         before = next((j for j in range(i - 1, -1, -1) if timings[j][1] == baseline), None)
         after = next((j for j in range(i + 1, len(timings)) if timings[j][1] == baseline), None)
-        ref = [timings[j][2] for j in (before, after) if j is not None]
-        mean = sum(ref) / len(ref)
-        gap = abs(ref[0] - ref[-1]) / mean
-        out.append((mean / t, {i, *(j for j in (before, after) if j is not None)}, gap))
+        ref = [j for j in (before, after) if j is not None]
+        t_ref = [timings[j][2] for j in ref]
+        mean = sum(t_ref) / len(t_ref)
+        out.append((mean / t, {i, *ref}, abs(t_ref[0] - t_ref[-1]) / mean))
     return out
