@@ -202,6 +202,12 @@ def test_unsteady_pairs_leave_out_a_host_speed_change(monkeypatch):
 
     res, calls = run(10.0)
     m = res["models"]["row"]
+    # the output keeps every timing in order, so the speed-up can be recomputed under other settings
+    assert [k for k, _, _ in res["timings"]] == calls[2:]  # after the two calibration calls
+    replay = [(0, k, t) for k, t, _ in res["timings"]]
+    off = speed.SpeedConfig(bracket_pct=0.0, noisy_pct=50.0)
+    assert speed.row_speedup(replay, "none", "row", off, set())["unsteady_pairs"] == 0
+    assert speed.row_speedup(replay, "none", "row", speed.SpeedConfig(noisy_pct=50.0), set())["ratios"] == m["ratios"]
     assert m["unsteady_pairs"] == 2 and m["contended_pairs"] == 0 and m["kept_unclean"] is False
     assert m["pairs"] == 5 and m["ratios"] == [pytest.approx(2.0)] * 5  # the two 2.3 ratios left out
     assert calls.count("row") == 1 + 5 + 2  # calibration, scheduled rounds, two extra rounds to refill

@@ -593,6 +593,9 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
         "models": {},
         "failed": failed,
         "host_load": host_load_summary(loads, contended, cfg),
+        # every timing in time order, [model, seconds per call, host load]: enough to recompute the pairs
+        # and speed-ups under other settings (row_speedup) without timing again
+        "timings": [[k, t, load] for (_, k, t), load in zip(timings, loads)],
     }
     for k in names:
         mine = [i for i, (_, n, _) in enumerate(timings) if n == k]

@@ -97,7 +97,7 @@ def _measure_group(ctx, model_name: str, entries: list, cfg: speed.SpeedConfig) 
     res = speed.measure(ms, cfg, baseline="none", variants=variants)
     res["specs"], res["gmacs"] = specs, gm
     res["entries"] = [[s, v] for s, v in entries]
-    for m in res["models"].values():  # the raw timings stay in the cache, not in the table
+    for m in res["models"].values():  # res["timings"] keeps every timing in order (the cache, not the table)
         m.pop("times_s", None)
     del ms
     _free(cfg.device)
