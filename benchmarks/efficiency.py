@@ -84,8 +84,9 @@ def main(argv=None) -> int:
           f"baseline {res['models']['none']['img_s']:.2f} img/s")
     print(f"protocol: {res['config']['protocol']}")
     h = res["host_load"]
-    if speed.host_load_line(h):
-        print(speed.host_load_line(h))
+    line = speed.host_load_line(h)
+    if line:
+        print(line)
     print(f"| {'config':31s} | speed-up | 95% CI        | MAC ratio | speed-up / MAC | noisy | contended pairs | unsteady pairs |")
     print(f"|{'-' * 33}|---------:|:--------------|----------:|---------------:|:------|----------------:|---------------:|")
     for r in rows:

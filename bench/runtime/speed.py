@@ -26,7 +26,11 @@ devices that need one).  The protocol (``docs/speed.md``):
    is that timing's ``host_load``.  A timing above ``contention_pct`` is *contended*: the pairs it
    belongs to are left out of the speed-up (as long as at least ``min_clean_pairs`` pairs remain; else
    every pair is kept and the row says so), and a row that lost pairs gets the extra rounds of a noisy
-   row.  Where ``/proc/stat`` does not exist nothing is left out.
+   row.  Where ``/proc/stat`` does not exist nothing is left out;
+6. **unsteady pairs**: a pair whose two bracketing baseline timings differ by more than ``bracket_pct``
+   of their mean (the machine changed speed during it, which ``/proc/stat`` does not show) is left out
+   the same way.  The output's ``timings`` keeps every timing in order, so ``row_speedup`` can
+   recompute a row under other settings.
 
 Images/s per model: median (min, max, IQR, bootstrap interval) over its uncontended timings.  Data loading is
 never timed (ToMe#11, DynamicViT#31).
