@@ -21,7 +21,7 @@ from torch.utils import benchmark
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baselines import tome  # noqa: E402
-from bench.core import registry  # noqa: E402
+from bench.core import patch, registry  # noqa: E402
 from bench.core.reducer import ModelInfo, TokenState  # noqa: E402
 from bench.runtime import models  # noqa: E402
 
@@ -49,7 +49,7 @@ def matching_and_merging(reducer: tome.ToMe, model, info: ModelInfo, blocks: lis
     reducer.begin(model, x0, st)
     for i, keys, x in blocks:
         reducer.attn_request(i, None, x, st)
-        reducer.post_attn(i, None, x, {"keys": keys.mean(1)}, st)
+        reducer.post_attn(i, None, x, {"keys": patch.head_mean(keys)}, st)
 
 
 def main(argv=None) -> int:

@@ -285,6 +285,22 @@ def test_metric_is_head_mean_of_keys(make_vit):
     assert math.isclose(ex["keys"].shape[-1], 8)
 
 
+@pytest.mark.parametrize("heads", [1, 2, 3, 4, 6, 8, 12, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_head_mean_is_mean_bit_for_bit(heads, dtype):
+    """``patch.head_mean`` (the head-by-head sum of the fast path) equals ``k.mean(1)`` bit for bit on the
+    attention's own layout (a permuted view of the qkv projection), across head counts, token counts and
+    magnitudes; bfloat16 and many heads take ``mean`` itself."""
+    g = torch.Generator().manual_seed(heads)
+    for B, N, hd in [(8, 197, 64), (16, 577, 64), (3, 50, 32), (1, 7, 16), (2, 1, 8), (1, 1, 8), (1, 2, 8)]:
+        scale = torch.logspace(-3, 3, N, dtype=torch.float64).view(1, N, 1).float()
+        qkv = (torch.randn(B, N, 3 * heads * hd, generator=g) * scale).to(dtype)
+        k = qkv.reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)[1]
+        assert torch.equal(patch.head_mean(k), k.mean(1)), (B, N, hd)
+        kc = k.contiguous()  # a contiguous (B, H, N, d) tensor too
+        assert torch.equal(patch.head_mean(kc), kc.mean(1)), (B, N, hd)
+
+
 @pytest.mark.parametrize("kw", [{"reg_tokens": 4}, {"class_token": False, "reg_tokens": 1, "global_pool": "avg"}])
 def test_register_tokens_rejected(make_vit, kw):
     """ToMe protects only CLS and dist; a register token would be merged like a patch."""

@@ -66,7 +66,7 @@ def attention(attn: nn.Module, x: torch.Tensor, req: AttnRequest, attn_mask=None
         bias = bias.to(q.dtype)
     extras: dict = {}
     if req.keys:
-        extras["keys"] = k.mean(1)
+        extras["keys"] = head_mean(k)
     drop_p = attn.attn_drop.p if attn.training else 0.0
     explicit = req.needs_explicit or not getattr(attn, "fused_attn", True)
     if not explicit:
@@ -97,6 +97,29 @@ def attention(attn: nn.Module, x: torch.Tensor, req: AttnRequest, attn_mask=None
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     return out, extras
+
+
+# Up to this many heads, a float32/float64 CPU head mean is summed head by head (below): with more,
+# `sum` takes other orders for small tensors (seen at 6 heads), so `mean` itself runs.
+_SEQUENTIAL_HEADS = 4
+
+
+def head_mean(k: torch.Tensor) -> torch.Tensor:
+    """``k.mean(1)`` of a (B, H, N, d) tensor, bit for bit (ToMe's metric: the keys averaged over heads).
+
+    On CPU in float32/float64 with few heads, the head dimension of the attention's keys is an outer
+    dimension of the reduction, which ``sum`` walks one head after the other, then ``mean`` divides by H.
+    Adding the heads in that same order and dividing is therefore the same arithmetic, and about twice as
+    fast at DeiT-T's three heads (docs/speed.md, ToMe's own work).  Lower precisions (which ``mean``
+    accumulates in float32) and other devices use ``mean`` itself; ``tests/test_tome.py`` checks the
+    equality over head counts and shapes."""
+    H = k.shape[1]
+    if k.device.type != "cpu" or k.dtype not in (torch.float32, torch.float64) or not 2 <= H <= _SEQUENTIAL_HEADS:
+        return k.mean(1)
+    acc = k[:, 0] + k[:, 1]
+    for h in range(2, H):
+        acc.add_(k[:, h])
+    return acc.div_(H)
 
 
 def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
