@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--extra-repeats", type=int, default=6,
                    help="more paired rounds for rows still noisy (as the default profile)")
+    p.add_argument("--refill-repeats", type=int, default=3,
+                   help="then more paired rounds for rows left with fewer clean pairs than --repeats")
     p.add_argument("--pair-every", type=int, default=1, help="baseline timed around every this many rows (0: per round)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--target", type=float, default=0.85)
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
             patch.set_tracking(m, True)
             ms[f"{s} [tracking]"], mac[f"{s} [tracking]"] = m, mac[s]
     cfg = speed.SpeedConfig(batch_size=a.batch_size, min_time=a.min_time, repeats=a.repeats,
-                            extra_repeats=a.extra_repeats, pair_every=a.pair_every or None,
+                            extra_repeats=a.extra_repeats, refill_repeats=a.refill_repeats,
+                            pair_every=a.pair_every or None,
                             img_size=tuple(base.patch_embed.img_size))
     res = speed.measure(ms, cfg, baseline="none",
                         progress=lambda i, n: print(f"  repeat {i}/{n}", file=sys.stderr, flush=True))

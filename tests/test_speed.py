@@ -218,6 +218,38 @@ def test_unsteady_pairs_leave_out_a_host_speed_change(monkeypatch):
     assert calls.count("row") == 1 + 5 and "unsteady" not in res["config"]["protocol"]
 
 
+def test_rows_short_of_clean_pairs_get_refill_rounds(monkeypatch):
+    """``refill_repeats``: after the extra rounds, a row that still has fewer clean pairs than ``repeats``
+    (here: its first 6 timings are contended, so their pairs are left out) gets up to that many more paired
+    rounds, until it has ``repeats`` clean pairs; a row that is only noisy gets none of them."""
+    def run(refill):
+        clock = {"none": iter([1.0] * 200), "row": iter([0.5] * 100), "wild": iter([0.3, 0.9] * 100)}
+        calls, loads = [], []
+        models = _tagged_models(monkeypatch, ("none", "row", "wild"))
+
+        def fake_loop(fn, iters, device):
+            calls.append(fn())
+            # calibration is the row's first call: its next 6 timings (scheduled and extra) are contended
+            loads.append(0.4 if calls[-1] == "row" and 2 <= calls.count("row") <= 7 else 0.0)
+            return next(clock[calls[-1]])
+
+        monkeypatch.setattr(speed, "timed_loop", fake_loop)
+        monkeypatch.setattr(speed.HostLoad, "share", lambda self, wall: loads[-1])
+        cfg = speed.SpeedConfig(batch_size=1, warmup=1, iters=1, repeats=4, extra_repeats=2, refill_repeats=refill,
+                                pair_every=1, img_size=(8, 8), check_kernels=False, allocator="system",
+                                min_clean_pairs=1)
+        return speed.measure(models, cfg, baseline="none"), calls
+
+    res, calls = run(0)
+    assert res["models"]["row"]["clean_pairs"] == 0 and calls.count("row") == calls.count("wild") == 1 + 4 + 2
+    res, calls = run(6)
+    m = res["models"]
+    assert m["row"]["clean_pairs"] == 4 and m["row"]["ratios"] == [pytest.approx(2.0)] * 4
+    assert calls.count("row") == 1 + 4 + 2 + 4 and calls.count("wild") == 1 + 4 + 2  # refill for "row" only
+    assert m["wild"]["noisy"] is True
+    assert "clean pairs" in res["config"]["protocol"]
+
+
 @pytest.mark.skipif(speed.host_busy_s() is None, reason="no /proc/stat on this system (not Linux)")
 def test_host_load_sees_another_process():
     """While another process spins, the share of the machine's CPU time it takes shows as host load."""

@@ -37,6 +37,9 @@ def add_parser(sub):
     p.add_argument("--extra-repeats", type=int, default=0,
                    help="with --vs: up to this many more paired rounds while the speed-up's interval is "
                         "wider than +-5%% (default 0)")
+    p.add_argument("--refill-repeats", type=int, default=0,
+                   help="with --vs: then up to this many more paired rounds while fewer than --repeats pairs are "
+                        "clean (contended or unsteady pairs left out; default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--checkpoint", default=None, help="reducer checkpoint (methods whose structure is learned)")
     p.set_defaults(func=run)
@@ -71,6 +74,8 @@ def run(args):
         raise ConfigError(f"--min-time must be > 0 seconds, got {args.min_time}")
     if args.extra_repeats < 0:
         raise ConfigError(f"--extra-repeats must be >= 0, got {args.extra_repeats}")
+    if args.refill_repeats < 0:
+        raise ConfigError(f"--refill-repeats must be >= 0, got {args.refill_repeats}")
     red = registry.build(args.reducer)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +92,8 @@ def run(args):
     for bs in batches:
         cfg = speed.SpeedConfig(batch_size=bs, precision=args.precision, device=device, warmup=args.warmup,
                                 iters=args.iters, min_time=args.min_time, repeats=args.repeats,
-                                extra_repeats=args.extra_repeats, channels_last=args.channels_last,
+                                extra_repeats=args.extra_repeats, refill_repeats=args.refill_repeats,
+                                channels_last=args.channels_last,
                                 compile=args.compile, img_size=img)
         ms, variants = {label: reduced}, {}
         if args.vs:

@@ -59,7 +59,7 @@ SPEED_KEYS: dict[str, str] = {
     "batch_size": "pos_int", "batch_sizes": "pos_ints", "compile_batch_sizes": "pos_ints",
     "precision": "precision", "also_precisions": "precisions",
     "warmup": "int>=0", "iters": "pos_int", "min_iters": "pos_int", "repeats": "pos_int", "pair_every": "pos_int",
-    "extra_repeats": "int>=0",
+    "extra_repeats": "int>=0", "refill_repeats": "int>=0",
     "min_time": "pos_num", "budget_s": "pos_num",
     "timm_baselines": "timm_baselines", "per_model": "per_model",
 }

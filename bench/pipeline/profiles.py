@@ -85,9 +85,9 @@ PROFILES = {
         # baselines on DeiT-T/S: channels-last, and torch.compile of the unreduced DeiT-S.  These sizes
         # are cut for the default run's 20-minute budget (docs/speed.md, section 2: its run time per CPU)
         "speed": {"batch_size": 8, "precision": "fp32", "warmup": 1, "min_time": 0.4, "repeats": 10, "pair_every": 1,
-                  "extra_repeats": 3,
+                  "extra_repeats": 3, "refill_repeats": 3,
                   "models": COST_MODELS, "configs": PAPER_CONFIGS,
-                  "per_model": {"deit_tiny_patch16_224": {"min_time": 0.25, "repeats": 5, "extra_repeats": 0,
+                  "per_model": {"deit_tiny_patch16_224": {"min_time": 0.25, "repeats": 5, "extra_repeats": 0, "refill_repeats": 0,
                                                           "configs": HEADLINE_CONFIGS,
                                                           "timm_baselines": ["channels_last"]},
                                 "deit_small_patch16_224": {"timm_baselines": ["channels_last", "compile"]},

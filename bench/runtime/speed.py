@@ -87,6 +87,10 @@ class SpeedConfig:
     # after the scheduled rounds, up to this many more paired rounds (row, then baseline) for the rows
     # still flagged noisy, one round at a time, until their interval is inside +-noisy_pct (0: none)
     extra_repeats: int = 0
+    # then up to this many more paired rounds for the rows that still have fewer clean pairs than ``repeats``
+    # (contended or unsteady pairs left out): a row whose host kept changing speed gets more pairs, not a
+    # median of the few steady ones left (0: none)
+    refill_repeats: int = 0
     contention_pct: float = 10.0  # a timing whose host load (other processes + steal) exceeds this % is contended
     # a pair whose two bracketing baseline timings differ by more than this % of their mean is unsteady: the
     # host's speed changed during the pair (a regime /proc/stat cannot see), so its ratio is left out like a
@@ -122,6 +126,9 @@ class SpeedConfig:
         if paired and self.extra_repeats:
             head += (f" (then up to {self.extra_repeats} more paired rounds for each row whose interval still "
                      f"leaves +-{self.noisy_pct:g}%)")
+        if paired and self.refill_repeats:
+            head += (f" (then up to {self.refill_repeats} more paired rounds for each row left with fewer than "
+                     f"{self.repeats} clean pairs)")
         if paired and host_busy_s() is not None:
             head += (f", pairs with a timing contended beyond {self.contention_pct:g}% host load (other processes, "
                      f"steal) left out")
@@ -578,10 +585,14 @@ def measure(models: dict, cfg: SpeedConfig, baseline: Optional[str] = None, prog
             if progress and (j + 1 == len(seq) or seq[j + 1][0] != rep):
                 progress(rep + 1, cfg.repeats)
         if baseline is not None:
-            for rep in range(cfg.repeats, cfg.repeats + max(0, cfg.extra_repeats)):
-                again = noisy_rows(timings, baseline, names, cfg, loads)
+            extra, refill = max(0, cfg.extra_repeats), max(0, cfg.refill_repeats)
+            for j in range(extra + refill):
+                # the extra rounds serve noisy rows and rows short of clean pairs; the refill rounds after
+                # them only the rows still short of clean pairs (none short and none noisy: nothing to do)
+                again = noisy_rows(timings, baseline, names, cfg, loads, noisy=j < extra)
                 if not again:
                     break
+                rep = cfg.repeats + j
                 # the sequence so far ends with a baseline timing, so row, baseline, row, baseline...
                 # brackets every extra row timing as in the scheduled rounds
                 for k in (again if rep % 2 == 0 else again[::-1]):
@@ -680,16 +691,18 @@ def _warm_up(k: str, f, xi, cfg: SpeedConfig, compiled: bool, first_call: dict, 
     return calibrate_iters(timed_loop(lambda: f(xi), 1, dev), cfg)
 
 
-def noisy_rows(timings: list, baseline: str, names: list, cfg: SpeedConfig, loads: Optional[list] = None) -> list[str]:
+def noisy_rows(timings: list, baseline: str, names: list, cfg: SpeedConfig, loads: Optional[list] = None,
+               noisy: bool = True) -> list[str]:
     """The models (not the baseline) that need more pairs, from the timings so far: the speed-up interval
-    is flagged noisy, or contention left fewer uncontended pairs than the scheduled rounds give."""
+    is flagged noisy (with ``noisy``), or contended and unsteady pairs left fewer clean pairs than the
+    scheduled rounds give."""
     contended = contended_timings(loads or [], cfg)
     again = []
     for k in names:
         if k == baseline:
             continue
         r = row_speedup(timings, baseline, k, cfg, contended)
-        if r["noisy"] or r["clean_pairs"] < cfg.repeats:
+        if (noisy and r["noisy"]) or r["clean_pairs"] < cfg.repeats:
             again.append(k)
     return again
 

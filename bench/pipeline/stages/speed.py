@@ -9,7 +9,7 @@ compile that fails is recorded with its reason and the run goes on.
 
 Settings (``profile["speed"]``, each overridable per model under ``per_model``): ``batch_size`` or
 ``batch_sizes``, ``precision`` + ``also_precisions``, ``warmup``, ``iters`` (fixed count) or
-``min_time``/``min_iters`` (calibrated count), ``repeats``, ``pair_every``, ``extra_repeats``,
+``min_time``/``min_iters`` (calibrated count), ``repeats``, ``pair_every``, ``extra_repeats``, ``refill_repeats``,
 ``contention_pct``/``bracket_pct``/``min_clean_pairs`` (pairs left out), ``configs``,
 ``timm_baselines``, ``compile_configs``, ``compile_batch_sizes``, ``budget_s``.
 """
@@ -31,8 +31,8 @@ VARIANT_LABEL = {"compile": "compile", "channels_last": "channels-last", "finetu
 COLUMNS = ["model", "method", "config", "structure", "variant", "precision", "batch_size", "img_s", "img_s_min",
            "img_s_max", "speedup", "speedup_ci_low", "speedup_ci_high", "noisy", "pairs", "contended", "unsteady", "speedup_min",
            "speedup_max", "mac_speedup", "efficiency", "attn_kernel", "note"]
-_CFG_KEYS = ("warmup", "iters", "repeats", "min_time", "min_iters", "pair_every", "extra_repeats", "contention_pct",
-             "bracket_pct", "min_clean_pairs")
+_CFG_KEYS = ("warmup", "iters", "repeats", "min_time", "min_iters", "pair_every", "extra_repeats", "refill_repeats",
+             "contention_pct", "bracket_pct", "min_clean_pairs")
 
 
 def _name(spec: str, variant: str) -> str:
@@ -218,7 +218,8 @@ def run(ctx) -> None:
         ETA: the protocol's own schedule, plus extra rounds (a row and a baseline timing each) for about half
         the rows, as on the 2-core machine; a timing lasts about 1.5 x min_time (whole calls)."""
         names = list(range(n))
-        timings = len(speed.schedule(names, names[0], cfg.repeats, cfg.pair_every)) + (n - 1) * cfg.extra_repeats
+        timings = (len(speed.schedule(names, names[0], cfg.repeats, cfg.pair_every))
+                   + (n - 1) * (cfg.extra_repeats + cfg.refill_repeats // 2))
         return timings * (cfg.min_time or 1.0) * 1.5 + 2.0
 
     ctx.progress.plan(len(eager_jobs) + len(compile_jobs),
@@ -235,7 +236,7 @@ def run(ctx) -> None:
                 skipped.append(f"{label}: skipped, {why}")
                 ctx.progress.finished(label + " (skipped)", est, 0.0, True)
                 continue
-            desc = {"kind": "speed", "rev": 4, "model": model_name, "entries": entries, "cfg": cfg.__dict__,
+            desc = {"kind": "speed", "rev": 5, "model": model_name, "entries": entries, "cfg": cfg.__dict__,
                     "device": env.device_name(ctx.device),
                     "structure": [ctx.structure_key(s) for s, _ in entries]}
             if any(v == "finetuned" for _, v in entries):
