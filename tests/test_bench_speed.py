@@ -75,7 +75,7 @@ def test_efficiency_benchmark_reports_host_load_and_contended_pairs(capsys, tmp_
     mod = _load_benchmark("efficiency")
     out = tmp_path / "eff.json"
     mod.main(["--model", fixtures.TINY_MODEL, "--configs", "tome:r=2", "--batch-size", "1", "--min-time", "0.01",
-              "--repeats", "3", "--extra-repeats", "0", "--target", "0", "--json", str(out)])
+              "--repeats", "3", "--extra-repeats", "0", "--refill-repeats", "0", "--target", "0", "--json", str(out)])
     text = capsys.readouterr().out
     assert "| contended pairs | unsteady pairs |" in text and "| tome:r=2 " in text
     data = json.loads(out.read_text())
