@@ -139,3 +139,32 @@ print(json.dumps({"dir": root.name, "meta": [meta["task"], meta["version"]], "no
     d = json.loads(r.stdout.splitlines()[-1])
     assert d["dir"] == "cls-v5-smoke" and d["meta"] == ["largest-hue", 5] and d["backbone"].startswith("backbone-v5-smoke-")
     assert "images of task largest-hue" in d["note"] and d["default_note"] == ""
+
+
+def test_object_shape_draws_the_class_outline_in_a_random_hue(monkeypatch):
+    """The object-shape experiment: one object per image whose outline is the class's (proxy.SHAPES) and
+    whose hue is drawn at random, so only the outline tells the classes apart."""
+    import numpy as np
+
+    from bench.runtime import proxy
+
+    assert len(proxy.SHAPES) == len(proxy.CLASSES) == len(set(proxy.SHAPES))
+    rng = np.random.default_rng(0)
+    areas = {k: proxy._outline_mask(k, rng, 64.0, 64.0, 30.0).sum() for k in proxy.SHAPES}
+    assert areas["ring"] < areas["disc"] and areas["h-bar"] < areas["plus"] < areas["square"]
+    bar = proxy._outline_mask("h-bar", rng, 64.0, 64.0, 30.0)
+    ys, xs = np.nonzero(bar)
+    assert np.ptp(xs) > 2 * np.ptp(ys)  # a horizontal bar is wider than tall
+    for label in (0, 6, 9):
+        object_hues = []
+        for i in range(8):
+            hues, masks = [], []
+            hsv, outline = proxy._hsv, proxy._outline_mask
+            monkeypatch.setattr(proxy, "_hsv", lambda h, s, v: hues.append(h) or hsv(h, s, v))
+            monkeypatch.setattr(proxy, "_outline_mask", lambda kind, *a: masks.append(kind) or outline(kind, *a))
+            img = np.asarray(proxy.render(label, np.random.default_rng(np.random.SeedSequence([0, 1, i, label])),
+                                          "object-shape"))
+            monkeypatch.undo()
+            assert img.shape == (proxy.GEN_SIZE, proxy.GEN_SIZE, 3) and masks == [proxy.SHAPES[label]]
+            object_hues.append(hues[-1])  # the object's hue, drawn after the scene's
+        assert np.ptp(object_hues) > 120  # the hue is not the class's: it spreads over the colour wheel

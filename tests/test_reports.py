@@ -281,6 +281,13 @@ def test_proxy_ranking_note_compares_with_the_real_model():
     assert "does NOT agree" in proxy_ranking.ranking_note(apart)
     near = [dict(r, drop_ci95="[-9.0, -0.1]") if r["config"] == "pm:keep=0.6" else r for r in tied]
     assert "lies below" not in proxy_ranking.ranking_note(near)  # PM's interval reaches into the others'
+    # a backbone at chance (docs/proxy.md, object-shape): every drop near 0, every pair of intervals overlaps;
+    # the point estimates happen to fall in the real order, but the run orders nothing
+    chance = [{"config": k, "kind": "off-the-shelf", "drop": d, "drop_ci95": ci} for k, d, ci in (
+        ("tome:r=13", 0.1, "[+0.0, +0.3]"), ("mstm:keep=0.7", 0.1, "[-0.9, +1.1]"),
+        ("evit:keep=0.7", 0.0, "[-1.0, +1.0]"), ("pm:keep=0.6", -0.1, "[-1.1, +0.8]"))]
+    note = proxy_ranking.ranking_note(chance)
+    assert "does not resolve any order" in note and "agrees" not in note and "lies below" not in note
     assert "-19.8" in proxy_ranking.CHECKED and "docs/proxy.md" in proxy_ranking.CHECKED
 
 

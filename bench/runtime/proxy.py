@@ -20,7 +20,7 @@ default until 2026-12-01: the hue of the largest of several textured objects ove
 88.5% unreduced, but calibrated PM ranked best on it), ``small-object`` (10-20 px objects) and
 ``medium-object`` (18-30 px, +-5 degrees, a 96-wide backbone; ``TASK_SHAPES``) and ``object-part`` (the
 class's hue only on a small part of an object of another hue: a detail that merging similar tokens can
-average away).  The smoke size always
+average away) and ``object-shape`` (the object's outline decides the label, its hue is random).  The smoke size always
 draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
@@ -70,11 +70,12 @@ PROXY_MODEL = "pmbench_proxy_vit"
 # once at import, so torchrun ranks and any other process of the run see the same task.
 TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "object-hue"
-TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11}
+TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11,
+                 "object-shape": 12}
 # The backbone's (width, heads) per task: "medium-object" is the experiment with a wider backbone, whose
 # CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
 TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2),
-               "object-part": (64, 2)}
+               "object-part": (64, 2), "object-shape": (64, 2)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
@@ -406,9 +407,63 @@ def _render_object_part(label: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
+# object-shape: the ten outlines, in class order (each class folder keeps its hue name: the folders are
+# only the labels' order)
+SHAPES = ["disc", "square", "triangle-up", "triangle-down", "h-bar", "v-bar", "ring", "plus", "diamond", "corner"]
+
+
+def _outline_mask(kind: str, rng: np.random.Generator, cy: float, cx: float, side: float) -> np.ndarray:
+    """A bool mask of outline ``kind`` (:data:`SHAPES`) about ``side`` px across, centred on (cy, cx), with
+    its width and height each jittered by up to 15%."""
+    img = Image.new("L", (GEN_SIZE, GEN_SIZE), 0)
+    d = ImageDraw.Draw(img)
+    w, h = side / 2 * rng.uniform(0.85, 1.0), side / 2 * rng.uniform(0.85, 1.0)
+    box = [cx - w, cy - h, cx + w, cy + h]
+    t = side * 0.3 / 2  # half the thickness of the bars, the ring, the plus and the corner
+    if kind == "disc":
+        d.ellipse(box, fill=255)
+    elif kind == "square":
+        d.rectangle([cx - 0.85 * w, cy - 0.85 * h, cx + 0.85 * w, cy + 0.85 * h], fill=255)
+    elif kind == "triangle-up":
+        d.polygon([(cx, cy - h), (cx + w, cy + h), (cx - w, cy + h)], fill=255)
+    elif kind == "triangle-down":
+        d.polygon([(cx, cy + h), (cx + w, cy - h), (cx - w, cy - h)], fill=255)
+    elif kind == "h-bar":
+        d.rectangle([cx - w, cy - t, cx + w, cy + t], fill=255)
+    elif kind == "v-bar":
+        d.rectangle([cx - t, cy - h, cx + t, cy + h], fill=255)
+    elif kind == "ring":
+        d.ellipse(box, fill=255)
+        d.ellipse([cx - w + 2 * t, cy - h + 2 * t, cx + w - 2 * t, cy + h - 2 * t], fill=0)
+    elif kind == "plus":
+        d.rectangle([cx - w, cy - t, cx + w, cy + t], fill=255)
+        d.rectangle([cx - t, cy - h, cx + t, cy + h], fill=255)
+    elif kind == "diamond":
+        d.polygon([(cx, cy - h), (cx + w, cy), (cx, cy + h), (cx - w, cy)], fill=255)
+    elif kind == "corner":  # an L: the left and the bottom edge of the box
+        d.rectangle([cx - w, cy - h, cx - w + 2 * t, cy + h], fill=255)
+        d.rectangle([cx - w, cy + h - 2 * t, cx + w, cy + h], fill=255)
+    else:
+        raise ValueError(kind)
+    return np.asarray(img) > 127
+
+
+def _render_object_shape(label: int, rng: np.random.Generator) -> Image.Image:
+    """One image of the ``object-shape`` task (an experiment, docs/proxy.md): ``object-hue``'s scene and
+    one saturated object of a random hue, 24-36 px (3-4.5 tokens across), whose outline (:data:`SHAPES`)
+    decides the label.  The outline lives in where the object's tokens are and in the tokens on its edge,
+    which merging similar tokens (ToMe) moves and averages, while its mean colour carries nothing."""
+    img = _smooth_scene(rng)
+    side, cy, cx = _place_object(rng, (24, 36))
+    mask = _outline_mask(SHAPES[label], rng, cy, cx, side)
+    _paint(img, rng, mask, rng.uniform(0, 360))
+    img += rng.normal(0, 5, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
 _RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object,
               "medium-object": _render_medium_object, "object-hue": _render_object_hue,
-              "object-part": _render_object_part}
+              "object-part": _render_object_part, "object-shape": _render_object_shape}
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:

@@ -39,9 +39,11 @@ def ranking_note(rows: list[dict]) -> str | None:
     ``config``, ``kind`` and ``drop`` (and ``drop_ci95`` when measured).
 
     The verdict reads the intervals: a pair that the run orders the other way round from the real model
-    but whose intervals overlap is a tie on these images, not a contradiction.  When the configuration
-    the real model ranks last has an interval below every other's, the note says it is set apart, as on
-    the real model."""
+    but whose intervals overlap is a tie on these images, not a contradiction.  When every pair's
+    intervals overlap the run orders nothing, whatever its point estimates say (a backbone at chance
+    loses nothing to any method), and the note says so instead of calling it agreement.  When the
+    configuration the real model ranks last has an interval below every other's, the note says it is set
+    apart, as on the real model."""
     ours = {r["config"]: r for r in rows
             if r.get("kind") == "off-the-shelf" and r["config"] in REAL_REFERENCE and r.get("drop") is not None}
     if len(ours) < 2:
@@ -53,7 +55,11 @@ def ranking_note(rows: list[dict]) -> str | None:
     iv = {k: _interval(ours[k]) for k in ours}
     swapped = [(a, b) for i, a in enumerate(real) for b in real[i + 1:] if ours[a]["drop"] < ours[b]["drop"]]
     contradicted = [(a, b) for a, b in swapped if iv[a][1] < iv[b][0]]  # a's whole interval below b's
-    if not swapped:
+    apart = [(a, b) for i, a in enumerate(real) for b in real[i + 1:] if iv[a][1] < iv[b][0] or iv[b][1] < iv[a][0]]
+    if not apart:
+        verdict = ("does not resolve any order: the intervals of every pair overlap, so these drops cannot rank "
+                   "the methods (the real model's order: " + " > ".join(real) + ")")
+    elif not swapped:
         verdict = "agrees with the real model's order"
     elif not contradicted:
         verdict = ("agrees with the real model's order within the paired intervals ("
