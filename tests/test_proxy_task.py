@@ -168,3 +168,9 @@ def test_object_shape_draws_the_class_outline_in_a_random_hue(monkeypatch):
             assert img.shape == (proxy.GEN_SIZE, proxy.GEN_SIZE, 3) and masks == [proxy.SHAPES[label]]
             object_hues.append(hues[-1])  # the object's hue, drawn after the scene's
         assert np.ptp(object_hues) > 120  # the hue is not the class's: it spreads over the colour wheel
+    # large-shape: the same outlines at 40-60 px against 24-36
+    sides = []
+    monkeypatch.setattr(proxy, "_place_object", lambda rng, s: sides.append(s) or (s[0], 64.0, 64.0))
+    for task in ("object-shape", "large-shape"):
+        proxy.render(0, np.random.default_rng(0), task)
+    assert sides == [(24, 36), (40, 60)]

@@ -20,7 +20,8 @@ default until 2026-12-01: the hue of the largest of several textured objects ove
 88.5% unreduced, but calibrated PM ranked best on it), ``small-object`` (10-20 px objects) and
 ``medium-object`` (18-30 px, +-5 degrees, a 96-wide backbone; ``TASK_SHAPES``) and ``object-part`` (the
 class's hue only on a small part of an object of another hue: a detail that merging similar tokens can
-average away) and ``object-shape`` (the object's outline decides the label, its hue is random).  The smoke size always
+average away), ``object-shape`` (the object's outline decides the label, its hue is random) and
+``large-shape`` (the same with 40-60 px objects).  The smoke size always
 draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
@@ -71,11 +72,11 @@ PROXY_MODEL = "pmbench_proxy_vit"
 TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "object-hue"
 TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11,
-                 "object-shape": 12}
+                 "object-shape": 12, "large-shape": 13}
 # The backbone's (width, heads) per task: "medium-object" is the experiment with a wider backbone, whose
 # CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
 TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2),
-               "object-part": (64, 2), "object-shape": (64, 2)}
+               "object-part": (64, 2), "object-shape": (64, 2), "large-shape": (64, 2)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
@@ -448,13 +449,14 @@ def _outline_mask(kind: str, rng: np.random.Generator, cy: float, cx: float, sid
     return np.asarray(img) > 127
 
 
-def _render_object_shape(label: int, rng: np.random.Generator) -> Image.Image:
+def _render_object_shape(label: int, rng: np.random.Generator, sides=(24, 36)) -> Image.Image:
     """One image of the ``object-shape`` task (an experiment, docs/proxy.md): ``object-hue``'s scene and
     one saturated object of a random hue, 24-36 px (3-4.5 tokens across), whose outline (:data:`SHAPES`)
     decides the label.  The outline lives in where the object's tokens are and in the tokens on its edge,
-    which merging similar tokens (ToMe) moves and averages, while its mean colour carries nothing."""
+    which merging similar tokens (ToMe) moves and averages, while its mean colour carries nothing.
+    ``large-shape`` is the same with 40-60 px objects (5-7.5 tokens across)."""
     img = _smooth_scene(rng)
-    side, cy, cx = _place_object(rng, (24, 36))
+    side, cy, cx = _place_object(rng, sides)
     mask = _outline_mask(SHAPES[label], rng, cy, cx, side)
     _paint(img, rng, mask, rng.uniform(0, 360))
     img += rng.normal(0, 5, img.shape)
@@ -463,7 +465,8 @@ def _render_object_shape(label: int, rng: np.random.Generator) -> Image.Image:
 
 _RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object,
               "medium-object": _render_medium_object, "object-hue": _render_object_hue,
-              "object-part": _render_object_part, "object-shape": _render_object_shape}
+              "object-part": _render_object_part, "object-shape": _render_object_shape,
+              "large-shape": lambda label, rng: _render_object_shape(label, rng, sides=(40, 60))}
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
