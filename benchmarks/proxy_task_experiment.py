@@ -69,8 +69,10 @@ def main(argv=None) -> int:
         prof.write_text(json.dumps({"accuracy_configs": ["none", *REFERENCE],
                                     "finetune_configs": ["pm:keep=0.6"] if a.finetune else [],
                                     "finetune_max_steps": a.finetune_steps}))
+        # one process: the recipe above is patched into this process's SIZES, which job workers (fresh
+        # processes) would not see, so they would train and measure the default recipe's backbone instead
         rc = orchestrate.main(["--profile", "default", "--only", "accuracy", "--profile-file", str(prof),
-                               "--out", str(out)])
+                               "--out", str(out), "--job-workers", "1"])
     if rc != 0:
         return rc
     rows = json.loads((out / "accuracy.json").read_text())["rows"]

@@ -174,3 +174,25 @@ def test_object_shape_draws_the_class_outline_in_a_random_hue(monkeypatch):
     for task in ("object-shape", "large-shape"):
         proxy.render(0, np.random.default_rng(0), task)
     assert sides == [(24, 36), (40, 60)]
+
+
+def test_task_experiment_measures_in_one_process(monkeypatch, tmp_path):
+    """benchmarks/proxy_task_experiment.py patches its backbone recipe (--epochs) into this process's SIZES;
+    job workers are fresh processes that would train the default recipe's backbone instead, so the
+    experiment runs the accuracy stage with --job-workers 1."""
+    import importlib.util
+
+    from bench import orchestrate
+    from bench.runtime import proxy
+
+    spec = importlib.util.spec_from_file_location("proxy_task_experiment", proxy.ROOT / "benchmarks" / "proxy_task_experiment.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for var in ("PMBENCH_PROXY_TASK", "PMBENCH_CACHE"):
+        monkeypatch.setenv(var, "")
+    monkeypatch.setitem(proxy.SIZES, "default", proxy.SIZES["default"])  # the experiment replaces it
+    calls = []
+    monkeypatch.setattr(orchestrate, "main", lambda argv: calls.append((argv, proxy.SIZES["default"].epochs)) or 1)
+    assert mod.main(["--task", proxy.DEFAULT_TASK, "--epochs", "12", "--cache", str(tmp_path)]) == 1
+    (argv, epochs), = calls
+    assert argv[argv.index("--job-workers") + 1] == "1" and epochs == 12
