@@ -35,6 +35,23 @@ def make_vit():
 
 
 @pytest.fixture
+def load_benchmark():
+    """Factory: ``load_benchmark("efficiency")`` imports ``benchmarks/efficiency.py`` as a module (the
+    benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.fixture
 def record_tokens():
     """``rec = record_tokens(model)`` -> after a forward, ``rec['attn'][i]`` / ``rec['mlp'][i]``
     are the token counts block i's attention / MLP really saw (read from norm1 / norm2 inputs);

@@ -31,19 +31,13 @@ def test_forward_throughput(benchmark, make_vit, spec):
     assert out.shape == (8, 10)
 
 
-def test_tome_overhead_benchmark_times_the_schedules_merges(capsys):
+def test_tome_overhead_benchmark_times_the_schedules_merges(capsys, load_benchmark):
     """benchmarks/tome_overhead.py (docs/speed.md, section 7) times ToMe's own work at the token counts of
     the configuration's schedule: one row per r, one merging block per block that merges."""
-    import importlib.util
-    from pathlib import Path
-
     from bench.core.reducer import ModelInfo
     from bench.runtime import models
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tome_overhead.py"
-    spec = importlib.util.spec_from_file_location("tome_overhead", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("tome_overhead")
     info = ModelInfo.from_model(models.create("deit_tiny_patch16_224"))
     blocks = mod.inputs(info, "tome:r=16", 2, 192, 3)
     sched = registry.build("tome:r=16").token_schedule(info)
@@ -54,25 +48,14 @@ def test_tome_overhead_benchmark_times_the_schedules_merges(capsys):
     assert len(row) == 1 and row[0].split("|")[2].strip() == "12"
 
 
-def _load_benchmark(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_efficiency_benchmark_reports_host_load_and_contended_pairs(capsys, tmp_path):
+def test_efficiency_benchmark_reports_host_load_and_contended_pairs(capsys, tmp_path, load_benchmark):
     """benchmarks/efficiency.py prints the host load of its timings and, per configuration, how many pairs
     contention left out (docs/speed.md, section 1, step 7), and writes them to its JSON."""
     import json
 
     from bench.runtime import fixtures
 
-    mod = _load_benchmark("efficiency")
+    mod = load_benchmark("efficiency")
     out = tmp_path / "eff.json"
     mod.main(["--model", fixtures.TINY_MODEL, "--configs", "tome:r=2", "--batch-size", "1", "--min-time", "0.01",
               "--repeats", "3", "--extra-repeats", "0", "--refill-repeats", "0", "--target", "0", "--json", str(out)])
@@ -84,12 +67,12 @@ def test_efficiency_benchmark_reports_host_load_and_contended_pairs(capsys, tmp_
         assert "host load (other processes + steal)" in text
 
 
-def test_agreement_benchmark_shows_contended_pairs(capsys, tmp_path):
+def test_agreement_benchmark_shows_contended_pairs(capsys, tmp_path, load_benchmark):
     """benchmarks/speed_agreement.py --reuse compares two report folders row by row and shows, per row, the
     pairs each run left out (contended, unsteady) next to the difference."""
     import json
 
-    mod = _load_benchmark("speed_agreement")
+    mod = load_benchmark("speed_agreement")
     base = {"model": "DeiT-S", "method": "tome", "config": "tome:r=13", "structure": None, "variant": "eager",
             "precision": "fp32", "batch_size": 8, "noisy": False}
     for name, sp, left, shaky in (("a", 1.80, 0, 3), ("b", 1.95, 2, 1)):

@@ -176,18 +176,14 @@ def test_object_shape_draws_the_class_outline_in_a_random_hue(monkeypatch):
     assert sides == [(24, 36), (40, 60)]
 
 
-def test_task_experiment_measures_in_one_process(monkeypatch, tmp_path):
+def test_task_experiment_measures_in_one_process(monkeypatch, tmp_path, load_benchmark):
     """benchmarks/proxy_task_experiment.py patches its backbone recipe (--epochs) into this process's SIZES;
     job workers are fresh processes that would train the default recipe's backbone instead, so the
     experiment runs the accuracy stage with --job-workers 1."""
-    import importlib.util
-
     from bench import orchestrate
     from bench.runtime import proxy
 
-    spec = importlib.util.spec_from_file_location("proxy_task_experiment", proxy.ROOT / "benchmarks" / "proxy_task_experiment.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("proxy_task_experiment")
     for var in ("PMBENCH_PROXY_TASK", "PMBENCH_CACHE"):
         monkeypatch.setenv(var, "")
     monkeypatch.setitem(proxy.SIZES, "default", proxy.SIZES["default"])  # the experiment replaces it

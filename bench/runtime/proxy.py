@@ -297,6 +297,12 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.asarray(pil.filter(ImageFilter.SMOOTH)).astype(np.float32)
 
 
+def _with_pixel_noise(img: np.ndarray, rng: np.random.Generator, sigma: float) -> Image.Image:
+    """Every task's last step: Gaussian pixel noise of ``sigma`` over the float image, clipped to 8 bits."""
+    img += rng.normal(0, sigma, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
 def _render_largest_hue(label: int, rng: np.random.Generator) -> Image.Image:
     """One image of the ``largest-hue`` task (the default until 2026-12-01) of class ``label``."""
     S = GEN_SIZE
@@ -322,8 +328,7 @@ def _render_largest_hue(label: int, rng: np.random.Generator) -> Image.Image:
         c1, c2 = _colour_pair(cls, rng)
         tex = pat[..., None] * c1 + (1 - pat[..., None]) * c2
         img[mask] = tex[mask]
-    img += rng.normal(0, 6, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return _with_pixel_noise(img, rng, 6)
 
 
 def _smooth_field(rng: np.random.Generator, scales=(64, 32, 16, 8), amp0: float = 40.0) -> np.ndarray:
@@ -375,8 +380,7 @@ def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), j
     img = _smooth_scene(rng)
     side, cy, cx = _place_object(rng, sides)
     _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-jitter, jitter))
-    img += rng.normal(0, 5, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return _with_pixel_noise(img, rng, 5)
 
 
 def _render_medium_object(label: int, rng: np.random.Generator) -> Image.Image:
@@ -404,8 +408,7 @@ def _render_object_part(label: int, rng: np.random.Generator) -> Image.Image:
     py, px = np.array([cy, cx]) + rng.uniform(-0.25, 0.25, 2) * (side - part)
     mask = _shape_mask(rng, py, px, part)  # drawn before the hue, as in every object task
     _paint(img, rng, mask, label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER))
-    img += rng.normal(0, 5, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return _with_pixel_noise(img, rng, 5)
 
 
 # object-shape: the ten outlines, in class order (each class folder keeps its hue name: the folders are
@@ -459,14 +462,17 @@ def _render_object_shape(label: int, rng: np.random.Generator, sides=(24, 36)) -
     side, cy, cx = _place_object(rng, sides)
     mask = _outline_mask(SHAPES[label], rng, cy, cx, side)
     _paint(img, rng, mask, rng.uniform(0, 360))
-    img += rng.normal(0, 5, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return _with_pixel_noise(img, rng, 5)
+
+
+def _render_large_shape(label: int, rng: np.random.Generator) -> Image.Image:
+    return _render_object_shape(label, rng, sides=(40, 60))
 
 
 _RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object,
               "medium-object": _render_medium_object, "object-hue": _render_object_hue,
               "object-part": _render_object_part, "object-shape": _render_object_shape,
-              "large-shape": lambda label, rng: _render_object_shape(label, rng, sides=(40, 60))}
+              "large-shape": _render_large_shape}
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
