@@ -123,6 +123,42 @@ def test_object_part_puts_the_class_hue_on_a_small_part_of_a_distractor_object(m
             assert (part & body).sum() >= 0.5 * part.sum()  # the part sits on the body
 
 
+def test_object_clutter_puts_the_object_hue_object_on_the_busy_background(monkeypatch):
+    """The object-clutter, small-clutter and sparse-clutter experiments: largest-hue's busy background (dense confetti in the classes' hues),
+    then one 18-30 px object of the class's hue (+-12 degrees), the last thing drawn before the noise."""
+    import numpy as np
+
+    from bench.runtime import proxy
+
+    for label in (0, 5, 9):
+        for i in range(4):
+            calls, hues, masks = [], [], []
+            hsv, shape, background = proxy._hsv, proxy._shape_mask, proxy._background
+            monkeypatch.setattr(proxy, "_background", lambda rng, c: calls.append("background") or background(rng, c))
+            monkeypatch.setattr(proxy, "_smooth_scene", lambda rng: calls.append("smooth"))
+            monkeypatch.setattr(proxy, "_hsv", lambda h, s, v: hues.append(h) or hsv(h, s, v))
+            monkeypatch.setattr(proxy, "_shape_mask", lambda *a: masks.append(shape(*a)) or masks[-1])
+            img = np.asarray(proxy.render(label, np.random.default_rng(np.random.SeedSequence([0, 1, i, label])),
+                                          "object-clutter"))
+            monkeypatch.undo()
+            assert img.shape == (proxy.GEN_SIZE, proxy.GEN_SIZE, 3) and calls == ["background"]
+            assert len(hues) > 120  # the confetti's hues, then the object's
+            assert abs(hues[-1] - label * proxy.HUE_STEP) <= proxy.OBJECT_HUE_JITTER
+            (mask,) = masks
+            assert 0.3 * 18 ** 2 <= mask.sum() <= 1.3 * 30 ** 2  # about 18-30 px across
+            # the object is the saturated, uniform region it was painted as (pixel noise only)
+            obj = img[mask].astype(float)
+            assert obj.std(0).max() < 12
+    # small-clutter: 14-24 px objects against 18-30; sparse-clutter: those with 40-70 dots against 120-200
+    sides, confetti = [], []
+    background = proxy._background
+    monkeypatch.setattr(proxy, "_place_object", lambda rng, s: sides.append(s) or (s[0], 64.0, 64.0))
+    monkeypatch.setattr(proxy, "_background", lambda rng, c: confetti.append(c) or background(rng, c))
+    for task in ("object-clutter", "small-clutter", "sparse-clutter"):
+        proxy.render(0, np.random.default_rng(0), task)
+    assert sides == [(18, 30), (14, 24), (14, 24)] and confetti == [(120, 200), (120, 200), (40, 70)]
+
+
 def test_the_smoke_size_draws_largest_hue_images_whatever_the_task(tmp_path):
     """The smoke backbone (8 steps) learns nothing on the object task; its images are largest-hue's so the
     CI gate's accuracies sit above chance.  Its data folder, manifest and header say so."""

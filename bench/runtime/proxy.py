@@ -21,7 +21,9 @@ default until 2026-12-01: the hue of the largest of several textured objects ove
 ``medium-object`` (18-30 px, +-5 degrees, a 96-wide backbone; ``TASK_SHAPES``) and ``object-part`` (the
 class's hue only on a small part of an object of another hue: a detail that merging similar tokens can
 average away), ``object-shape`` (the object's outline decides the label, its hue is random) and
-``large-shape`` (the same with 40-60 px objects).  The smoke size always
+``large-shape`` (the same with 40-60 px objects), ``object-clutter`` (``object-hue``'s object over
+``largest-hue``'s dense confetti, so few background tokens are alike), ``small-clutter`` (the same with
+14-24 px objects) and ``sparse-clutter`` (those with a third of the confetti).  The smoke size always
 draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
@@ -72,11 +74,13 @@ PROXY_MODEL = "pmbench_proxy_vit"
 TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "object-hue"
 TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11,
-                 "object-shape": 12, "large-shape": 13}
+                 "object-shape": 12, "large-shape": 13, "object-clutter": 14,
+                 "small-clutter": 15, "sparse-clutter": 16}
 # The backbone's (width, heads) per task: "medium-object" is the experiment with a wider backbone, whose
 # CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
 TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2),
-               "object-part": (64, 2), "object-shape": (64, 2), "large-shape": (64, 2)}
+               "object-part": (64, 2), "object-shape": (64, 2), "large-shape": (64, 2), "object-clutter": (64, 2),
+               "small-clutter": (64, 2), "sparse-clutter": (64, 2)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
@@ -274,7 +278,9 @@ def _shape_mask(rng: np.random.Generator, cy: float, cx: float, side: float) -> 
     return np.asarray(img) > 127
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
+def _background(rng: np.random.Generator, confetti=(120, 200)) -> np.ndarray:
+    """``largest-hue``'s busy background: a grey-ish low-frequency field, random segments, and
+    ``confetti`` (a range) small dots in the classes' hues."""
     S = GEN_SIZE
     base = rng.uniform(60, 200) + rng.normal(0, 8, 3)  # low saturation: grey-ish
     low = rng.normal(0, 30, (6, 6, 1)) + rng.normal(0, 8, (6, 6, 3))
@@ -288,7 +294,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
         ang, ln = rng.uniform(0, 2 * math.pi), rng.uniform(8, 40)
         col = tuple(int(c) for c in rng.uniform(0, 255, 3))
         d.line([x0, y0, x0 + ln * math.cos(ang), y0 + ln * math.sin(ang)], fill=col, width=int(rng.integers(1, 3)))
-    for _ in range(int(rng.integers(120, 200))):  # dense confetti in the classes' hues: few redundant tokens
+    for _ in range(int(rng.integers(*confetti))):  # dense confetti in the classes' hues: few redundant tokens
         x0, y0 = rng.uniform(0, S, 2)
         r = rng.uniform(1.5, 4.5)
         col = tuple(int(c) for c in _hsv(rng.uniform(-10, 10 + HUE_STEP * len(CLASSES)), rng.uniform(0.3, 0.9),
@@ -469,10 +475,32 @@ def _render_large_shape(label: int, rng: np.random.Generator) -> Image.Image:
     return _render_object_shape(label, rng, sides=(40, 60))
 
 
+def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30), confetti=(120, 200)) -> Image.Image:
+    """One image of the ``object-clutter`` task (an experiment, docs/proxy.md): ``object-hue``'s object
+    (18-30 px, the class's hue +-12 degrees) over ``largest-hue``'s busy background (dense small confetti
+    in the classes' hues, random segments), so few background tokens are alike.  Merging similar tokens
+    (ToMe) then runs out of redundant pairs in its later blocks and must average the object's tokens with
+    confetti of nearby hues, as a real image's tokens are averaged with unlike ones.  ``small-clutter`` is
+    the same with 14-24 px objects, ``sparse-clutter`` that with a third of the confetti (40-70 dots)."""
+    img = _background(rng, confetti)
+    side, cy, cx = _place_object(rng, sides)
+    _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER))
+    return _with_pixel_noise(img, rng, 5)
+
+
+def _render_small_clutter(label: int, rng: np.random.Generator) -> Image.Image:
+    return _render_object_clutter(label, rng, sides=(14, 24))
+
+
+def _render_sparse_clutter(label: int, rng: np.random.Generator) -> Image.Image:
+    return _render_object_clutter(label, rng, sides=(14, 24), confetti=(40, 70))
+
+
 _RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object,
               "medium-object": _render_medium_object, "object-hue": _render_object_hue,
               "object-part": _render_object_part, "object-shape": _render_object_shape,
-              "large-shape": _render_large_shape}
+              "large-shape": _render_large_shape, "object-clutter": _render_object_clutter,
+              "small-clutter": _render_small_clutter, "sparse-clutter": _render_sparse_clutter}
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
