@@ -64,6 +64,16 @@ def test_medium_object_task_has_its_own_data_and_a_wider_backbone(tmp_path):
     assert m["pixel_sum"] != s["pixel_sum"]  # the same scene, a larger object
 
 
+def test_wide_clutter_is_small_clutter_with_a_wider_backbone(tmp_path):
+    """docs/proxy.md, "A busy background": small-clutter's images under their own data version, with a
+    backbone of width 96 and 3 heads, named in every header."""
+    res = _probe(("small-clutter", "wide-clutter"), tmp_path)
+    s, w = res["small-clutter"], res["wide-clutter"]
+    assert (s["version"], w["version"]) == (15, 17) and w["meta"] == ["wide-clutter", 17]
+    assert (s["width"], s["heads"], w["width"], w["heads"]) == (64, 2, 96, 3) and "width 96, 3 heads" in w["note"]
+    assert w["pixel_sum"] == s["pixel_sum"]  # the same images
+
+
 def test_unknown_task_is_refused_with_the_choices(tmp_path):
     env = {**os.environ, "PMBENCH_PROXY_TASK": "bogus", "PMBENCH_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "bench.cli", "data", "proxy", "--size", "smoke", "--out",

@@ -23,7 +23,8 @@ class's hue only on a small part of an object of another hue: a detail that merg
 average away), ``object-shape`` (the object's outline decides the label, its hue is random) and
 ``large-shape`` (the same with 40-60 px objects), ``object-clutter`` (``object-hue``'s object over
 ``largest-hue``'s dense confetti, so few background tokens are alike), ``small-clutter`` (the same with
-14-24 px objects) and ``sparse-clutter`` (those with a third of the confetti).  The smoke size always
+14-24 px objects; ``wide-clutter`` is its images with a 96-wide backbone) and ``sparse-clutter`` (those
+with a third of the confetti).  The smoke size always
 draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
@@ -75,12 +76,12 @@ TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "object-hue"
 TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11,
                  "object-shape": 12, "large-shape": 13, "object-clutter": 14,
-                 "small-clutter": 15, "sparse-clutter": 16}
+                 "small-clutter": 15, "sparse-clutter": 16, "wide-clutter": 17}
 # The backbone's (width, heads) per task: "medium-object" is the experiment with a wider backbone, whose
 # CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
 TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2),
                "object-part": (64, 2), "object-shape": (64, 2), "large-shape": (64, 2), "object-clutter": (64, 2),
-               "small-clutter": (64, 2), "sparse-clutter": (64, 2)}
+               "small-clutter": (64, 2), "sparse-clutter": (64, 2), "wide-clutter": (96, 3)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
@@ -500,7 +501,8 @@ _RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_
               "medium-object": _render_medium_object, "object-hue": _render_object_hue,
               "object-part": _render_object_part, "object-shape": _render_object_shape,
               "large-shape": _render_large_shape, "object-clutter": _render_object_clutter,
-              "small-clutter": _render_small_clutter, "sparse-clutter": _render_sparse_clutter}
+              "small-clutter": _render_small_clutter, "sparse-clutter": _render_sparse_clutter,
+              "wide-clutter": _render_small_clutter}
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
