@@ -25,6 +25,7 @@ accuracy tables, whose headers name the task::
     python benchmarks/proxy_task_experiment.py --task object-shape --epochs 6 --finetune  # the outline decides, ~22 min
     python benchmarks/proxy_task_experiment.py --task small-clutter --epochs 6 --finetune  # busy background, ~15 min
     python benchmarks/proxy_task_experiment.py --task wide-clutter --epochs 6 --finetune   # the same, width 96, ~24 min
+    python benchmarks/proxy_task_experiment.py --task wide-tiny-clutter --epochs 6 --finetune  # 10-18 px, width 96
 """
 from __future__ import annotations
 

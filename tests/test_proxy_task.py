@@ -134,7 +134,7 @@ def test_object_part_puts_the_class_hue_on_a_small_part_of_a_distractor_object(m
 
 
 def test_object_clutter_puts_the_object_hue_object_on_the_busy_background(monkeypatch):
-    """The object-clutter, small-clutter and sparse-clutter experiments: largest-hue's busy background (dense confetti in the classes' hues),
+    """The object-clutter, small-clutter, sparse-clutter and wide-tiny-clutter experiments: largest-hue's busy background (dense confetti in the classes' hues),
     then one 18-30 px object of the class's hue (+-12 degrees), the last thing drawn before the noise."""
     import numpy as np
 
@@ -159,14 +159,17 @@ def test_object_clutter_puts_the_object_hue_object_on_the_busy_background(monkey
             # the object is the saturated, uniform region it was painted as (pixel noise only)
             obj = img[mask].astype(float)
             assert obj.std(0).max() < 12
-    # small-clutter: 14-24 px objects against 18-30; sparse-clutter: those with 40-70 dots against 120-200
+    # small-clutter: 14-24 px objects against 18-30; sparse-clutter: those with 40-70 dots against 120-200;
+    # wide-tiny-clutter: 10-18 px objects, for a 96-wide backbone
     sides, confetti = [], []
     background = proxy._background
     monkeypatch.setattr(proxy, "_place_object", lambda rng, s: sides.append(s) or (s[0], 64.0, 64.0))
     monkeypatch.setattr(proxy, "_background", lambda rng, c: confetti.append(c) or background(rng, c))
-    for task in ("object-clutter", "small-clutter", "sparse-clutter"):
+    for task in ("object-clutter", "small-clutter", "sparse-clutter", "wide-tiny-clutter"):
         proxy.render(0, np.random.default_rng(0), task)
-    assert sides == [(18, 30), (14, 24), (14, 24)] and confetti == [(120, 200), (120, 200), (40, 70)]
+    assert sides == [(18, 30), (14, 24), (14, 24), (10, 18)]
+    assert confetti == [(120, 200), (120, 200), (40, 70), (120, 200)]
+    assert proxy.TASK_SHAPES["wide-tiny-clutter"] == proxy.TASK_SHAPES["wide-clutter"] == (96, 3)
 
 
 def test_the_smoke_size_draws_largest_hue_images_whatever_the_task(tmp_path):

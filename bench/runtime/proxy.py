@@ -23,8 +23,8 @@ class's hue only on a small part of an object of another hue: a detail that merg
 average away), ``object-shape`` (the object's outline decides the label, its hue is random) and
 ``large-shape`` (the same with 40-60 px objects), ``object-clutter`` (``object-hue``'s object over
 ``largest-hue``'s dense confetti, so few background tokens are alike), ``small-clutter`` (the same with
-14-24 px objects; ``wide-clutter`` is its images with a 96-wide backbone) and ``sparse-clutter`` (those
-with a third of the confetti).  The smoke size always
+14-24 px objects; ``wide-clutter`` is its images with a 96-wide backbone, ``wide-tiny-clutter`` the same
+with 10-18 px objects) and ``sparse-clutter`` (those with a third of the confetti).  The smoke size always
 draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
@@ -76,12 +76,14 @@ TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "object-hue"
 TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11,
                  "object-shape": 12, "large-shape": 13, "object-clutter": 14,
-                 "small-clutter": 15, "sparse-clutter": 16, "wide-clutter": 17}
+                 "small-clutter": 15, "sparse-clutter": 16, "wide-clutter": 17,
+                 "wide-tiny-clutter": 18}
 # The backbone's (width, heads) per task: "medium-object" is the experiment with a wider backbone, whose
 # CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
 TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2),
                "object-part": (64, 2), "object-shape": (64, 2), "large-shape": (64, 2), "object-clutter": (64, 2),
-               "small-clutter": (64, 2), "sparse-clutter": (64, 2), "wide-clutter": (96, 3)}
+               "small-clutter": (64, 2), "sparse-clutter": (64, 2), "wide-clutter": (96, 3),
+               "wide-tiny-clutter": (96, 3)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
@@ -482,7 +484,8 @@ def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30),
     in the classes' hues, random segments), so few background tokens are alike.  Merging similar tokens
     (ToMe) then runs out of redundant pairs in its later blocks and must average the object's tokens with
     confetti of nearby hues, as a real image's tokens are averaged with unlike ones.  ``small-clutter`` is
-    the same with 14-24 px objects, ``sparse-clutter`` that with a third of the confetti (40-70 dots)."""
+    the same with 14-24 px objects, ``sparse-clutter`` that with a third of the confetti (40-70 dots),
+    ``wide-tiny-clutter`` the same with 10-18 px objects (and a 96-wide backbone)."""
     img = _background(rng, confetti)
     side, cy, cx = _place_object(rng, sides)
     _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER))
@@ -491,6 +494,10 @@ def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30),
 
 def _render_small_clutter(label: int, rng: np.random.Generator) -> Image.Image:
     return _render_object_clutter(label, rng, sides=(14, 24))
+
+
+def _render_tiny_clutter(label: int, rng: np.random.Generator) -> Image.Image:
+    return _render_object_clutter(label, rng, sides=(10, 18))
 
 
 def _render_sparse_clutter(label: int, rng: np.random.Generator) -> Image.Image:
@@ -502,7 +509,7 @@ _RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_
               "object-part": _render_object_part, "object-shape": _render_object_shape,
               "large-shape": _render_large_shape, "object-clutter": _render_object_clutter,
               "small-clutter": _render_small_clutter, "sparse-clutter": _render_sparse_clutter,
-              "wide-clutter": _render_small_clutter}
+              "wide-clutter": _render_small_clutter, "wide-tiny-clutter": _render_tiny_clutter}
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
