@@ -134,8 +134,9 @@ def test_object_part_puts_the_class_hue_on_a_small_part_of_a_distractor_object(m
 
 
 def test_object_clutter_puts_the_object_hue_object_on_the_busy_background(monkeypatch):
-    """The object-clutter, small-clutter, sparse-clutter and wide-tiny-clutter experiments: largest-hue's busy background (dense confetti in the classes' hues),
-    then one 18-30 px object of the class's hue (+-12 degrees), the last thing drawn before the noise."""
+    """The object-clutter experiment: largest-hue's busy background (dense confetti in the classes' hues),
+    then one 18-30 px object of the class's hue (+-12 degrees), the last thing drawn before the noise; its
+    variants differ in the object's size and the number of dots."""
     import numpy as np
 
     from bench.runtime import proxy

@@ -78,8 +78,9 @@ TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "objec
                  "object-shape": 12, "large-shape": 13, "object-clutter": 14,
                  "small-clutter": 15, "sparse-clutter": 16, "wide-clutter": 17,
                  "wide-tiny-clutter": 18}
-# The backbone's (width, heads) per task: "medium-object" is the experiment with a wider backbone, whose
-# CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
+# The backbone's (width, heads) per task: "medium-object", "wide-clutter" and "wide-tiny-clutter" are the
+# experiments with a wider backbone, whose CLS attention finds the object far better than the 64-wide
+# one's (docs/proxy.md).
 TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2),
                "object-part": (64, 2), "object-shape": (64, 2), "large-shape": (64, 2), "object-clutter": (64, 2),
                "small-clutter": (64, 2), "sparse-clutter": (64, 2), "wide-clutter": (96, 3),
@@ -483,9 +484,10 @@ def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30),
     (18-30 px, the class's hue +-12 degrees) over ``largest-hue``'s busy background (dense small confetti
     in the classes' hues, random segments), so few background tokens are alike.  Merging similar tokens
     (ToMe) then runs out of redundant pairs in its later blocks and must average the object's tokens with
-    confetti of nearby hues, as a real image's tokens are averaged with unlike ones.  ``small-clutter`` is
-    the same with 14-24 px objects, ``sparse-clutter`` that with a third of the confetti (40-70 dots),
-    ``wide-tiny-clutter`` the same with 10-18 px objects (and a 96-wide backbone)."""
+    confetti of nearby hues, as a real image's tokens are averaged with unlike ones.  Its variants:
+    ``small-clutter`` (14-24 px objects; ``wide-clutter`` draws the same images for a 96-wide backbone),
+    ``sparse-clutter`` (14-24 px objects, 40-70 dots) and ``wide-tiny-clutter`` (10-18 px objects, for a
+    96-wide backbone)."""
     img = _background(rng, confetti)
     side, cy, cx = _place_object(rng, sides)
     _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER))
