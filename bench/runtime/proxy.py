@@ -78,18 +78,16 @@ TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "objec
                  "object-shape": 12, "large-shape": 13, "object-clutter": 14,
                  "small-clutter": 15, "sparse-clutter": 16, "wide-clutter": 17,
                  "wide-tiny-clutter": 18}
-# The backbone's (width, heads) per task: "medium-object", "wide-clutter" and "wide-tiny-clutter" are the
-# experiments with a wider backbone, whose CLS attention finds the object far better than the 64-wide
-# one's (docs/proxy.md).
-TASK_SHAPES = {"largest-hue": (64, 2), "small-object": (64, 2), "medium-object": (96, 3), "object-hue": (64, 2),
-               "object-part": (64, 2), "object-shape": (64, 2), "large-shape": (64, 2), "object-clutter": (64, 2),
-               "small-clutter": (64, 2), "sparse-clutter": (64, 2), "wide-clutter": (96, 3),
-               "wide-tiny-clutter": (96, 3)}
+# The backbone's (width, heads): DEFAULT_SHAPE unless TASK_SHAPES names the task.  "medium-object",
+# "wide-clutter" and "wide-tiny-clutter" are the experiments with a wider backbone, whose CLS attention
+# finds the object far better than the 64-wide one's (docs/proxy.md).
+DEFAULT_SHAPE = (64, 2)
+TASK_SHAPES = {"medium-object": (96, 3), "wide-clutter": (96, 3), "wide-tiny-clutter": (96, 3)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
 DATA_VERSION = TASK_VERSIONS.get(TASK, TASK_VERSIONS[DEFAULT_TASK])
-EMBED_DIM, NUM_HEADS = TASK_SHAPES.get(TASK, TASK_SHAPES[DEFAULT_TASK])
+EMBED_DIM, NUM_HEADS = TASK_SHAPES.get(TASK, DEFAULT_SHAPE)
 IMG_SIZE = 112  # model input
 GEN_SIZE = 128  # stored image side = int(112 / 0.875)
 # 10 hue classes 20 degrees apart on a 200-degree arc (red .. blue): neighbouring classes look
@@ -533,7 +531,7 @@ def task_note(size: str = "default") -> str:
         return f"images of task {size_task(size)} (the {size} size always uses them; bench/runtime/proxy.py SIZES)"
     if TASK == DEFAULT_TASK:
         return ""
-    wide = (EMBED_DIM, NUM_HEADS) != TASK_SHAPES[DEFAULT_TASK]
+    wide = (EMBED_DIM, NUM_HEADS) != DEFAULT_SHAPE
     shape = f", backbone width {EMBED_DIM}, {NUM_HEADS} heads" if wide else ""
     return f"task {TASK} ({TASK_ENV}; experimental, docs/proxy.md{shape})"
 

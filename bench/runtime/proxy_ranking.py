@@ -53,9 +53,14 @@ def ranking_note(rows: list[dict]) -> str | None:
     listed = ", ".join(f"{k} {ours[k]['drop']:+.1f}" + (f" {ours[k]['drop_ci95']}" if ours[k].get("drop_ci95") else "")
                        for k in mine)
     iv = {k: _interval(ours[k]) for k in ours}
-    swapped = [(a, b) for i, a in enumerate(real) for b in real[i + 1:] if ours[a]["drop"] < ours[b]["drop"]]
-    contradicted = [(a, b) for a, b in swapped if iv[a][1] < iv[b][0]]  # a's whole interval below b's
-    apart = [(a, b) for i, a in enumerate(real) for b in real[i + 1:] if iv[a][1] < iv[b][0] or iv[b][1] < iv[a][0]]
+
+    def below(a, b):  # a's whole interval below b's
+        return iv[a][1] < iv[b][0]
+
+    pairs = [(a, b) for i, a in enumerate(real) for b in real[i + 1:]]  # a ranks above b on the real model
+    swapped = [(a, b) for a, b in pairs if ours[a]["drop"] < ours[b]["drop"]]
+    contradicted = [(a, b) for a, b in swapped if below(a, b)]
+    apart = [(a, b) for a, b in pairs if below(a, b) or below(b, a)]
     if not apart:
         verdict = ("does not resolve any order: the intervals of every pair overlap, so these drops cannot rank "
                    "the methods (the real model's order: " + " > ".join(real) + ")")
@@ -68,6 +73,6 @@ def ranking_note(rows: list[dict]) -> str | None:
         verdict = ("does NOT agree with the real model's order (" + " > ".join(real) + "); read these accuracy "
                    "columns as a check of the code paths, not as evidence of which method is better")
     last = real[-1]
-    if not contradicted and len(real) > 2 and all(iv[last][1] < iv[k][0] for k in real[:-1]):
+    if not contradicted and len(real) > 2 and all(below(last, k) for k in real[:-1]):
         verdict += f", and {last}'s interval lies below all the others', as the real model's loss does"
     return f"off-the-shelf ranking on this proxy, least loss first: {listed}; it {verdict} ({REAL_MODEL}, docs/proxy.md)"
