@@ -26,6 +26,7 @@ token), used to unmerge for dense prediction (docs/methods/tome.md §1.10).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -46,16 +47,13 @@ def parse_r(num_layers: int, r: list[int], inflect: Optional[float]) -> list[int
     return [int(min_val + step * i) for i in range(num_layers)]
 
 
-_ODD: dict = {}
-
-
-def _odd_positions(t2: int, device) -> torch.Tensor:
-    """(1, t2) positions 1, 3, 5, ... of the B tokens, cached per length and device (every merge of
-    a forward asks for the same few)."""
-    key = (t2, str(device))
-    if key not in _ODD:
-        _ODD[key] = (2 * torch.arange(t2, device=device) + 1).unsqueeze(0)
-    return _ODD[key]
+@functools.lru_cache(maxsize=256)
+def _row_offsets(B: int, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a (B, T, c) sequence flattened to B*T rows: ``(B, 1)`` offsets ``b*T`` of each image's first
+    row, and ``(B, T // 2)`` the rows of the B tokens (``b*T + 2j + 1``).  Cached: every merge of a
+    forward asks for the same few (B, T)."""
+    offsets = (torch.arange(B, device=device) * T).unsqueeze(1)
+    return offsets, offsets + (2 * torch.arange(T // 2, device=device) + 1)
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool,
@@ -73,7 +71,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
     concatenation, no copy of ``dst``).  The result is a view with the sequence's batch stride.
     """
     protected = int(class_token) + int(distill_token)
-    T = metric.shape[1]
+    B, T = metric.shape[0], metric.shape[1]
     r = min(r, (T - protected) // 2)
     if r <= 0:
         return None, None
@@ -82,28 +80,27 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)
         if class_token:
-            scores[..., 0, :] = -math.inf
+            scores[..., 0, :].fill_(-math.inf)
         if distill_token:
-            scores[..., :, 0] = -math.inf
+            scores[..., :, 0].fill_(-math.inf)
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[..., r:, :]
-        src_idx = edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-        if class_token:
-            unm_idx = unm_idx.sort(dim=1)[0]
+        edge_idx = node_max.argsort(dim=-1, descending=True)  # (B, t1): A tokens, best edge first
+        src_idx = edge_idx[:, :r]
+        dst_idx = node_idx.gather(dim=-1, index=src_idx)
 
-    B = metric.shape[0]
     t1 = (T + 1) // 2
     t2 = T // 2
     n_unm = t1 - r
-    dev = metric.device
-    # One row order of the whole sequence per image (A token j sits at 2j, B token j at 2j+1):
-    # [unmerged A..., B..., sources...].  A single row gather in that order gives the output's kept
-    # rows followed by the r sources, so the sources are added in place (no second gather, no cat).
-    order = torch.cat([unm_idx[..., 0] * 2, _odd_positions(t2, dev).expand(B, -1), src_idx[..., 0] * 2], dim=1)
-    rows = (order + (torch.arange(B, device=dev) * T).unsqueeze(1)).reshape(-1)
-    dst_out = dst_idx[..., 0] + n_unm  # the destination's index in the output
+    offsets, b_rows = _row_offsets(B, T, metric.device)
+    # The rows of the flattened sequence (A token j of image b is row b*T + 2j, B token j row
+    # b*T + 2j + 1) in the order [unmerged A..., B..., sources...]: a single row gather in that
+    # order gives the output's kept rows followed by the r sources, so the sources are added in place
+    # (no second gather, no cat).  ToMe keeps the unmerged A tokens in index order when there is a CLS
+    # token; sorting their rows sorts their indices (same offset within an image).
+    a_rows = torch.add(offsets, edge_idx, alpha=2)
+    unm_rows = a_rows[:, r:].sort(dim=1)[0] if class_token else a_rows[:, r:]
+    rows = torch.cat([unm_rows, b_rows, a_rows[:, :r]], dim=1).reshape(-1)
+    dst_out = dst_idx + n_unm  # the destination's index in the output
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         c = x.shape[-1]  # x has the metric's batch and tokens: (B, T, c)
@@ -119,9 +116,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
     if not with_map:
         return merge, None
     # old index -> new index (for source tracking / unmerging)
+    dev = metric.device
+    unm_idx = edge_idx[:, r:].sort(dim=1)[0] if class_token else edge_idx[:, r:]
     a_new = torch.empty(B, t1, dtype=torch.long, device=dev)
-    a_new.scatter_(1, unm_idx[..., 0], torch.arange(n_unm, device=dev).expand(B, -1))
-    a_new.scatter_(1, src_idx[..., 0], n_unm + dst_idx[..., 0])
+    a_new.scatter_(1, unm_idx, torch.arange(n_unm, device=dev).expand(B, -1))
+    a_new.scatter_(1, src_idx, dst_out)
     b_new = (n_unm + torch.arange(t2, device=dev)).expand(B, -1)
     old_to_new = torch.empty(B, T, dtype=torch.long, device=dev)
     old_to_new[:, ::2] = a_new
