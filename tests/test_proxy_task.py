@@ -161,16 +161,43 @@ def test_object_clutter_puts_the_object_hue_object_on_the_busy_background(monkey
             obj = img[mask].astype(float)
             assert obj.std(0).max() < 12
     # small-clutter: 14-24 px objects against 18-30; sparse-clutter: those with 40-70 dots against 120-200;
-    # wide-tiny-clutter: 10-18 px objects, for a 96-wide backbone
-    sides, confetti = [], []
+    # wide-tiny-clutter and wide-mid-clutter: 10-18 and 12-20 px objects, for a 96-wide backbone
+    # centred-clutter: small-clutter with the object's centre drawn around the image centre
+    sides, spreads, confetti = [], [], []
     background = proxy._background
-    monkeypatch.setattr(proxy, "_place_object", lambda rng, s: sides.append(s) or (s[0], 64.0, 64.0))
+    monkeypatch.setattr(proxy, "_place_object",
+                        lambda rng, s, spread=None: sides.append(s) or spreads.append(spread) or (s[0], 64.0, 64.0))
     monkeypatch.setattr(proxy, "_background", lambda rng, c: confetti.append(c) or background(rng, c))
-    for task in ("object-clutter", "small-clutter", "sparse-clutter", "wide-tiny-clutter"):
+    for task in ("object-clutter", "small-clutter", "sparse-clutter", "wide-tiny-clutter", "wide-mid-clutter",
+                 "centred-clutter"):
         proxy.render(0, np.random.default_rng(0), task)
-    assert sides == [(18, 30), (14, 24), (14, 24), (10, 18)]
-    assert confetti == [(120, 200), (120, 200), (40, 70), (120, 200)]
-    assert proxy.TASK_SHAPES["wide-tiny-clutter"] == proxy.TASK_SHAPES["wide-clutter"] == (96, 3)
+    assert sides == [(18, 30), (14, 24), (14, 24), (10, 18), (12, 20), (14, 24)]
+    assert spreads == [None] * 5 + [12.0]
+    assert confetti == [(120, 200), (120, 200), (40, 70), (120, 200), (120, 200), (120, 200)]
+    for task in ("wide-clutter", "wide-tiny-clutter", "wide-mid-clutter"):
+        assert proxy.TASK_SHAPES[task] == (96, 3)
+
+
+def test_centred_placement_draws_the_object_near_the_image_centre(monkeypatch):
+    """centred-object is object-hue's image with the object's centre drawn around the image centre
+    (standard deviation 12 px, kept inside the crop); every other object task places it uniformly."""
+    import numpy as np
+
+    from bench.runtime import proxy
+
+    def centres(spread):
+        return np.array([proxy._place_object(np.random.default_rng(i), (18, 30), spread)[1:] for i in range(400)])
+
+    uniform, centred = centres(None), centres(12.0)
+    mid = proxy.GEN_SIZE / 2
+    assert abs(centred.mean() - mid) < 2 and 10 < centred.std() < 13  # clipping trims the tails a little
+    assert uniform.std() > 20 and np.abs(centred - mid).max() <= mid - 10 - 9  # inside the margin
+    calls = []
+    monkeypatch.setattr(proxy, "_render_small_object", lambda label, rng, **kw: calls.append(kw))
+    proxy.render(0, np.random.default_rng(0), "centred-object")
+    proxy.render(0, np.random.default_rng(0), "object-hue")
+    assert calls == [{"sides": (18, 30), "jitter": proxy.OBJECT_HUE_JITTER, "spread": 12.0},
+                     {"sides": (18, 30), "jitter": proxy.OBJECT_HUE_JITTER}]
 
 
 def test_the_smoke_size_draws_largest_hue_images_whatever_the_task(tmp_path):

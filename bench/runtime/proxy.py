@@ -23,9 +23,11 @@ class's hue only on a small part of an object of another hue: a detail that merg
 average away), ``object-shape`` (the object's outline decides the label, its hue is random) and
 ``large-shape`` (the same with 40-60 px objects), ``object-clutter`` (``object-hue``'s object over
 ``largest-hue``'s dense confetti, so few background tokens are alike), ``small-clutter`` (the same with
-14-24 px objects; ``wide-clutter`` is its images with a 96-wide backbone, ``wide-tiny-clutter`` the same
-with 10-18 px objects) and ``sparse-clutter`` (those with a third of the confetti).  The smoke size always
-draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
+14-24 px objects; ``wide-clutter`` is its images with a 96-wide backbone, ``wide-tiny-clutter`` and
+``wide-mid-clutter`` the same with 10-18 and 12-20 px objects), ``sparse-clutter`` (those with a third
+of the confetti), ``centred-object`` (``object-hue`` with the object drawn around the image centre, as
+photographs centre their subject) and ``centred-clutter`` (``small-clutter`` placed so).  The smoke size
+always draws ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
 index])``), so the same seed writes the same bytes, independent of order.
@@ -77,12 +79,14 @@ DEFAULT_TASK = "object-hue"
 TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11,
                  "object-shape": 12, "large-shape": 13, "object-clutter": 14,
                  "small-clutter": 15, "sparse-clutter": 16, "wide-clutter": 17,
-                 "wide-tiny-clutter": 18}
+                 "wide-tiny-clutter": 18, "wide-mid-clutter": 19, "centred-object": 20,
+                 "centred-clutter": 21}
 # The backbone's (width, heads): DEFAULT_SHAPE unless TASK_SHAPES names the task.  "medium-object",
-# "wide-clutter" and "wide-tiny-clutter" are the experiments with a wider backbone, whose CLS attention
+# "wide-clutter", "wide-tiny-clutter" and "wide-mid-clutter" are the experiments with a wider backbone, whose CLS attention
 # finds the object far better than the 64-wide one's (docs/proxy.md).
 DEFAULT_SHAPE = (64, 2)
-TASK_SHAPES = {"medium-object": (96, 3), "wide-clutter": (96, 3), "wide-tiny-clutter": (96, 3)}
+TASK_SHAPES = {"medium-object": (96, 3), "wide-clutter": (96, 3), "wide-tiny-clutter": (96, 3),
+               "wide-mid-clutter": (96, 3)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
 _TASK_ERROR = None if TASK in TASK_VERSIONS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
@@ -367,11 +371,16 @@ def _smooth_scene(rng: np.random.Generator) -> np.ndarray:
     return np.asarray(pil.filter(ImageFilter.GaussianBlur(3))).astype(np.float32)
 
 
-def _place_object(rng: np.random.Generator, sides) -> tuple[float, float, float]:
-    """The object tasks' object: its size (``sides`` px range) and a centre inside the 112 centre crop."""
+def _place_object(rng: np.random.Generator, sides, spread: Optional[float] = None) -> tuple[float, float, float]:
+    """The object tasks' object: its size (``sides`` px range) and a centre inside the 112 centre crop,
+    uniform there, or with ``spread`` drawn around the image centre with that standard deviation (px), the
+    way photographers centre their subject (``centred-object``)."""
     side = rng.uniform(*sides)
     margin = 10 + side / 2
-    cy, cx = rng.uniform(margin, GEN_SIZE - margin, 2)
+    if spread is None:
+        cy, cx = rng.uniform(margin, GEN_SIZE - margin, 2)
+    else:
+        cy, cx = np.clip(rng.normal(GEN_SIZE / 2, spread, 2), margin, GEN_SIZE - margin)
     return side, cy, cx
 
 
@@ -380,13 +389,14 @@ def _paint(img: np.ndarray, rng: np.random.Generator, mask: np.ndarray, hue: flo
     img[mask] = _hsv(hue, rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0)) + rng.normal(0, 4, (int(mask.sum()), 3))
 
 
-def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), jitter: float = HUE_JITTER) -> Image.Image:
+def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), jitter: float = HUE_JITTER,
+                         spread: Optional[float] = None) -> Image.Image:
     """One image of the ``small-object`` task of class ``label``: a smooth, low-saturation scene of a
     random hue with a few large soft blobs (neighbouring tokens are redundant, as in photographs), and
     one small saturated object (side ``sides`` px: 10-20, i.e. 2-6 tokens) of the class's hue (+-5
-    degrees).  ``medium-object`` is the same scene with 18-30 px objects."""
+    degrees), placed by :func:`_place_object`.  ``medium-object`` is the same scene with 18-30 px objects."""
     img = _smooth_scene(rng)
-    side, cy, cx = _place_object(rng, sides)
+    side, cy, cx = _place_object(rng, sides, spread)
     _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-jitter, jitter))
     return _with_pixel_noise(img, rng, 5)
 
@@ -402,6 +412,14 @@ OBJECT_HUE_JITTER = 12.0
 
 def _render_object_hue(label: int, rng: np.random.Generator) -> Image.Image:
     return _render_small_object(label, rng, sides=(18, 30), jitter=OBJECT_HUE_JITTER)
+
+
+def _render_centred_object(label: int, rng: np.random.Generator) -> Image.Image:
+    """One image of the ``centred-object`` task (an experiment, docs/proxy.md): ``object-hue``'s image,
+    with the object's centre drawn around the image centre (standard deviation 12 px) instead of
+    anywhere in the crop.  Real photographs put their subject near the centre, which a token structure
+    fixed per position (PM) can learn to keep."""
+    return _render_small_object(label, rng, sides=(18, 30), jitter=OBJECT_HUE_JITTER, spread=12.0)
 
 
 def _render_object_part(label: int, rng: np.random.Generator) -> Image.Image:
@@ -477,17 +495,19 @@ def _render_large_shape(label: int, rng: np.random.Generator) -> Image.Image:
     return _render_object_shape(label, rng, sides=(40, 60))
 
 
-def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30), confetti=(120, 200)) -> Image.Image:
+def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30), confetti=(120, 200),
+                           spread: Optional[float] = None) -> Image.Image:
     """One image of the ``object-clutter`` task (an experiment, docs/proxy.md): ``object-hue``'s object
     (18-30 px, the class's hue +-12 degrees) over ``largest-hue``'s busy background (dense small confetti
     in the classes' hues, random segments), so few background tokens are alike.  Merging similar tokens
     (ToMe) then runs out of redundant pairs in its later blocks and must average the object's tokens with
     confetti of nearby hues, as a real image's tokens are averaged with unlike ones.  Its variants:
     ``small-clutter`` (14-24 px objects; ``wide-clutter`` draws the same images for a 96-wide backbone),
-    ``sparse-clutter`` (14-24 px objects, 40-70 dots) and ``wide-tiny-clutter`` (10-18 px objects, for a
-    96-wide backbone)."""
+    ``sparse-clutter`` (14-24 px objects, 40-70 dots), ``wide-tiny-clutter`` (10-18 px objects, for a
+    96-wide backbone), ``wide-mid-clutter`` (12-20 px objects, for a 96-wide backbone) and
+    ``centred-clutter`` (``small-clutter`` with ``centred-object``'s placement)."""
     img = _background(rng, confetti)
-    side, cy, cx = _place_object(rng, sides)
+    side, cy, cx = _place_object(rng, sides, spread)
     _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER))
     return _with_pixel_noise(img, rng, 5)
 
@@ -500,6 +520,14 @@ def _render_tiny_clutter(label: int, rng: np.random.Generator) -> Image.Image:
     return _render_object_clutter(label, rng, sides=(10, 18))
 
 
+def _render_mid_clutter(label: int, rng: np.random.Generator) -> Image.Image:
+    return _render_object_clutter(label, rng, sides=(12, 20))
+
+
+def _render_centred_clutter(label: int, rng: np.random.Generator) -> Image.Image:
+    return _render_object_clutter(label, rng, sides=(14, 24), spread=12.0)
+
+
 def _render_sparse_clutter(label: int, rng: np.random.Generator) -> Image.Image:
     return _render_object_clutter(label, rng, sides=(14, 24), confetti=(40, 70))
 
@@ -509,7 +537,9 @@ _RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_
               "object-part": _render_object_part, "object-shape": _render_object_shape,
               "large-shape": _render_large_shape, "object-clutter": _render_object_clutter,
               "small-clutter": _render_small_clutter, "sparse-clutter": _render_sparse_clutter,
-              "wide-clutter": _render_small_clutter, "wide-tiny-clutter": _render_tiny_clutter}
+              "wide-clutter": _render_small_clutter, "wide-tiny-clutter": _render_tiny_clutter,
+              "wide-mid-clutter": _render_mid_clutter, "centred-object": _render_centred_object,
+              "centred-clutter": _render_centred_clutter}
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
