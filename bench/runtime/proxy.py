@@ -82,8 +82,8 @@ TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "objec
                  "wide-tiny-clutter": 18, "wide-mid-clutter": 19, "centred-object": 20,
                  "centred-clutter": 21}
 # The backbone's (width, heads): DEFAULT_SHAPE unless TASK_SHAPES names the task.  "medium-object",
-# "wide-clutter", "wide-tiny-clutter" and "wide-mid-clutter" are the experiments with a wider backbone, whose CLS attention
-# finds the object far better than the 64-wide one's (docs/proxy.md).
+# "wide-clutter", "wide-tiny-clutter" and "wide-mid-clutter" are the experiments with a wider backbone,
+# whose CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
 DEFAULT_SHAPE = (64, 2)
 TASK_SHAPES = {"medium-object": (96, 3), "wide-clutter": (96, 3), "wide-tiny-clutter": (96, 3),
                "wide-mid-clutter": (96, 3)}
