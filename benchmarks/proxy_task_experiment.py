@@ -27,8 +27,9 @@ accuracy tables, whose headers name the task::
     python benchmarks/proxy_task_experiment.py --task wide-clutter --epochs 6 --finetune   # the same, width 96, ~24 min
     python benchmarks/proxy_task_experiment.py --task wide-tiny-clutter --epochs 6 --finetune  # 10-18 px, width 96
     python benchmarks/proxy_task_experiment.py --task wide-mid-clutter --epochs 6 --finetune  # 12-20 px, width 96
-    python benchmarks/proxy_task_experiment.py --task centred-object --epochs 6 --finetune  # object near the centre, ~14 min
-    python benchmarks/proxy_task_experiment.py --task centred-clutter --epochs 6 --finetune  # the same on the busy background
+    python benchmarks/proxy_task_experiment.py --task centred-object --epochs 6 --finetune  # centred object, ~14 min
+    python benchmarks/proxy_task_experiment.py --task centred-clutter --epochs 6 --finetune  # on the busy background
+    python benchmarks/proxy_task_experiment.py --task loosely-centred-object --epochs 6 --finetune  # a wider spread
 """
 from __future__ import annotations
 

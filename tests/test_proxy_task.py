@@ -180,7 +180,8 @@ def test_object_clutter_puts_the_object_hue_object_on_the_busy_background(monkey
 
 def test_centred_placement_draws_the_object_near_the_image_centre(monkeypatch):
     """centred-object is object-hue's image with the object's centre drawn around the image centre
-    (standard deviation 12 px, kept inside the crop); every other object task places it uniformly."""
+    (standard deviation 12 px, kept inside the crop), loosely-centred-object the same with 18 px; the
+    earlier object tasks place it uniformly."""
     import numpy as np
 
     from bench.runtime import proxy
@@ -194,9 +195,10 @@ def test_centred_placement_draws_the_object_near_the_image_centre(monkeypatch):
     assert uniform.std() > 20 and np.abs(centred - mid).max() <= mid - 10 - 9  # inside the margin
     calls = []
     monkeypatch.setattr(proxy, "_render_small_object", lambda label, rng, **kw: calls.append(kw))
-    proxy.render(0, np.random.default_rng(0), "centred-object")
-    proxy.render(0, np.random.default_rng(0), "object-hue")
+    for task in ("centred-object", "loosely-centred-object", "object-hue"):
+        proxy.render(0, np.random.default_rng(0), task)
     assert calls == [{"sides": (18, 30), "jitter": proxy.OBJECT_HUE_JITTER, "spread": 12.0},
+                     {"sides": (18, 30), "jitter": proxy.OBJECT_HUE_JITTER, "spread": 18.0},
                      {"sides": (18, 30), "jitter": proxy.OBJECT_HUE_JITTER}]
 
 
