@@ -12,7 +12,7 @@ import torch
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 
-from baselines.tome import bipartite_soft_matching, merge_wavg, parse_r
+from baselines.tome import _row_offsets, bipartite_soft_matching, merge_wavg, parse_r
 from bench.core import patch, registry
 from bench.core.reducer import AttnRequest, ModelInfo
 
@@ -317,3 +317,18 @@ def test_no_class_token(make_vit, run_and_check_schedule):
     rec = run_and_check_schedule(model, red, torch.randn(2, 3, 64, 64))
     assert rec["attn"][0] == 64 and rec["mlp"][0] == 56
     assert torch.all(patch.last_state(model).size.sum(1) == 64)
+
+
+def test_training_after_an_inference_forward(make_vit):
+    """The gather offsets are cached across forwards (``_row_offsets``); ones first made under
+    ``inference_mode`` must still serve a training step, whose backward saves the gather index."""
+    m = make_vit()
+    patch.apply(m, registry.build("tome:r=4"))
+    x = torch.randn(2, 3, 64, 64)
+    _row_offsets.cache_clear()
+    with torch.inference_mode():
+        m(x)
+    assert all(t.is_inference() for t in _row_offsets(2, 65, x.device))  # cached in inference mode
+    m.train()
+    m(x).sum().backward()
+    assert m.blocks[0].attn.qkv.weight.grad is not None and m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
