@@ -117,7 +117,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool, dis
         return merge, None
     # old index -> new index (for source tracking / unmerging)
     dev = metric.device
-    unm_idx = edge_idx[:, r:].sort(dim=1)[0] if class_token else edge_idx[:, r:]
+    unm_idx = (unm_rows - offsets).div_(2, rounding_mode="floor")  # back from rows to A indices
     a_new = torch.empty(B, t1, dtype=torch.long, device=dev)
     a_new.scatter_(1, unm_idx, torch.arange(n_unm, device=dev).expand(B, -1))
     a_new.scatter_(1, src_idx, dst_out)

@@ -390,16 +390,23 @@ def _paint(img: np.ndarray, rng: np.random.Generator, mask: np.ndarray, hue: flo
     img[mask] = _hsv(hue, rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0)) + rng.normal(0, 4, (int(mask.sum()), 3))
 
 
+def _with_object(img: np.ndarray, label: int, rng: np.random.Generator, sides, jitter: float,
+                 spread: Optional[float]) -> Image.Image:
+    """``img`` with the object tasks' object painted on it (placed by :func:`_place_object`, the class's hue
+    +-``jitter`` degrees) and pixel noise: the object of ``small-object``, ``object-hue`` and the clutter
+    tasks, whatever their background."""
+    side, cy, cx = _place_object(rng, sides, spread)
+    _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-jitter, jitter))
+    return _with_pixel_noise(img, rng, 5)
+
+
 def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), jitter: float = HUE_JITTER,
                          spread: Optional[float] = None) -> Image.Image:
     """One image of the ``small-object`` task of class ``label``: a smooth, low-saturation scene of a
     random hue with a few large soft blobs (neighbouring tokens are redundant, as in photographs), and
     one small saturated object (side ``sides`` px: 10-20, i.e. 2-6 tokens) of the class's hue (+-5
     degrees), placed by :func:`_place_object`.  ``medium-object`` is the same scene with 18-30 px objects."""
-    img = _smooth_scene(rng)
-    side, cy, cx = _place_object(rng, sides, spread)
-    _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-jitter, jitter))
-    return _with_pixel_noise(img, rng, 5)
+    return _with_object(_smooth_scene(rng), label, rng, sides, jitter, spread)
 
 
 def _render_medium_object(label: int, rng: np.random.Generator) -> Image.Image:
@@ -513,10 +520,7 @@ def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30),
     ``sparse-clutter`` (14-24 px objects, 40-70 dots), ``wide-tiny-clutter`` (10-18 px objects, for a
     96-wide backbone), ``wide-mid-clutter`` (12-20 px objects, for a 96-wide backbone) and
     ``centred-clutter`` (``small-clutter`` with ``centred-object``'s placement)."""
-    img = _background(rng, confetti)
-    side, cy, cx = _place_object(rng, sides, spread)
-    _paint(img, rng, _shape_mask(rng, cy, cx, side), label * HUE_STEP + rng.uniform(-OBJECT_HUE_JITTER, OBJECT_HUE_JITTER))
-    return _with_pixel_noise(img, rng, 5)
+    return _with_object(_background(rng, confetti), label, rng, sides, OBJECT_HUE_JITTER, spread)
 
 
 def _render_small_clutter(label: int, rng: np.random.Generator) -> Image.Image:
