@@ -1,7 +1,7 @@
 """Does the proxy's off-the-shelf ranking of methods depend on its task?  (issue 13, docs/proxy.md)
 
 Not a unit test: it generates a proxy set, trains a backbone and evaluates for about 10-12 minutes on 2
-CPU cores.  For one proxy task (``bench.runtime.proxy.TASK_VERSIONS``) it runs, in a cache of its own:
+CPU cores.  For one proxy task (``bench.runtime.proxy.TASKS``) it runs, in a cache of its own:
 
 1. the task's data set (``PMBENCH_PROXY_TASK``; the default profile's sizes: 8000 train / 1000 val);
 2. the proxy backbone, trained by the suite's trainer with the default recipe (deep supervision at blocks
@@ -49,7 +49,7 @@ REFERENCE = ["tome:r=13", "mstm:keep=0.7", "evit:keep=0.7", "pm:keep=0.6"]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="object-hue", help="proxy task (bench.runtime.proxy.TASK_VERSIONS)")
+    p.add_argument("--task", default="object-hue", help="proxy task (bench.runtime.proxy.TASKS)")
     p.add_argument("--epochs", type=float, default=2.0, help="backbone training epochs (default: %(default)s)")
     p.add_argument("--finetune", action="store_true", help="also fine-tune PM keep 0.6")
     p.add_argument("--finetune-steps", type=int, default=40)

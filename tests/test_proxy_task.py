@@ -100,9 +100,9 @@ def test_object_hue_is_the_medium_object_scene_with_overlapping_hues():
     from bench.runtime import proxy
 
     rng = lambda: np.random.default_rng(np.random.SeedSequence([0, 1, 3, 0]))  # noqa: E731
-    a = np.asarray(proxy._render_object_hue(3, rng()))
+    a = np.asarray(proxy.render(3, rng(), "object-hue"))
     b = np.asarray(proxy._render_small_object(3, rng(), sides=(18, 30), jitter=12.0))
-    c = np.asarray(proxy._render_medium_object(3, rng()))
+    c = np.asarray(proxy.render(3, rng(), "medium-object"))
     assert (a == b).all() and a.shape == (proxy.GEN_SIZE, proxy.GEN_SIZE, 3)
     assert (a != c).any()  # only the object's hue differs from medium-object's (+-5 degrees)
     assert proxy.OBJECT_HUE_JITTER > proxy.HUE_STEP / 2  # classes overlap: below 100% even unreduced
@@ -175,7 +175,8 @@ def test_object_clutter_puts_the_object_hue_object_on_the_busy_background(monkey
     assert spreads == [None] * 5 + [12.0]
     assert confetti == [(120, 200), (120, 200), (40, 70), (120, 200), (120, 200), (120, 200)]
     for task in ("wide-clutter", "wide-tiny-clutter", "wide-mid-clutter"):
-        assert proxy.TASK_SHAPES[task] == (96, 3)
+        assert proxy.TASKS[task].shape == (96, 3)
+    assert proxy.TASKS["wide-clutter"].render.keywords == proxy.TASKS["small-clutter"].render.keywords  # same images
 
 
 def test_centred_placement_draws_the_object_near_the_image_centre(monkeypatch):
@@ -194,12 +195,12 @@ def test_centred_placement_draws_the_object_near_the_image_centre(monkeypatch):
     assert abs(centred.mean() - mid) < 2 and 10 < centred.std() < 13  # clipping trims the tails a little
     assert uniform.std() > 20 and np.abs(centred - mid).max() <= mid - 10 - 9  # inside the margin
     calls = []
-    monkeypatch.setattr(proxy, "_render_small_object", lambda label, rng, **kw: calls.append(kw))
+    monkeypatch.setattr(proxy, "_with_object", lambda img, label, rng, sides, jitter, spread: calls.append(
+        (sides, jitter, spread)))
     for task in ("centred-object", "loosely-centred-object", "object-hue"):
         proxy.render(0, np.random.default_rng(0), task)
-    assert calls == [{"sides": (18, 30), "jitter": proxy.OBJECT_HUE_JITTER, "spread": 12.0},
-                     {"sides": (18, 30), "jitter": proxy.OBJECT_HUE_JITTER, "spread": 18.0},
-                     {"sides": (18, 30), "jitter": proxy.OBJECT_HUE_JITTER}]
+    assert calls == [((18, 30), proxy.OBJECT_HUE_JITTER, 12.0), ((18, 30), proxy.OBJECT_HUE_JITTER, 18.0),
+                     ((18, 30), proxy.OBJECT_HUE_JITTER, None)]
 
 
 def test_the_smoke_size_draws_largest_hue_images_whatever_the_task(tmp_path):

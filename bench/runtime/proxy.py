@@ -18,7 +18,7 @@ ToMe, MSTM, EViT and calibrated PM agrees with a real ViT-Ti's within the paired
 Other tasks are experiments, chosen with ``PMBENCH_PROXY_TASK`` (docs/proxy.md): ``largest-hue`` (the
 default until 2026-12-01: the hue of the largest of several textured objects over dense coloured clutter;
 88.5% unreduced, but calibrated PM ranked best on it), ``small-object`` (10-20 px objects) and
-``medium-object`` (18-30 px, +-5 degrees, a 96-wide backbone; ``TASK_SHAPES``) and ``object-part`` (the
+``medium-object`` (18-30 px, +-5 degrees, a 96-wide backbone; :data:`TASKS`) and ``object-part`` (the
 class's hue only on a small part of an object of another hue: a detail that merging similar tokens can
 average away), ``object-shape`` (the object's outline decides the label, its hue is random) and
 ``large-shape`` (the same with 40-60 px objects), ``object-clutter`` (``object-hue``'s object over
@@ -59,8 +59,9 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -70,29 +71,13 @@ from timm.models.vision_transformer import VisionTransformer
 from bench.runtime.env import ROOT
 
 PROXY_MODEL = "pmbench_proxy_vit"
-# The proxy task.  "object-hue" is the embedded default (its backbone ships).  "largest-hue" (the earlier
-# default), "small-object", "medium-object" and "object-part" are the experimental alternatives of docs/proxy.md,
-# chosen with PMBENCH_PROXY_TASK: each has its own data version, so
-# its data, backbone and results never mix with the default's, and every table header names it.  Read
-# once at import, so torchrun ranks and any other process of the run see the same task.
+# The proxy task.  "object-hue" is the embedded default (its backbone ships); the others are the experiments
+# of docs/proxy.md, chosen with PMBENCH_PROXY_TASK (:data:`TASKS`, after the renderers).  Each has its own
+# data version, so its data, backbone and results never mix with the default's, and every table header
+# names it.  Read once at import, so torchrun ranks and any other process of the run see the same task.
 TASK_ENV = "PMBENCH_PROXY_TASK"
 DEFAULT_TASK = "object-hue"
-TASK_VERSIONS = {"largest-hue": 5, "small-object": 8, "medium-object": 9, "object-hue": 10, "object-part": 11,
-                 "object-shape": 12, "large-shape": 13, "object-clutter": 14,
-                 "small-clutter": 15, "sparse-clutter": 16, "wide-clutter": 17,
-                 "wide-tiny-clutter": 18, "wide-mid-clutter": 19, "centred-object": 20,
-                 "centred-clutter": 21, "loosely-centred-object": 22}
-# The backbone's (width, heads): DEFAULT_SHAPE unless TASK_SHAPES names the task.  "medium-object",
-# "wide-clutter", "wide-tiny-clutter" and "wide-mid-clutter" are the experiments with a wider backbone,
-# whose CLS attention finds the object far better than the 64-wide one's (docs/proxy.md).
-DEFAULT_SHAPE = (64, 2)
-TASK_SHAPES = {"medium-object": (96, 3), "wide-clutter": (96, 3), "wide-tiny-clutter": (96, 3),
-               "wide-mid-clutter": (96, 3)}
 TASK = os.environ.get(TASK_ENV) or DEFAULT_TASK
-_TASK_ERROR = None if TASK in TASK_VERSIONS else (
-    f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASK_VERSIONS)} (or unset it)")
-DATA_VERSION = TASK_VERSIONS.get(TASK, TASK_VERSIONS[DEFAULT_TASK])
-EMBED_DIM, NUM_HEADS = TASK_SHAPES.get(TASK, DEFAULT_SHAPE)
 IMG_SIZE = 112  # model input
 GEN_SIZE = 128  # stored image side = int(112 / 0.875)
 # 10 hue classes 20 degrees apart on a 200-degree arc (red .. blue): neighbouring classes look
@@ -153,7 +138,7 @@ SIZES = {
 @register_model
 def pmbench_proxy_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """DeiT structure and token geometry (196 patches), width 64 with 2 heads (an experimental task may
-    set another shape, :data:`TASK_SHAPES`): the proxy backbone."""
+    set another shape, :data:`TASKS`): the proxy backbone."""
     if pretrained:
         raise RuntimeError(
             "pmbench_proxy_vit has no downloadable weights; train it with `pmbench train --model "
@@ -186,7 +171,8 @@ def size_task(size: str = "default") -> str:
 
 
 def data_version(size: str = "default") -> int:
-    return TASK_VERSIONS.get(size_task(size), DATA_VERSION)
+    task = TASKS.get(size_task(size))
+    return task.version if task else DATA_VERSION
 
 
 def data_dir(size: str = "default", root: Optional[Path] = None) -> Path:
@@ -409,31 +395,9 @@ def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), j
     return _with_object(_smooth_scene(rng), label, rng, sides, jitter, spread)
 
 
-def _render_medium_object(label: int, rng: np.random.Generator) -> Image.Image:
-    return _render_small_object(label, rng, sides=(18, 30))
-
-
 # object-hue: neighbouring classes' hues overlap (+-12 degrees around centres 20 apart), so even the
 # unreduced model cannot be sure near a class boundary and stays below 100%
 OBJECT_HUE_JITTER = 12.0
-
-
-def _render_object_hue(label: int, rng: np.random.Generator) -> Image.Image:
-    return _render_small_object(label, rng, sides=(18, 30), jitter=OBJECT_HUE_JITTER)
-
-
-def _render_centred_object(label: int, rng: np.random.Generator) -> Image.Image:
-    """One image of the ``centred-object`` task (an experiment, docs/proxy.md): ``object-hue``'s image,
-    with the object's centre drawn around the image centre (standard deviation 12 px) instead of
-    anywhere in the crop.  Real photographs put their subject near the centre, which a token structure
-    fixed per position (PM) can learn to keep."""
-    return _render_small_object(label, rng, sides=(18, 30), jitter=OBJECT_HUE_JITTER, spread=12.0)
-
-
-def _render_loosely_centred_object(label: int, rng: np.random.Generator) -> Image.Image:
-    """``centred-object`` with a looser spread around the centre (18 px; uniform placement in the crop has
-    about 26): between that task and ``object-hue``."""
-    return _render_small_object(label, rng, sides=(18, 30), jitter=OBJECT_HUE_JITTER, spread=18.0)
 
 
 def _render_object_part(label: int, rng: np.random.Generator) -> Image.Image:
@@ -505,10 +469,6 @@ def _render_object_shape(label: int, rng: np.random.Generator, sides=(24, 36)) -
     return _with_pixel_noise(img, rng, 5)
 
 
-def _render_large_shape(label: int, rng: np.random.Generator) -> Image.Image:
-    return _render_object_shape(label, rng, sides=(40, 60))
-
-
 def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30), confetti=(120, 200),
                            spread: Optional[float] = None) -> Image.Image:
     """One image of the ``object-clutter`` task (an experiment, docs/proxy.md): ``object-hue``'s object
@@ -523,40 +483,50 @@ def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30),
     return _with_object(_background(rng, confetti), label, rng, sides, OBJECT_HUE_JITTER, spread)
 
 
-def _render_small_clutter(label: int, rng: np.random.Generator) -> Image.Image:
-    return _render_object_clutter(label, rng, sides=(14, 24))
+@dataclass(frozen=True)
+class ProxyTask:
+    """One proxy task: the data version its images, backbone and results are cached under, how one image
+    of a class is drawn, and the backbone's (width, heads)."""
+    version: int
+    render: Callable[[int, np.random.Generator], Image.Image]
+    shape: tuple = (64, 2)
 
 
-def _render_tiny_clutter(label: int, rng: np.random.Generator) -> Image.Image:
-    return _render_object_clutter(label, rng, sides=(10, 18))
-
-
-def _render_mid_clutter(label: int, rng: np.random.Generator) -> Image.Image:
-    return _render_object_clutter(label, rng, sides=(12, 20))
-
-
-def _render_centred_clutter(label: int, rng: np.random.Generator) -> Image.Image:
-    return _render_object_clutter(label, rng, sides=(14, 24), spread=12.0)
-
-
-def _render_sparse_clutter(label: int, rng: np.random.Generator) -> Image.Image:
-    return _render_object_clutter(label, rng, sides=(14, 24), confetti=(40, 70))
-
-
-_RENDERERS = {"largest-hue": _render_largest_hue, "small-object": _render_small_object,
-              "medium-object": _render_medium_object, "object-hue": _render_object_hue,
-              "object-part": _render_object_part, "object-shape": _render_object_shape,
-              "large-shape": _render_large_shape, "object-clutter": _render_object_clutter,
-              "small-clutter": _render_small_clutter, "sparse-clutter": _render_sparse_clutter,
-              "wide-clutter": _render_small_clutter, "wide-tiny-clutter": _render_tiny_clutter,
-              "wide-mid-clutter": _render_mid_clutter, "centred-object": _render_centred_object,
-              "centred-clutter": _render_centred_clutter,
-              "loosely-centred-object": _render_loosely_centred_object}
+# The 96-wide backbone of the experiments whose CLS attention finds the object far better than the 64-wide
+# one's (docs/proxy.md, "A wider backbone").
+WIDE = (96, 3)
+TASKS = {
+    "largest-hue": ProxyTask(5, _render_largest_hue),  # the default until 2026-12-01
+    "small-object": ProxyTask(8, _render_small_object),
+    "medium-object": ProxyTask(9, partial(_render_small_object, sides=(18, 30)), WIDE),
+    "object-hue": ProxyTask(10, partial(_render_small_object, sides=(18, 30), jitter=OBJECT_HUE_JITTER)),
+    "object-part": ProxyTask(11, _render_object_part),
+    "object-shape": ProxyTask(12, _render_object_shape),
+    "large-shape": ProxyTask(13, partial(_render_object_shape, sides=(40, 60))),
+    "object-clutter": ProxyTask(14, _render_object_clutter),
+    "small-clutter": ProxyTask(15, partial(_render_object_clutter, sides=(14, 24))),
+    "sparse-clutter": ProxyTask(16, partial(_render_object_clutter, sides=(14, 24), confetti=(40, 70))),
+    "wide-clutter": ProxyTask(17, partial(_render_object_clutter, sides=(14, 24)), WIDE),  # small-clutter's images
+    "wide-tiny-clutter": ProxyTask(18, partial(_render_object_clutter, sides=(10, 18)), WIDE),
+    "wide-mid-clutter": ProxyTask(19, partial(_render_object_clutter, sides=(12, 20)), WIDE),
+    # object-hue's image with the object drawn around the image centre, as photographs place their subject,
+    # which a token structure fixed per position (PM) can learn to keep; uniform placement in the crop has a
+    # spread of about 26 px
+    "centred-object": ProxyTask(20, partial(_render_small_object, sides=(18, 30), jitter=OBJECT_HUE_JITTER,
+                                            spread=12.0)),
+    "centred-clutter": ProxyTask(21, partial(_render_object_clutter, sides=(14, 24), spread=12.0)),
+    "loosely-centred-object": ProxyTask(22, partial(_render_small_object, sides=(18, 30), jitter=OBJECT_HUE_JITTER,
+                                                    spread=18.0)),
+}
+_TASK_ERROR = None if TASK in TASKS else (
+    f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASKS)} (or unset it)")
+DATA_VERSION = TASKS.get(TASK, TASKS[DEFAULT_TASK]).version
+EMBED_DIM, NUM_HEADS = TASKS.get(TASK, TASKS[DEFAULT_TASK]).shape
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
     """One proxy image of class ``label`` for ``task`` (default: this process's task, :data:`TASK`)."""
-    return _RENDERERS.get(task or TASK, _RENDERERS[DEFAULT_TASK])(label, rng)
+    return TASKS.get(task or TASK, TASKS[DEFAULT_TASK]).render(label, rng)
 
 
 def check_task() -> None:
@@ -573,7 +543,7 @@ def task_note(size: str = "default") -> str:
         return f"images of task {size_task(size)} (the {size} size always uses them; bench/runtime/proxy.py SIZES)"
     if TASK == DEFAULT_TASK:
         return ""
-    wide = (EMBED_DIM, NUM_HEADS) != DEFAULT_SHAPE
+    wide = (EMBED_DIM, NUM_HEADS) != ProxyTask.shape
     shape = f", backbone width {EMBED_DIM}, {NUM_HEADS} heads" if wide else ""
     return f"task {TASK} ({TASK_ENV}; experimental, docs/proxy.md{shape})"
 
@@ -641,7 +611,7 @@ def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int =
 
     def build(tmp: Path) -> None:
         _write_splits(tmp, {"train": train_per_class, "val": val_per_class}, seed, workers, task)
-        meta = {"kind": MANIFEST_KIND, "version": TASK_VERSIONS.get(task, DATA_VERSION), "task": task, "seed": seed,
+        meta = {"kind": MANIFEST_KIND, "version": TASKS[task].version if task in TASKS else DATA_VERSION, "task": task, "seed": seed,
                 "classes": CLASSES, "image_size": GEN_SIZE, "model_input": IMG_SIZE,
                 "train_per_class": train_per_class, "val_per_class": val_per_class,
                 "n_train": train_per_class * len(CLASSES), "n_val": val_per_class * len(CLASSES)}
