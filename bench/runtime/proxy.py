@@ -483,18 +483,21 @@ def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30),
     return _with_object(_background(rng, confetti), label, rng, sides, OBJECT_HUE_JITTER, spread)
 
 
+# The backbone's (width, heads): the shipped proxy's, and the 96-wide one of the experiments whose CLS
+# attention finds the object far better (docs/proxy.md, "A wider backbone").
+DEFAULT_SHAPE = (64, 2)
+WIDE = (96, 3)
+
+
 @dataclass(frozen=True)
 class ProxyTask:
     """One proxy task: the data version its images, backbone and results are cached under, how one image
     of a class is drawn, and the backbone's (width, heads)."""
     version: int
     render: Callable[[int, np.random.Generator], Image.Image]
-    shape: tuple = (64, 2)
+    shape: tuple = DEFAULT_SHAPE
 
 
-# The 96-wide backbone of the experiments whose CLS attention finds the object far better than the 64-wide
-# one's (docs/proxy.md, "A wider backbone").
-WIDE = (96, 3)
 TASKS = {
     "largest-hue": ProxyTask(5, _render_largest_hue),  # the default until 2026-12-01
     "small-object": ProxyTask(8, _render_small_object),
@@ -543,7 +546,7 @@ def task_note(size: str = "default") -> str:
         return f"images of task {size_task(size)} (the {size} size always uses them; bench/runtime/proxy.py SIZES)"
     if TASK == DEFAULT_TASK:
         return ""
-    wide = (EMBED_DIM, NUM_HEADS) != ProxyTask.shape
+    wide = (EMBED_DIM, NUM_HEADS) != DEFAULT_SHAPE
     shape = f", backbone width {EMBED_DIM}, {NUM_HEADS} heads" if wide else ""
     return f"task {TASK} ({TASK_ENV}; experimental, docs/proxy.md{shape})"
 
@@ -611,7 +614,8 @@ def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int =
 
     def build(tmp: Path) -> None:
         _write_splits(tmp, {"train": train_per_class, "val": val_per_class}, seed, workers, task)
-        meta = {"kind": MANIFEST_KIND, "version": TASKS[task].version if task in TASKS else DATA_VERSION, "task": task, "seed": seed,
+        version = TASKS[task].version if task in TASKS else DATA_VERSION
+        meta = {"kind": MANIFEST_KIND, "version": version, "task": task, "seed": seed,
                 "classes": CLASSES, "image_size": GEN_SIZE, "model_input": IMG_SIZE,
                 "train_per_class": train_per_class, "val_per_class": val_per_class,
                 "n_train": train_per_class * len(CLASSES), "n_val": val_per_class * len(CLASSES)}
