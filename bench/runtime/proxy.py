@@ -171,8 +171,7 @@ def size_task(size: str = "default") -> str:
 
 
 def data_version(size: str = "default") -> int:
-    task = TASKS.get(size_task(size))
-    return task.version if task else DATA_VERSION
+    return task_version(size_task(size))
 
 
 def data_dir(size: str = "default", root: Optional[Path] = None) -> Path:
@@ -523,8 +522,14 @@ TASKS = {
 }
 _TASK_ERROR = None if TASK in TASKS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASKS)} (or unset it)")
-DATA_VERSION = TASKS.get(TASK, TASKS[DEFAULT_TASK]).version
-EMBED_DIM, NUM_HEADS = TASKS.get(TASK, TASKS[DEFAULT_TASK]).shape
+_PROCESS_TASK = TASKS.get(TASK, TASKS[DEFAULT_TASK])  # an unknown TASK fails in check_task(), not here
+DATA_VERSION = _PROCESS_TASK.version
+EMBED_DIM, NUM_HEADS = _PROCESS_TASK.shape
+
+
+def task_version(task: Optional[str]) -> int:
+    """The data version of ``task``'s images (this process's task's for None or an unknown name)."""
+    return TASKS[task].version if task in TASKS else DATA_VERSION
 
 
 def render(label: int, rng: np.random.Generator, task: Optional[str] = None) -> Image.Image:
@@ -614,8 +619,7 @@ def generate(out: Path, *, train_per_class: int, val_per_class: int, seed: int =
 
     def build(tmp: Path) -> None:
         _write_splits(tmp, {"train": train_per_class, "val": val_per_class}, seed, workers, task)
-        version = TASKS[task].version if task in TASKS else DATA_VERSION
-        meta = {"kind": MANIFEST_KIND, "version": version, "task": task, "seed": seed,
+        meta = {"kind": MANIFEST_KIND, "version": task_version(task), "task": task, "seed": seed,
                 "classes": CLASSES, "image_size": GEN_SIZE, "model_input": IMG_SIZE,
                 "train_per_class": train_per_class, "val_per_class": val_per_class,
                 "n_train": train_per_class * len(CLASSES), "n_val": val_per_class * len(CLASSES)}
