@@ -204,6 +204,30 @@ def test_centred_placement_draws_the_object_near_the_image_centre(monkeypatch):
                      ((18, 30), proxy.OBJECT_HUE_JITTER, None)]
 
 
+def test_grey_object_is_object_hue_on_a_colourless_scene():
+    """grey-object draws exactly object-hue's scene and object (the same random draws), with the scene turned
+    grey: every pixel off the object has equal channels (up to the pixel noise), the object's pixels are
+    object-hue's, and a 50/50 blend of an object pixel with the grey scene keeps its hue angle."""
+    import colorsys
+
+    import numpy as np
+
+    from bench.runtime import proxy
+
+    assert proxy.TASKS["grey-object"].version not in {t.version for k, t in proxy.TASKS.items() if k != "grey-object"}
+    for label in (0, 5, 9):
+        hue = np.asarray(proxy.render(label, np.random.default_rng(label), "object-hue")).astype(float)
+        grey = np.asarray(proxy.render(label, np.random.default_rng(label), "grey-object")).astype(float)
+        same = (np.abs(hue - grey).max(-1) == 0)  # the object (painted after the scene, same draws and noise)
+        assert 150 < same.sum() < 1500
+        chroma = grey.max(-1) - grey.min(-1)
+        assert np.median(chroma[~same]) < 15 < np.median(hue.max(-1)[~same] - hue.min(-1)[~same])
+        obj = grey[same].mean(0)
+        blend = (obj + grey[~same].mean(-1).mean()) / 2  # mixed with a grey token
+        h = [colorsys.rgb_to_hsv(*(c / 255))[0] * 360 for c in (obj, blend)]
+        assert abs(h[0] - h[1]) < 1 and abs((h[0] - label * proxy.HUE_STEP + 180) % 360 - 180) <= 14
+
+
 def test_the_smoke_size_draws_largest_hue_images_whatever_the_task(tmp_path):
     """The smoke backbone (8 steps) learns nothing on the object task; its images are largest-hue's so the
     CI gate's accuracies sit above chance.  Its data folder, manifest and header say so."""

@@ -26,9 +26,10 @@ average away), ``object-shape`` (the object's outline decides the label, its hue
 14-24 px objects; ``wide-clutter`` is its images with a 96-wide backbone, ``wide-tiny-clutter`` and
 ``wide-mid-clutter`` the same with 10-18 and 12-20 px objects), ``sparse-clutter`` (those with a third
 of the confetti), ``centred-object`` (``object-hue`` with the object drawn around the image centre, as
-photographs centre their subject; ``loosely-centred-object`` with a wider spread) and
-``centred-clutter`` (``small-clutter`` placed so).  The smoke size always draws ``largest-hue`` images
-(its 8-step backbone learns nothing on the object task).
+photographs centre their subject; ``loosely-centred-object`` with a wider spread),
+``centred-clutter`` (``small-clutter`` placed so), and ``grey-object`` (``object-hue``'s images with the
+scene turned grey, so a blend of the object with it keeps the object's hue).  The smoke size always draws
+``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
 index])``), so the same seed writes the same bytes, independent of order.
@@ -386,12 +387,15 @@ def _with_object(img: np.ndarray, label: int, rng: np.random.Generator, sides, j
 
 
 def _render_small_object(label: int, rng: np.random.Generator, sides=(10, 20), jitter: float = HUE_JITTER,
-                         spread: Optional[float] = None) -> Image.Image:
+                         spread: Optional[float] = None, grey: bool = False) -> Image.Image:
     """One image of the ``small-object`` task of class ``label``: a smooth, low-saturation scene of a
     random hue with a few large soft blobs (neighbouring tokens are redundant, as in photographs), and
     one small saturated object (side ``sides`` px: 10-20, i.e. 2-6 tokens) of the class's hue (+-5
     degrees), placed by :func:`_place_object`.  ``medium-object`` is the same scene with 18-30 px objects."""
-    return _with_object(_smooth_scene(rng), label, rng, sides, jitter, spread)
+    scene = _smooth_scene(rng)
+    if grey:  # grey-object: the same scene without colour (the same draws), so blending keeps the object's hue
+        scene = np.repeat(scene @ np.array([[0.299], [0.587], [0.114]], np.float32), 3, axis=-1)
+    return _with_object(scene, label, rng, sides, jitter, spread)
 
 
 # object-hue: neighbouring classes' hues overlap (+-12 degrees around centres 20 apart), so even the
@@ -519,6 +523,9 @@ TASKS = {
     "centred-clutter": ProxyTask(21, partial(_render_object_clutter, sides=(14, 24), spread=12.0)),
     "loosely-centred-object": ProxyTask(22, partial(_render_small_object, sides=(18, 30), jitter=OBJECT_HUE_JITTER,
                                                     spread=18.0)),
+    # object-hue's images with a colourless scene: a token blended with the background keeps the object's
+    # hue (mixing with grey scales the chroma, not the angle), only its saturation falls
+    "grey-object": ProxyTask(23, partial(_render_small_object, sides=(18, 30), jitter=OBJECT_HUE_JITTER, grey=True)),
 }
 _TASK_ERROR = None if TASK in TASKS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASKS)} (or unset it)")
