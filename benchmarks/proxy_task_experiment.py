@@ -31,6 +31,8 @@ accuracy tables, whose headers name the task::
     python benchmarks/proxy_task_experiment.py --task centred-clutter --epochs 6 --finetune  # on the busy background
     python benchmarks/proxy_task_experiment.py --task loosely-centred-object --epochs 6 --finetune  # a wider spread
     python benchmarks/proxy_task_experiment.py --task grey-object --epochs 6 --finetune  # a grey scene, ~16 min
+    python benchmarks/proxy_task_experiment.py --task object-texture --epochs 6 --finetune  # texture decides, ~15 min
+    python benchmarks/proxy_task_experiment.py --task large-texture --epochs 6 --finetune  # 40-60 px, ~20 min
     python benchmarks/proxy_task_experiment.py --task object-hue --epochs 6 --finetune --deep-supervision 6,9 --cache .cache/experiments/object-hue-ds69
     python benchmarks/proxy_task_experiment.py --task object-hue --epochs 3 --finetune --cache .cache/experiments/object-hue-3ep
 """

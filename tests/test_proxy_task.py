@@ -228,6 +228,36 @@ def test_grey_object_is_object_hue_on_a_colourless_scene():
         assert abs(h[0] - h[1]) < 1 and abs((h[0] - label * proxy.HUE_STEP + 180) % 360 - 180) <= 14
 
 
+def test_object_texture_fills_the_object_with_the_class_texture_in_a_random_hue(monkeypatch):
+    """The object-texture experiment: one 30-50 px object per image (large-texture: 40-60 px), filled with
+    the class's texture (proxy.TEXTURES in class order) in two shades of a hue drawn at random, on
+    object-hue's scene."""
+    import numpy as np
+
+    from bench.runtime import proxy
+
+    kinds, sides = [], []
+    texture, place = proxy._texture, proxy._place_object
+    monkeypatch.setattr(proxy, "_texture", lambda kind, *a: kinds.append(kind) or texture(kind, *a))
+    monkeypatch.setattr(proxy, "_place_object", lambda rng, s, spread=None: sides.append(s) or place(rng, s, spread))
+    for label in range(len(proxy.CLASSES)):
+        for seed in range(3):
+            img = np.asarray(proxy.render(label, np.random.default_rng(seed), "object-texture")).astype(float)
+            sat = img.max(-1) - img.min(-1)
+            assert (sat > 60).sum() > 100  # a saturated object on the low-saturation scene
+    assert kinds == [k for k in range(len(proxy.CLASSES)) for _ in range(3)] and set(sides) == {(30, 50)}
+    proxy.render(4, np.random.default_rng(0), "large-texture")
+    assert kinds[-1] == 4 and sides[-1] == (40, 60)
+    assert proxy.TEXTURES[0] == "hstripes" and len(proxy.TEXTURES) == len(proxy.CLASSES)
+    import colorsys
+    hues = []
+    for seed in range(12):
+        img = np.asarray(proxy.render(3, np.random.default_rng(seed), "object-texture")).astype(float)
+        px = img[(img.max(-1) - img.min(-1)) > 80].mean(0) / 255
+        hues.append(colorsys.rgb_to_hsv(*px)[0] * 360)
+    assert np.ptp(hues) > 120  # the hue says nothing about the class
+
+
 def test_the_smoke_size_draws_largest_hue_images_whatever_the_task(tmp_path):
     """The smoke backbone (8 steps) learns nothing on the object task; its images are largest-hue's so the
     CI gate's accuracies sit above chance.  Its data folder, manifest and header say so."""

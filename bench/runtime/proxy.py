@@ -27,8 +27,9 @@ average away), ``object-shape`` (the object's outline decides the label, its hue
 ``wide-mid-clutter`` the same with 10-18 and 12-20 px objects), ``sparse-clutter`` (those with a third
 of the confetti), ``centred-object`` (``object-hue`` with the object drawn around the image centre, as
 photographs centre their subject; ``loosely-centred-object`` with a wider spread),
-``centred-clutter`` (``small-clutter`` placed so), and ``grey-object`` (``object-hue``'s images with the
-scene turned grey, so a blend of the object with it keeps the object's hue).  The smoke size always draws
+``centred-clutter`` (``small-clutter`` placed so), ``grey-object`` (``object-hue``'s images with the
+scene turned grey, so a blend of the object with it keeps the object's hue), and ``object-texture`` and
+``large-texture`` (the object's texture decides the label, its hue is random).  The smoke size always draws
 ``largest-hue`` images (its 8-step backbone learns nothing on the object task).
 
 Everything is seeded per image (``numpy.random.SeedSequence([seed, split,
@@ -486,6 +487,24 @@ def _render_object_clutter(label: int, rng: np.random.Generator, sides=(18, 30),
     return _with_object(_background(rng, confetti), label, rng, sides, OBJECT_HUE_JITTER, spread)
 
 
+def _render_object_texture(label: int, rng: np.random.Generator, sides=(30, 50)) -> Image.Image:
+    """One image of the ``object-texture`` task (an experiment, docs/proxy.md): ``object-hue``'s smooth scene
+    and one object of ``sides`` px (4-6 tokens across) filled with the class's texture (:data:`TEXTURES`, in
+    class order) in two shades of a random hue, so every object token shows the class, as texture does in
+    photographs, and a blend of two object tokens still does."""
+    S = GEN_SIZE
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    img = _smooth_scene(rng)
+    side, cy, cx = _place_object(rng, sides)
+    mask = _shape_mask(rng, cy, cx, side)
+    pat = _texture(label, rng, yy, xx, cy, cx)[..., None]
+    h = rng.uniform(0, 360)
+    light = _hsv(h, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
+    dark = _hsv(h, rng.uniform(0.5, 1.0), rng.uniform(0.3, 0.55))
+    img[mask] = (pat * light + (1 - pat) * dark)[mask]
+    return _with_pixel_noise(img, rng, 5)
+
+
 # The backbone's (width, heads): the shipped proxy's, and the 96-wide one of the experiments whose CLS
 # attention finds the object far better (docs/proxy.md, "A wider backbone").
 DEFAULT_SHAPE = (64, 2)
@@ -526,6 +545,8 @@ TASKS = {
     # object-hue's images with a colourless scene: a token blended with the background keeps the object's
     # hue (mixing with grey scales the chroma, not the angle), only its saturation falls
     "grey-object": ProxyTask(23, partial(_render_small_object, sides=(18, 30), jitter=OBJECT_HUE_JITTER, grey=True)),
+    "object-texture": ProxyTask(24, _render_object_texture),
+    "large-texture": ProxyTask(25, partial(_render_object_texture, sides=(40, 60))),
 }
 _TASK_ERROR = None if TASK in TASKS else (
     f"{TASK_ENV}={TASK!r} is not a proxy task; use one of {', '.join(TASKS)} (or unset it)")
