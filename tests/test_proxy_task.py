@@ -232,6 +232,8 @@ def test_object_texture_fills_the_object_with_the_class_texture_in_a_random_hue(
     """The object-texture experiment: one 30-50 px object per image (large-texture: 40-60 px), filled with
     the class's texture (proxy.TEXTURES in class order) in two shades of a hue drawn at random, on
     object-hue's scene."""
+    import colorsys
+
     import numpy as np
 
     from bench.runtime import proxy
@@ -249,7 +251,6 @@ def test_object_texture_fills_the_object_with_the_class_texture_in_a_random_hue(
     proxy.render(4, np.random.default_rng(0), "large-texture")
     assert kinds[-1] == 4 and sides[-1] == (40, 60)
     assert proxy.TEXTURES[0] == "hstripes" and len(proxy.TEXTURES) == len(proxy.CLASSES)
-    import colorsys
     hues = []
     for seed in range(12):
         img = np.asarray(proxy.render(3, np.random.default_rng(seed), "object-texture")).astype(float)
