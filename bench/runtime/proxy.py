@@ -244,11 +244,15 @@ def _hsv(h_deg: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb((h_deg % 360) / 360, s, v), np.float32) * 255
 
 
+def _shades(h: float, rng: np.random.Generator, dark=(0.35, 0.6)) -> tuple[np.ndarray, np.ndarray]:
+    """A light and a dark shade of hue ``h`` (degrees), the dark one's value drawn from ``dark``."""
+    return (_hsv(h, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0)),
+            _hsv(h, rng.uniform(0.5, 1.0), rng.uniform(*dark)))
+
+
 def _colour_pair(cls: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A light and a dark shade of class ``cls``'s hue (+-5 degrees jitter)."""
-    h = cls * HUE_STEP + rng.uniform(-HUE_JITTER, HUE_JITTER)
-    return (_hsv(h, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0)),
-            _hsv(h, rng.uniform(0.5, 1.0), rng.uniform(0.35, 0.6)))
+    return _shades(cls * HUE_STEP + rng.uniform(-HUE_JITTER, HUE_JITTER), rng)
 
 
 def _shape_mask(rng: np.random.Generator, cy: float, cx: float, side: float) -> np.ndarray:
@@ -498,9 +502,7 @@ def _render_object_texture(label: int, rng: np.random.Generator, sides=(30, 50))
     side, cy, cx = _place_object(rng, sides)
     mask = _shape_mask(rng, cy, cx, side)
     pat = _texture(label, rng, yy, xx, cy, cx)[..., None]
-    h = rng.uniform(0, 360)
-    light = _hsv(h, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
-    dark = _hsv(h, rng.uniform(0.5, 1.0), rng.uniform(0.3, 0.55))
+    light, dark = _shades(rng.uniform(0, 360), rng, dark=(0.3, 0.55))
     img[mask] = (pat * light + (1 - pat) * dark)[mask]
     return _with_pixel_noise(img, rng, 5)
 
